@@ -1,0 +1,1 @@
+"""Agents: which adapter answers in a company's conversations."""

@@ -1,0 +1,38 @@
+"""Request and response bodies of the agent routes."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+import msgspec
+
+from app.limits import MAX_NAME_CHARS
+
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME_CHARS)]
+# The adapters this server can run. `echo` repeats the user's message word by word.
+AdapterName = Literal["echo"]
+
+
+class AgentCreate(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
+    name: Name
+    adapter: AdapterName = "echo"
+    config: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class AgentUpdate(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
+    """Only the fields sent are changed."""
+
+    name: Name | msgspec.UnsetType = msgspec.UNSET
+    adapter: AdapterName | msgspec.UnsetType = msgspec.UNSET
+    config: dict[str, Any] | msgspec.UnsetType = msgspec.UNSET
+
+
+class AgentOut(msgspec.Struct, rename="camel"):
+    id: UUID
+    name: str
+    adapter: str
+    config: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime

@@ -1,0 +1,76 @@
+"""Agents of a company. Reads are open to every member; changes are for admins (see guards)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+import msgspec
+
+from app.agents.schemas import AgentCreate, AgentOut, AgentUpdate
+from app.errors import NotFound
+from app.tables import Agent
+
+_json_decoder = msgspec.json.Decoder(dict[str, Any])
+
+
+def _config(value: Any) -> dict[str, Any]:
+    # SQLite hands JSON columns back as text; PostgreSQL as text too unless decoded.
+    if isinstance(value, str):
+        return _json_decoder.decode(value)
+    return dict(value or {})
+
+
+def _agent_out(row: dict[str, Any]) -> AgentOut:
+    return AgentOut(
+        id=row["id"],
+        name=row["name"],
+        adapter=row["adapter"],
+        config=_config(row["config"]),
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+async def list_agents(company_id: UUID) -> list[AgentOut]:
+    """The company's agents, oldest first."""
+    rows = await Agent.select().where(Agent.company == company_id).order_by(Agent.created_at)
+    return [_agent_out(r) for r in rows]
+
+
+async def get_agent(company_id: UUID, agent_id: UUID) -> AgentOut:
+    """One agent of the company; another company's agent is NotFound."""
+    row = await Agent.select().where(Agent.id == agent_id, Agent.company == company_id).first()
+    if row is None:
+        raise NotFound("agent not found", details={"agentId": str(agent_id)})
+    return _agent_out(row)
+
+
+async def create_agent(company_id: UUID, data: AgentCreate) -> AgentOut:
+    """Add an agent to the company."""
+    agent = Agent(company=company_id, name=data.name, adapter=data.adapter, config=data.config)
+    await agent.save()
+    return await get_agent(company_id, agent.id)
+
+
+async def update_agent(company_id: UUID, agent_id: UUID, data: AgentUpdate) -> AgentOut:
+    """Change the fields that were sent."""
+    await get_agent(company_id, agent_id)
+    values: dict[Any, Any] = {}
+    if data.name is not msgspec.UNSET:
+        values[Agent.name] = data.name
+    if data.adapter is not msgspec.UNSET:
+        values[Agent.adapter] = data.adapter
+    if data.config is not msgspec.UNSET:
+        values[Agent.config] = data.config
+    if values:
+        values[Agent.updated_at] = datetime.now(UTC)
+        await Agent.update(values).where(Agent.id == agent_id, Agent.company == company_id)
+    return await get_agent(company_id, agent_id)
+
+
+async def delete_agent(company_id: UUID, agent_id: UUID) -> None:
+    """Delete an agent; its conversations stay, without an agent."""
+    await get_agent(company_id, agent_id)
+    await Agent.delete().where(Agent.id == agent_id, Agent.company == company_id)

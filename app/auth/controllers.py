@@ -1,0 +1,87 @@
+"""Routes: session (cookie login/logout), me, API keys (admin)."""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+from litestar import Controller, Response, delete, get, post
+from litestar.datastructures import Cookie
+from litestar.di import NamedDependency
+from litestar.params import FromPath, JSONBody
+from litestar.status_codes import HTTP_200_OK, HTTP_204_NO_CONTENT
+
+from app.auth import service
+from app.auth.guards import admin_only
+from app.auth.principal import Principal
+from app.auth.schemas import ApiKeyCreate, ApiKeyCreated, ApiKeyOut, Me, SessionCreate
+from app.config import get_settings
+from app.errors import Unauthorized
+
+
+def _cookie(value: str, max_age: int) -> Cookie:
+    settings = get_settings()
+    return Cookie(
+        key=settings.cookie_name,
+        value=value,
+        path="/",
+        httponly=True,
+        samesite="strict",
+        secure=settings.cookie_secure,
+        max_age=max_age,
+    )
+
+
+class SessionController(Controller):
+    """Browsers trade an API key for an HttpOnly, SameSite=Strict cookie.
+
+    The cookie carries the key itself, so revoking the key ends every session made with it.
+    """
+
+    path = "/session"
+    tags = ["session"]
+
+    @post(
+        "/",
+        status_code=HTTP_200_OK,
+        exclude_from_auth=True,
+        summary="Sign in with an API key",
+    )
+    async def login(self, data: JSONBody[SessionCreate]) -> Response[Me]:
+        principal = await service.authenticate(data.key)
+        if principal is None:
+            raise Unauthorized("the API key is not valid or was revoked", code="invalid_credentials")
+        me = await service.describe(principal)
+        return Response(me, cookies=[_cookie(data.key, get_settings().cookie_max_age)])
+
+    @delete("/", status_code=HTTP_204_NO_CONTENT, exclude_from_auth=True, summary="Sign out")
+    async def logout(self) -> Response[None]:
+        return Response(None, status_code=HTTP_204_NO_CONTENT, cookies=[_cookie("", 0)])
+
+
+class MeController(Controller):
+    path = "/me"
+    tags = ["session"]
+
+    @get("/", summary="Who the caller is")
+    async def me(self, principal: NamedDependency[Principal]) -> Me:
+        return await service.describe(principal)
+
+
+class ApiKeyController(Controller):
+    """API keys of the caller's company. Admins only."""
+
+    path = "/keys"
+    tags = ["keys"]
+    guards = [admin_only]
+
+    @get("/", summary="List the company's API keys")
+    async def list_keys(self, principal: NamedDependency[Principal]) -> list[ApiKeyOut]:
+        return await service.list_keys(principal.company_id)
+
+    @post("/", summary="Create an API key; the token is in this response only")
+    async def create_key(self, principal: NamedDependency[Principal], data: JSONBody[ApiKeyCreate]) -> ApiKeyCreated:
+        return await service.create_key(principal.company_id, data)
+
+    @delete("/{key_id:uuid}", summary="Revoke an API key (idempotent)")
+    async def revoke_key(self, principal: NamedDependency[Principal], key_id: FromPath[UUID]) -> None:
+        await service.revoke_key(principal.company_id, key_id)

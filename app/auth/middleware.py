@@ -1,0 +1,37 @@
+"""Authenticate every `/api` request by `Authorization: Bearer <key>` or the session cookie."""
+
+from __future__ import annotations
+
+from litestar.connection import ASGIConnection
+from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult
+
+from app.auth.service import authenticate
+from app.config import get_settings
+from app.errors import Unauthorized
+
+
+def credentials(connection: ASGIConnection) -> str | None:  # type: ignore[type-arg]
+    """The token the client sent: the Bearer header wins over the cookie."""
+    header = connection.headers.get("authorization")
+    if header:
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthorized(
+                "the Authorization header must be 'Bearer <api key>'",
+                code="invalid_credentials",
+            )
+        return token.strip()
+    return connection.cookies.get(get_settings().cookie_name) or None
+
+
+class ApiKeyAuthMiddleware(AbstractAuthenticationMiddleware):
+    """Resolves the caller to a :class:`~app.auth.principal.Principal` (``request.user``)."""
+
+    async def authenticate_request(self, connection: ASGIConnection) -> AuthenticationResult:  # type: ignore[type-arg]
+        token = credentials(connection)
+        if token is None:
+            raise Unauthorized("authentication required: send 'Authorization: Bearer <api key>' or sign in")
+        principal = await authenticate(token)
+        if principal is None:
+            raise Unauthorized("the API key is not valid or was revoked", code="invalid_credentials")
+        return AuthenticationResult(user=principal, auth=token)

@@ -1,0 +1,22 @@
+"""Who is calling: resolved from an API key on every request."""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+import msgspec
+
+from app.tables import Role
+
+
+class Principal(msgspec.Struct, frozen=True):
+    """The caller: a user acting in one company with one role, through one key."""
+
+    key_id: UUID
+    user_id: UUID
+    company_id: UUID
+    role: Role
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role is Role.admin

@@ -1,0 +1,66 @@
+"""Request and response bodies of the auth routes (session, me, keys)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+from uuid import UUID
+
+import msgspec
+
+from app.limits import MAX_NAME_CHARS
+from app.tables import Role
+
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME_CHARS)]
+
+
+class SessionCreate(msgspec.Struct, forbid_unknown_fields=True):
+    """Exchange an API key for a session cookie."""
+
+    key: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+
+
+class CompanyRef(msgspec.Struct, rename="camel"):
+    id: UUID
+    name: str
+
+
+class KeyRef(msgspec.Struct, rename="camel"):
+    id: UUID
+    name: str
+
+
+class Me(msgspec.Struct, rename="camel"):
+    """The caller, as `GET /api/me` shows it."""
+
+    user_id: UUID
+    role: Role
+    company: CompanyRef
+    key: KeyRef
+
+
+class ApiKeyCreate(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
+    """A new key. Omit `userId` to create a key for a new user; pass one to add a key to a user."""
+
+    name: Name
+    role: Role = Role.member
+    user_id: UUID | None = None
+
+
+class ApiKeyOut(msgspec.Struct, rename="camel"):
+    """An API key as listed; the token itself is never shown again."""
+
+    id: UUID
+    name: str
+    role: Role
+    user_id: UUID
+    prefix: str
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+
+class ApiKeyCreated(ApiKeyOut):
+    """A key just created: the only response that carries its `token`."""
+
+    token: str

@@ -1,0 +1,1 @@
+"""Conversations, messages, edits and the history an agent is given."""

@@ -1,0 +1,123 @@
+"""Routes: conversations, messages, edits, history. Parse, delegate, answer."""
+
+from __future__ import annotations
+
+from typing import Annotated
+from uuid import UUID
+
+from litestar import Controller, Response, delete, get, patch, post, put
+from litestar.di import NamedDependency
+from litestar.params import FromPath, JSONBody, QueryParameter
+from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
+
+from app.auth.principal import Principal
+from app.chat import conversations, messages
+from app.chat.schemas import (
+    ConversationCreate,
+    ConversationOut,
+    ConversationUpdate,
+    HistoryItem,
+    MessageCreate,
+    MessageEdit,
+    MessageOut,
+    MessagePosted,
+)
+from app.limits import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
+from app.pagination import Page
+
+Limit = Annotated[
+    int,
+    QueryParameter(ge=1, le=MAX_PAGE_SIZE, description=f"page size, at most {MAX_PAGE_SIZE}"),
+]
+
+
+class ConversationController(Controller):
+    path = "/conversations"
+    tags = ["conversations"]
+
+    @get("/", summary="List conversations, newest activity first")
+    async def list_conversations(
+        self,
+        principal: NamedDependency[Principal],
+        cursor: Annotated[str | None, QueryParameter(description="`nextCursor` of the previous page")] = None,
+        limit: Limit = DEFAULT_PAGE_SIZE,
+    ) -> Page[ConversationOut]:
+        return await conversations.list_conversations(principal, cursor, limit)
+
+    @post("/", summary="Start a conversation")
+    async def create_conversation(
+        self, principal: NamedDependency[Principal], data: JSONBody[ConversationCreate]
+    ) -> ConversationOut:
+        return await conversations.create_conversation(principal, data)
+
+    @get("/{conversation_id:uuid}", summary="Get a conversation")
+    async def get_conversation(
+        self, principal: NamedDependency[Principal], conversation_id: FromPath[UUID]
+    ) -> ConversationOut:
+        return await conversations.get_conversation(principal, conversation_id)
+
+    @patch(
+        "/{conversation_id:uuid}",
+        summary="Change title and/or agent; only fields sent change, null clears",
+    )
+    async def update_conversation(
+        self,
+        principal: NamedDependency[Principal],
+        conversation_id: FromPath[UUID],
+        data: JSONBody[ConversationUpdate],
+    ) -> ConversationOut:
+        return await conversations.update_conversation(principal, conversation_id, data)
+
+    @delete("/{conversation_id:uuid}", summary="Delete a conversation and its messages")
+    async def delete_conversation(self, principal: NamedDependency[Principal], conversation_id: FromPath[UUID]) -> None:
+        await conversations.delete_conversation(principal, conversation_id)
+
+    @get("/{conversation_id:uuid}/messages", summary="A chronological page of messages")
+    async def list_messages(
+        self,
+        principal: NamedDependency[Principal],
+        conversation_id: FromPath[UUID],
+        before: Annotated[
+            UUID | None,
+            QueryParameter(description="id of a message: the page ends just before it"),
+        ] = None,
+        limit: Limit = DEFAULT_PAGE_SIZE,
+    ) -> Page[MessageOut]:
+        return await messages.list_messages(principal, conversation_id, before, limit)
+
+    @post(
+        "/{conversation_id:uuid}/messages",
+        summary="Post a user message",
+        description="201 with the new message; 200 with the original one when `clientMessageId` was seen before.",
+        responses={},
+    )
+    async def post_message(
+        self,
+        principal: NamedDependency[Principal],
+        conversation_id: FromPath[UUID],
+        data: JSONBody[MessageCreate],
+    ) -> Response[MessagePosted]:
+        result, created = await messages.post_message(principal, conversation_id, data)
+        return Response(result, status_code=HTTP_201_CREATED if created else HTTP_200_OK)
+
+    @put(
+        "/{conversation_id:uuid}/messages/{message_id:uuid}",
+        summary="Edit a message (keeps the original)",
+    )
+    async def edit_message(
+        self,
+        principal: NamedDependency[Principal],
+        conversation_id: FromPath[UUID],
+        message_id: FromPath[UUID],
+        data: JSONBody[MessageEdit],
+    ) -> MessageOut:
+        return await messages.edit_message(principal, conversation_id, message_id, data)
+
+    @get(
+        "/{conversation_id:uuid}/history",
+        summary="The conversation as the agent is given it",
+    )
+    async def history(
+        self, principal: NamedDependency[Principal], conversation_id: FromPath[UUID]
+    ) -> list[HistoryItem]:
+        return await messages.history(principal, conversation_id)

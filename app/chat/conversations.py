@@ -1,0 +1,115 @@
+"""Conversations: create, read, list, change and delete, scoped to the caller.
+
+Scoping rule, applied by :func:`load_conversation` and the list query: a
+conversation belongs to one company; an admin reaches all of its company's
+conversations, a member only those they own. Anything else is "not found".
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+import msgspec
+
+from app.agents.service import get_agent
+from app.auth.principal import Principal
+from app.chat.schemas import ConversationCreate, ConversationOut, ConversationUpdate
+from app.errors import NotFound, check_length, check_not_blank
+from app.limits import MAX_TITLE_CHARS
+from app.pagination import Page, decode_cursor, encode_cursor
+from app.tables import Conversation
+
+
+def _scoped(principal: Principal, query: Any) -> Any:
+    query = query.where(Conversation.company == principal.company_id)
+    if not principal.is_admin:
+        query = query.where(Conversation.owner_id == principal.user_id)
+    return query
+
+
+def conversation_out(row: dict[str, Any]) -> ConversationOut:
+    """Build the response struct from a `conversation` row."""
+    return ConversationOut(
+        id=row["id"],
+        owner_id=row["owner_id"],
+        agent_id=row["agent"],
+        title=row["title"],
+        last_message_at=row["last_message_at"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+async def load_conversation(principal: Principal, conversation_id: UUID) -> dict[str, Any]:
+    """The conversation row if the caller may see it, else NotFound."""
+    row: dict[str, Any] | None = await _scoped(
+        principal, Conversation.select().where(Conversation.id == conversation_id)
+    ).first()
+    if row is None:
+        raise NotFound("conversation not found", details={"conversationId": str(conversation_id)})
+    return row
+
+
+def _check_title(title: str | None) -> None:
+    check_not_blank("title", title)
+    check_length("title", title, MAX_TITLE_CHARS)
+
+
+async def create_conversation(principal: Principal, data: ConversationCreate) -> ConversationOut:
+    """Start a conversation owned by the caller, optionally with one of the company's agents."""
+    _check_title(data.title)
+    if data.agent_id is not None:
+        await get_agent(principal.company_id, data.agent_id)
+    conversation = Conversation(
+        company=principal.company_id,
+        owner_id=principal.user_id,
+        agent=data.agent_id,
+        title=data.title,
+    )
+    await conversation.save()
+    return await get_conversation(principal, conversation.id)
+
+
+async def get_conversation(principal: Principal, conversation_id: UUID) -> ConversationOut:
+    """One conversation the caller may see."""
+    return conversation_out(await load_conversation(principal, conversation_id))
+
+
+async def list_conversations(principal: Principal, cursor: str | None, limit: int) -> Page[ConversationOut]:
+    """Newest activity first. Keyset-paginated on (last_message_at, id), so pages stay
+    stable while new conversations appear at the top."""
+    query = _scoped(principal, Conversation.select())
+    if cursor:
+        at, after_id = decode_cursor(cursor)
+        query = query.where(
+            (Conversation.last_message_at < at) | ((Conversation.last_message_at == at) & (Conversation.id < after_id))
+        )
+    rows = await query.order_by(Conversation.last_message_at, Conversation.id, ascending=False).limit(limit + 1).run()
+    items = [conversation_out(r) for r in rows[:limit]]
+    next_cursor = encode_cursor(items[-1].last_message_at, items[-1].id) if len(rows) > limit else None
+    return Page(items=items, next_cursor=next_cursor)
+
+
+async def update_conversation(principal: Principal, conversation_id: UUID, data: ConversationUpdate) -> ConversationOut:
+    """Change only the fields that were sent; `null` clears."""
+    await load_conversation(principal, conversation_id)
+    values: dict[Any, Any] = {}
+    if data.title is not msgspec.UNSET:
+        _check_title(data.title)
+        values[Conversation.title] = data.title
+    if data.agent_id is not msgspec.UNSET:
+        if data.agent_id is not None:
+            await get_agent(principal.company_id, data.agent_id)
+        values[Conversation.agent] = data.agent_id
+    if values:
+        values[Conversation.updated_at] = datetime.now(UTC)
+        await Conversation.update(values).where(Conversation.id == conversation_id)
+    return await get_conversation(principal, conversation_id)
+
+
+async def delete_conversation(principal: Principal, conversation_id: UUID) -> None:
+    """Delete a conversation; its messages and generations go with it (ON DELETE CASCADE)."""
+    await load_conversation(principal, conversation_id)
+    await Conversation.delete().where(Conversation.id == conversation_id)

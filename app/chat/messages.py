@@ -1,0 +1,201 @@
+"""Messages: post (idempotent by clientMessageId), list, edit, and the history
+an agent is given. Access always goes through the conversation's scoping."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+from app.auth.principal import Principal
+from app.chat.conversations import load_conversation
+from app.chat.schemas import (
+    HistoryItem,
+    MessageCreate,
+    MessageEdit,
+    MessageOut,
+    MessagePosted,
+)
+from app.db import is_unique_violation
+from app.errors import (
+    Conflict,
+    Forbidden,
+    InvalidInput,
+    NotFound,
+    check_length,
+    check_not_blank,
+)
+from app.limits import MAX_CONTENT_CHARS
+from app.pagination import Page
+from app.tables import Conversation, Message, MessageRole, MessageStatus
+
+
+def message_out(row: dict[str, Any]) -> MessageOut:
+    """Build the response struct from a `message` row."""
+    return MessageOut(
+        id=row["id"],
+        conversation_id=row["conversation"],
+        role=MessageRole(row["role"]),
+        author_id=row["author_id"],
+        content=row["content"],
+        edited_content=row["edited_content"],
+        edited_at=row["edited_at"],
+        effective_content=effective_content(row),
+        client_message_id=row["client_message_id"],
+        generation_id=row["generation"],
+        status=MessageStatus(row["status"]),
+        created_at=row["created_at"],
+    )
+
+
+def effective_content(row: dict[str, Any]) -> str:
+    """What the message says now: the edit if there is one, else the original."""
+    edited: str | None = row["edited_content"]
+    return edited if edited is not None else row["content"]
+
+
+def _check_content(content: str) -> None:
+    check_not_blank("content", content)
+    check_length("content", content, MAX_CONTENT_CHARS)
+
+
+async def _by_client_id(conversation_id: UUID, client_message_id: str) -> dict[str, Any] | None:
+    return (
+        await Message.select()
+        .where(
+            Message.conversation == conversation_id,
+            Message.client_message_id == client_message_id,
+        )
+        .first()
+    )
+
+
+def _replay(row: dict[str, Any], principal: Principal, data: MessageCreate) -> MessagePosted:
+    # A retry must be the same request; anything else reusing the id is a client bug worth surfacing.
+    if row["content"] != data.content or row["author_id"] != principal.user_id:
+        raise Conflict(
+            "clientMessageId was already used for a different message in this conversation",
+            code="client_message_id_conflict",
+            details={
+                "clientMessageId": data.client_message_id,
+                "messageId": str(row["id"]),
+            },
+        )
+    return MessagePosted(message=message_out(row))
+
+
+async def post_message(principal: Principal, conversation_id: UUID, data: MessageCreate) -> tuple[MessagePosted, bool]:
+    """Store a user message. Returns the result and whether it was new: a repeated
+    `clientMessageId` gives back the first message and stores nothing."""
+    await load_conversation(principal, conversation_id)
+    _check_content(data.content)
+    if data.client_message_id is not None:
+        existing = await _by_client_id(conversation_id, data.client_message_id)
+        if existing is not None:
+            return _replay(existing, principal, data), False
+    now = datetime.now(UTC)
+    message = Message(
+        conversation=conversation_id,
+        role=MessageRole.user.value,
+        author_id=principal.user_id,
+        content=data.content,
+        client_message_id=data.client_message_id,
+        created_at=now,
+    )
+    try:
+        async with Message._meta.db.transaction():
+            await message.save()
+            await Conversation.update({Conversation.last_message_at: now}).where(Conversation.id == conversation_id)
+    except Exception as exc:
+        # Two concurrent retries: the loser finds the winner's row.
+        if data.client_message_id is None or not is_unique_violation(exc):
+            raise
+        existing = await _by_client_id(conversation_id, data.client_message_id)
+        if existing is None:
+            raise
+        return _replay(existing, principal, data), False
+    row = await Message.select().where(Message.id == message.id).first()
+    assert row is not None
+    return MessagePosted(message=message_out(row)), True
+
+
+async def list_messages(
+    principal: Principal, conversation_id: UUID, before: UUID | None, limit: int
+) -> Page[MessageOut]:
+    """A chronological page: the `limit` messages just before `before` (or the latest ones).
+    `nextCursor` is the id to pass as `before` for the page of older messages."""
+    await load_conversation(principal, conversation_id)
+    query = Message.select().where(Message.conversation == conversation_id)
+    if before is not None:
+        anchor = (
+            await Message.select(Message.created_at)
+            .where(Message.id == before, Message.conversation == conversation_id)
+            .first()
+        )
+        if anchor is None:
+            raise InvalidInput(
+                "before is not a message of this conversation",
+                code="invalid_cursor",
+                details={"field": "before"},
+            )
+        at = anchor["created_at"]
+        query = query.where((Message.created_at < at) | ((Message.created_at == at) & (Message.id < before)))
+    rows = await query.order_by(Message.created_at, Message.id, ascending=False).limit(limit + 1).run()
+    items = [message_out(r) for r in reversed(rows[:limit])]
+    next_cursor = str(items[0].id) if len(rows) > limit else None
+    return Page(items=items, next_cursor=next_cursor)
+
+
+async def edit_message(principal: Principal, conversation_id: UUID, message_id: UUID, data: MessageEdit) -> MessageOut:
+    """Set `editedContent`/`editedAt`, keeping the original `content`.
+    A user message may be edited by its author or an admin; an agent message by an admin only."""
+    await load_conversation(principal, conversation_id)
+    row = await Message.select().where(Message.id == message_id, Message.conversation == conversation_id).first()
+    if row is None:
+        raise NotFound("message not found", details={"messageId": str(message_id)})
+    if not principal.is_admin:
+        if row["role"] == MessageRole.agent.value:
+            raise Forbidden("only an admin can edit an agent's message", code="forbidden")
+        if row["author_id"] != principal.user_id:
+            raise Forbidden("only the author or an admin can edit this message", code="forbidden")
+    _check_content(data.content)
+    await Message.update(
+        {
+            Message.edited_content: data.content,
+            Message.edited_at: datetime.now(UTC),
+        }
+    ).where(Message.id == message_id)
+    updated = await Message.select().where(Message.id == message_id).first()
+    assert updated is not None
+    return message_out(updated)
+
+
+async def load_history(conversation_id: UUID) -> list[HistoryItem]:
+    """Every message of a conversation in order, with effective content: the agent's context."""
+    rows = (
+        await Message.select(
+            Message.id,
+            Message.role,
+            Message.content,
+            Message.edited_content,
+            Message.created_at,
+        )
+        .where(Message.conversation == conversation_id)
+        .order_by(Message.created_at)
+        .order_by(Message.id)
+    )
+    return [
+        HistoryItem(
+            id=r["id"],
+            role=MessageRole(r["role"]),
+            effective_content=effective_content(r),
+            created_at=r["created_at"],
+        )
+        for r in rows
+    ]
+
+
+async def history(principal: Principal, conversation_id: UUID) -> list[HistoryItem]:
+    """The history of a conversation the caller may see."""
+    await load_conversation(principal, conversation_id)
+    return await load_history(conversation_id)

@@ -1,0 +1,98 @@
+"""Request and response bodies of the conversation and message routes."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+from uuid import UUID
+
+import msgspec
+
+from app.limits import MAX_CLIENT_MESSAGE_ID_CHARS
+from app.tables import GenerationStatus, MessageRole, MessageStatus
+
+# Length limits above these are checked by the services (413 naming the field),
+# so the schemas only ask for a non-empty string.
+NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
+ClientMessageId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_CLIENT_MESSAGE_ID_CHARS)]
+
+
+class ConversationCreate(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
+    title: NonEmpty | None = None
+    agent_id: UUID | None = None
+
+
+class ConversationUpdate(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
+    """Only the fields sent change; `null` clears a field."""
+
+    title: NonEmpty | msgspec.UnsetType | None = msgspec.UNSET
+    agent_id: UUID | msgspec.UnsetType | None = msgspec.UNSET
+
+
+class ConversationOut(msgspec.Struct, rename="camel"):
+    id: UUID
+    owner_id: UUID
+    agent_id: UUID | None
+    title: str | None
+    last_message_at: datetime
+    created_at: datetime
+    updated_at: datetime
+
+
+class MessageCreate(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
+    """A user message. `clientMessageId` makes retries safe; `reply: false` asks for no answer."""
+
+    content: NonEmpty
+    client_message_id: ClientMessageId | None = None
+    reply: bool = True
+
+
+class MessageEdit(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
+    content: NonEmpty
+
+
+class MessageOut(msgspec.Struct, rename="camel"):
+    id: UUID
+    conversation_id: UUID
+    role: MessageRole
+    author_id: UUID | None
+    content: str
+    edited_content: str | None
+    edited_at: datetime | None
+    effective_content: str
+    client_message_id: str | None
+    generation_id: UUID | None
+    status: MessageStatus
+    created_at: datetime
+
+
+class GenerationOut(msgspec.Struct, rename="camel"):
+    """One agent answer: its state and metrics."""
+
+    id: UUID
+    conversation_id: UUID
+    reply_to_id: UUID | None
+    agent_id: UUID | None
+    status: GenerationStatus
+    result_message_id: UUID | None
+    token_count: int
+    ttft_ms: int | None
+    error: str | None
+    started_at: datetime
+    finished_at: datetime | None
+
+
+class MessagePosted(msgspec.Struct, rename="camel"):
+    """The stored user message and the answer it started (null when none was started)."""
+
+    message: MessageOut
+    generation: GenerationOut | None = None
+
+
+class HistoryItem(msgspec.Struct, rename="camel"):
+    """One turn exactly as the agent's adapter is given it."""
+
+    id: UUID
+    role: MessageRole
+    effective_content: str
+    created_at: datetime

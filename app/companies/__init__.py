@@ -1,0 +1,1 @@
+"""Companies (tenants): created by operators from the CLI."""

@@ -1,0 +1,67 @@
+"""Database engine selection and lifecycle.
+
+`piccolo_conf.py` asks :func:`engine_from_settings` for the engine, so the app,
+the stock `piccolo` CLI and the tests all pick the same database.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from piccolo.engine.base import Engine
+from piccolo.engine.postgres import PostgresEngine
+from piccolo.engine.sqlite import SQLiteEngine
+
+from app.config import Settings
+
+
+def engine_from_settings(settings: Settings) -> Engine[Any]:
+    """PostgreSQL (asyncpg) when `DATABASE_URL` is a postgres URL, else the SQLite file."""
+    if settings.database_url:
+        if not settings.is_postgres:
+            raise ValueError(
+                f"DATABASE_URL must start with postgresql:// (got {settings.database_url.split(':', 1)[0]}://); "
+                "unset it to use the embedded SQLite database"
+            )
+        return PostgresEngine(config={"dsn": settings.database_url})
+    # A busy timeout lets concurrent writers wait for the file lock instead of failing at once.
+    return SQLiteEngine(path=settings.sqlite_path, timeout=10)
+
+
+async def open_pool(engine: Engine[Any]) -> None:
+    """Start the connection pool (PostgreSQL only; SQLite connects per query)."""
+    if isinstance(engine, PostgresEngine):
+        await engine.start_connection_pool(min_size=1, max_size=10)
+
+
+async def close_pool(engine: Engine[Any]) -> None:
+    """Close the connection pool opened by :func:`open_pool`."""
+    if isinstance(engine, PostgresEngine):
+        await engine.close_connection_pool()
+
+
+async def check_database(engine: Engine[Any]) -> None:
+    """Raise if the database cannot answer a trivial query."""
+    await engine.run_ddl("SELECT 1")
+
+
+def is_unique_violation(exc: BaseException) -> bool:
+    """True for a unique-constraint failure on either engine."""
+    import sqlite3
+
+    from asyncpg.exceptions import UniqueViolationError
+
+    if isinstance(exc, UniqueViolationError):
+        return True
+    return isinstance(exc, sqlite3.IntegrityError) and "UNIQUE" in str(exc)
+
+
+def is_missing_table(exc: BaseException) -> bool:
+    """True when a query failed because the schema was never migrated."""
+    import sqlite3
+
+    from asyncpg.exceptions import UndefinedTableError
+
+    if isinstance(exc, UndefinedTableError):
+        return True
+    return isinstance(exc, sqlite3.OperationalError) and "no such table" in str(exc)

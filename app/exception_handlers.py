@@ -1,0 +1,93 @@
+"""Turn every exception into the project's error shape; never leak a traceback."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from litestar import MediaType, Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+from litestar.types import ExceptionHandlersMap
+
+from app.errors import ApiError, ErrorBody
+
+logger = logging.getLogger("chatstream.errors")
+
+_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+    429: "rate_limited",
+    503: "unavailable",
+}
+
+
+def _response(status: int, body: ErrorBody, headers: dict[str, str] | None = None) -> Response[ErrorBody]:
+    return Response(content=body, status_code=status, media_type=MediaType.JSON, headers=headers)
+
+
+def _validation_details(extra: Any) -> list[dict[str, Any]]:
+    # Litestar reports each failure as {"message", "key", "source"}; expose "field" for clients.
+    details = []
+    for item in extra if isinstance(extra, list) else []:
+        if isinstance(item, dict):
+            entry = {"message": item.get("message", "")}
+            if item.get("key"):
+                entry["field"] = item["key"]
+            if item.get("source"):
+                entry["source"] = str(item["source"])
+            details.append(entry)
+    return details
+
+
+def handle_api_error(_: Request[Any, Any, Any], exc: ApiError) -> Response[ErrorBody]:
+    """Errors raised on purpose by services."""
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    return _response(exc.status, exc.body(), headers)
+
+
+def handle_http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Response[ErrorBody]:
+    """Litestar's own errors: routing, parsing, validation, body size, auth."""
+    status = exc.status_code
+    if status >= 500:
+        logger.error("server error: %s", exc.detail)
+        return _response(status, ErrorBody(error="internal server error", code="internal_error"))
+    if isinstance(exc, ValidationException):
+        details = _validation_details(exc.extra)
+        message = details[0]["message"] if len(details) == 1 else "the request is not valid"
+        if details and "field" in details[0] and len(details) == 1:
+            message = f"{details[0]['field']}: {message}"
+        return _response(
+            400,
+            ErrorBody(error=message, code="invalid_request", details=details or None),
+        )
+    code = _CODES.get(status, "http_error")
+    message = exc.detail or code.replace("_", " ")
+    if (status == 400 and "decode" in message.lower()) or "json" in message.lower():
+        code, message = "malformed_json", "the request body is not valid JSON"
+    headers = dict(exc.headers or {})
+    if status == 401:
+        headers.setdefault("WWW-Authenticate", "Bearer")
+    return _response(status, ErrorBody(error=message, code=code), headers)
+
+
+def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
+    """A bug of ours: log it with its traceback, answer without one."""
+    logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return _response(
+        HTTP_500_INTERNAL_SERVER_ERROR,
+        ErrorBody(error="internal server error", code="internal_error"),
+    )
+
+
+EXCEPTION_HANDLERS: ExceptionHandlersMap = {
+    ApiError: handle_api_error,
+    HTTPException: handle_http_exception,
+    Exception: handle_unexpected,
+}

@@ -1,0 +1,78 @@
+"""The application factory."""
+
+from __future__ import annotations
+
+import logging
+
+from litestar import Litestar, Router
+from litestar.di import Provide
+from litestar.middleware import DefineMiddleware
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Components, SecurityScheme
+
+from app.agents.controllers import AgentController
+from app.auth.controllers import ApiKeyController, MeController, SessionController
+from app.auth.guards import provide_principal
+from app.auth.middleware import ApiKeyAuthMiddleware
+from app.chat.controllers import ConversationController
+from app.config import Settings, get_settings
+from app.db import close_pool, open_pool
+from app.exception_handlers import EXCEPTION_HANDLERS
+from app.health import healthz, readyz
+from app.tables import Company
+
+API_VERSION = "0.1.0"
+
+
+def create_app(settings: Settings | None = None) -> Litestar:
+    """Build the ASGI app: `/api` (authenticated), health probes and OpenAPI at `/schema`."""
+    settings = settings or get_settings()
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    engine = Company._meta.db
+
+    async def startup() -> None:
+        await open_pool(engine)
+
+    async def shutdown() -> None:
+        await close_pool(engine)
+
+    api = Router(
+        path="/api",
+        route_handlers=[
+            SessionController,
+            MeController,
+            ApiKeyController,
+            AgentController,
+            ConversationController,
+        ],
+        middleware=[DefineMiddleware(ApiKeyAuthMiddleware)],
+        dependencies={"principal": Provide(provide_principal, sync_to_thread=False)},
+        security=[{"bearer": []}, {"cookie": []}],
+    )
+    return Litestar(
+        route_handlers=[api, healthz, readyz],
+        on_startup=[startup],
+        on_shutdown=[shutdown],
+        exception_handlers=EXCEPTION_HANDLERS,
+        request_max_body_size=settings.max_body_bytes,
+        openapi_config=OpenAPIConfig(
+            title="chatstream",
+            version=API_VERSION,
+            description="Realtime chat streaming for conversations with AI agents.",
+            path="/schema",
+            components=Components(
+                security_schemes={
+                    "bearer": SecurityScheme(type="http", scheme="bearer", description="an API key"),
+                    "cookie": SecurityScheme(
+                        type="apiKey",
+                        name=settings.cookie_name,
+                        security_scheme_in="cookie",
+                    ),
+                }
+            ),
+        ),
+        debug=False,
+    )

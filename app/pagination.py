@@ -1,0 +1,50 @@
+"""Opaque keyset cursors: `(timestamp, id)` of the last row of a page, base64url JSON."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from datetime import datetime
+from typing import Generic, TypeVar
+from uuid import UUID
+
+import msgspec
+
+from app.errors import InvalidInput
+
+T = TypeVar("T")
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(tuple[datetime, UUID])
+
+
+class Page(msgspec.Struct, Generic[T], rename="camel"):
+    """One page of a list; pass `nextCursor` back to get the next one (null: no more)."""
+
+    items: list[T]
+    next_cursor: str | None = None
+
+
+def encode_cursor(at: datetime, row_id: UUID) -> str:
+    """Cursor pointing just past the row with this sort timestamp and id."""
+    return base64.urlsafe_b64encode(_encoder.encode((at, row_id))).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, UUID]:
+    """Inverse of :func:`encode_cursor`; a malformed cursor is a 400 naming the parameter."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        at, row_id = _decoder.decode(raw)
+    except (binascii.Error, ValueError, msgspec.DecodeError) as exc:
+        raise InvalidInput(
+            "cursor is not a valid cursor",
+            code="invalid_cursor",
+            details={"field": "cursor"},
+        ) from exc
+    if at.tzinfo is None:
+        raise InvalidInput(
+            "cursor is not a valid cursor",
+            code="invalid_cursor",
+            details={"field": "cursor"},
+        )
+    return at, row_id

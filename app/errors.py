@@ -76,10 +76,14 @@ def check_length(field: str, value: str | None, limit: int) -> None:
         )
 
 
+def invalid_field(field: str, message: str, *, source: str = "body", code: str = "invalid_request") -> InvalidInput:
+    """A 400 about one field, with `details` in the same list form as schema validation errors."""
+    return InvalidInput(
+        f"{field}: {message}", code=code, details=[{"field": field, "message": message, "source": source}]
+    )
+
+
 def check_not_blank(field: str, value: str | None) -> None:
     """Raise :class:`InvalidInput` naming `field` when `value` is empty or only whitespace."""
     if value is not None and not value.strip():
-        raise InvalidInput(
-            f"{field} must not be blank",
-            details=[{"field": field, "message": "must not be blank"}],
-        )
+        raise invalid_field(field, "must not be blank")

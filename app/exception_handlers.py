@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from litestar import MediaType, Request, Response
@@ -10,6 +11,7 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from litestar.types import ExceptionHandlersMap
 
+from app.config import get_settings
 from app.errors import ApiError, ErrorBody
 
 logger = logging.getLogger("chatstream.errors")
@@ -32,17 +34,27 @@ def _response(status: int, body: ErrorBody, headers: dict[str, str] | None = Non
     return Response(content=body, status_code=status, media_type=MediaType.JSON, headers=headers)
 
 
+# msgspec names the offending body field inside its message: "… field `x`" or "… - at `$.x`".
+_FIELD_IN_MESSAGE = re.compile(r"field `([^`]+)`|at `\$\.([^`]+)`")
+
+
 def _validation_details(extra: Any) -> list[dict[str, Any]]:
-    # Litestar reports each failure as {"message", "key", "source"}; expose "field" for clients.
+    """Litestar reports each failure as {"message", "key", "source"}; give clients `field` and `source`."""
     details = []
     for item in extra if isinstance(extra, list) else []:
-        if isinstance(item, dict):
-            entry = {"message": item.get("message", "")}
-            if item.get("key"):
-                entry["field"] = item["key"]
-            if item.get("source"):
-                entry["source"] = str(item["source"])
-            details.append(entry)
+        if not isinstance(item, dict):
+            continue
+        message = str(item.get("message", ""))
+        field = item.get("key")
+        if field in (None, "data"):  # the body as a whole: find the field in msgspec's message
+            match = _FIELD_IN_MESSAGE.search(message)
+            field = (match.group(1) or match.group(2)) if match else None
+            message = message.split(" - at `")[0]
+        source = item.get("source")
+        entry: dict[str, Any] = {"message": message, "source": getattr(source, "value", source) or "body"}
+        if field:
+            entry["field"] = field
+        details.append(entry)
     return details
 
 
@@ -52,29 +64,39 @@ def handle_api_error(_: Request[Any, Any, Any], exc: ApiError) -> Response[Error
     return _response(exc.status, exc.body(), headers)
 
 
-def handle_http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Response[ErrorBody]:
+def handle_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Response[ErrorBody]:
     """Litestar's own errors: routing, parsing, validation, body size, auth."""
     status = exc.status_code
     if status >= 500:
         logger.error("server error: %s", exc.detail)
         return _response(status, ErrorBody(error="internal server error", code="internal_error"))
     if isinstance(exc, ValidationException):
-        details = _validation_details(exc.extra)
-        message = details[0]["message"] if len(details) == 1 else "the request is not valid"
-        if details and "field" in details[0] and len(details) == 1:
-            message = f"{details[0]['field']}: {message}"
-        return _response(
-            400,
-            ErrorBody(error=message, code="invalid_request", details=details or None),
-        )
+        return _response(400, _validation_body(exc))
     code = _CODES.get(status, "http_error")
     message = exc.detail or code.replace("_", " ")
-    if (status == 400 and "decode" in message.lower()) or "json" in message.lower():
+    details = None
+    if status == 400 and ("decode" in message.lower() or "json" in message.lower()):
         code, message = "malformed_json", "the request body is not valid JSON"
+    elif status == 404:
+        message = "not found"
+    elif status == 413:
+        limit = get_settings().max_body_bytes
+        message = f"the request body is too large: at most {limit} bytes"
+        details = {"maxBytes": limit}
     headers = dict(exc.headers or {})
     if status == 401:
         headers.setdefault("WWW-Authenticate", "Bearer")
-    return _response(status, ErrorBody(error=message, code=code), headers)
+    return _response(status, ErrorBody(error=message, code=code, details=details), headers)
+
+
+def _validation_body(exc: ValidationException) -> ErrorBody:
+    details = _validation_details(exc.extra)
+    message = "the request is not valid"
+    if len(details) == 1:
+        message = details[0]["message"]
+        if "field" in details[0]:
+            message = f"{details[0]['field']}: {message}"
+    return ErrorBody(error=message, code="invalid_request", details=details or None)
 
 
 def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:

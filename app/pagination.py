@@ -10,7 +10,7 @@ from uuid import UUID
 
 import msgspec
 
-from app.errors import InvalidInput
+from app.errors import InvalidInput, invalid_field
 
 T = TypeVar("T")
 
@@ -28,6 +28,10 @@ class Page(msgspec.Struct, Generic[T], rename="camel"):
 def encode_cursor(at: datetime, row_id: UUID) -> str:
     """Cursor pointing just past the row with this sort timestamp and id."""
     return base64.urlsafe_b64encode(_encoder.encode((at, row_id))).decode().rstrip("=")
+
+
+def _invalid() -> InvalidInput:
+    return invalid_field("cursor", "not a cursor returned by this API", source="query", code="invalid_cursor")
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, UUID]:

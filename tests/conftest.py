@@ -143,3 +143,19 @@ async def client(app: object) -> AsyncIterator[object]:
     transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
     async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
         yield http
+
+
+@pytest.fixture
+async def acme() -> object:
+    """A company with `admin`, `alice`, `bob` and an echo agent (see tests/factories.py)."""
+    from tests.factories import make_tenant
+
+    return await make_tenant()
+
+
+@pytest.fixture
+async def globex() -> object:
+    """A second, unrelated company: for cross-tenant checks."""
+    from tests.factories import make_tenant
+
+    return await make_tenant()

@@ -20,10 +20,10 @@ from app.db import is_unique_violation
 from app.errors import (
     Conflict,
     Forbidden,
-    InvalidInput,
     NotFound,
     check_length,
     check_not_blank,
+    invalid_field,
 )
 from app.limits import MAX_CONTENT_CHARS
 from app.pagination import Page
@@ -133,10 +133,8 @@ async def list_messages(
             .first()
         )
         if anchor is None:
-            raise InvalidInput(
-                "before is not a message of this conversation",
-                code="invalid_cursor",
-                details={"field": "before"},
+            raise invalid_field(
+                "before", "not the id of a message of this conversation", source="query", code="invalid_cursor"
             )
         at = anchor["created_at"]
         query = query.where((Message.created_at < at) | ((Message.created_at == at) & (Message.id < before)))

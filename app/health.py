@@ -10,6 +10,7 @@ from litestar.status_codes import HTTP_503_SERVICE_UNAVAILABLE
 
 from app.db import check_database
 from app.errors import ErrorBody
+from app.openapi import errors
 from app.tables import Company
 
 logger = logging.getLogger("chatstream.health")
@@ -34,7 +35,7 @@ def healthz() -> Health:
     "/readyz",
     tags=["health"],
     summary="Readiness: the database answers",
-    responses={503: Response[ErrorBody]},  # type: ignore[dict-item]
+    responses=errors(503, authenticated=False),
 )
 async def readyz() -> Response[Health | ErrorBody]:
     try:

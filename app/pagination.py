@@ -1,28 +1,18 @@
-"""Opaque keyset cursors: `(timestamp, id)` of the last row of a page, base64url JSON."""
+"""Opaque keyset cursors: `(timestamp, id)` of the last row of a page, as base64url JSON."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 from datetime import datetime
-from typing import Generic, TypeVar
 from uuid import UUID
 
 import msgspec
 
 from app.errors import InvalidInput, invalid_field
 
-T = TypeVar("T")
-
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(tuple[datetime, UUID])
-
-
-class Page(msgspec.Struct, Generic[T], rename="camel"):
-    """One page of a list; pass `nextCursor` back to get the next one (null: no more)."""
-
-    items: list[T]
-    next_cursor: str | None = None
 
 
 def encode_cursor(at: datetime, row_id: UUID) -> str:

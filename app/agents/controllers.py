@@ -12,21 +12,22 @@ from app.agents import service
 from app.agents.schemas import AgentCreate, AgentOut, AgentUpdate
 from app.auth.guards import admin_only
 from app.auth.principal import Principal
+from app.openapi import errors
 
 
 class AgentController(Controller):
     path = "/agents"
     tags = ["agents"]
 
-    @get("/", summary="List the company's agents")
+    @get("/", summary="List the company's agents", responses=errors())
     async def list_agents(self, principal: NamedDependency[Principal]) -> list[AgentOut]:
         return await service.list_agents(principal.company_id)
 
-    @post("/", guards=[admin_only], summary="Create an agent (admin)")
+    @post("/", guards=[admin_only], summary="Create an agent (admin)", responses=errors(400, 403))
     async def create_agent(self, principal: NamedDependency[Principal], data: JSONBody[AgentCreate]) -> AgentOut:
         return await service.create_agent(principal.company_id, data)
 
-    @patch("/{agent_id:uuid}", guards=[admin_only], summary="Change an agent (admin)")
+    @patch("/{agent_id:uuid}", guards=[admin_only], summary="Change an agent (admin)", responses=errors(400, 403, 404))
     async def update_agent(
         self,
         principal: NamedDependency[Principal],
@@ -35,6 +36,6 @@ class AgentController(Controller):
     ) -> AgentOut:
         return await service.update_agent(principal.company_id, agent_id, data)
 
-    @delete("/{agent_id:uuid}", guards=[admin_only], summary="Delete an agent (admin)")
+    @delete("/{agent_id:uuid}", guards=[admin_only], summary="Delete an agent (admin)", responses=errors(403, 404))
     async def delete_agent(self, principal: NamedDependency[Principal], agent_id: FromPath[UUID]) -> None:
         await service.delete_agent(principal.company_id, agent_id)

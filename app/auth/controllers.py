@@ -16,6 +16,7 @@ from app.auth.principal import Principal
 from app.auth.schemas import ApiKeyCreate, ApiKeyCreated, ApiKeyOut, Me, SessionCreate
 from app.config import get_settings
 from app.errors import Unauthorized
+from app.openapi import errors
 
 
 def _cookie(value: str, max_age: int) -> Cookie:
@@ -45,6 +46,7 @@ class SessionController(Controller):
         status_code=HTTP_200_OK,
         exclude_from_auth=True,
         summary="Sign in with an API key",
+        responses=errors(400, authenticated=False),
     )
     async def login(self, data: JSONBody[SessionCreate]) -> Response[Me]:
         principal = await service.authenticate(data.key)
@@ -62,7 +64,7 @@ class MeController(Controller):
     path = "/me"
     tags = ["session"]
 
-    @get("/", summary="Who the caller is")
+    @get("/", summary="Who the caller is", responses=errors())
     async def me(self, principal: NamedDependency[Principal]) -> Me:
         return await service.describe(principal)
 
@@ -74,14 +76,14 @@ class ApiKeyController(Controller):
     tags = ["keys"]
     guards = [admin_only]
 
-    @get("/", summary="List the company's API keys")
+    @get("/", summary="List the company's API keys", responses=errors(403))
     async def list_keys(self, principal: NamedDependency[Principal]) -> list[ApiKeyOut]:
         return await service.list_keys(principal.company_id)
 
-    @post("/", summary="Create an API key; the token is in this response only")
+    @post("/", summary="Create an API key; the token is in this response only", responses=errors(400, 403))
     async def create_key(self, principal: NamedDependency[Principal], data: JSONBody[ApiKeyCreate]) -> ApiKeyCreated:
         return await service.create_key(principal.company_id, data)
 
-    @delete("/{key_id:uuid}", summary="Revoke an API key (idempotent)")
+    @delete("/{key_id:uuid}", summary="Revoke an API key (idempotent)", responses=errors(403, 404))
     async def revoke_key(self, principal: NamedDependency[Principal], key_id: FromPath[UUID]) -> None:
         await service.revoke_key(principal.company_id, key_id)

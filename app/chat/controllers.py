@@ -7,6 +7,7 @@ from uuid import UUID
 
 from litestar import Controller, Response, delete, get, patch, post, put
 from litestar.di import NamedDependency
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, JSONBody, QueryParameter
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
 
@@ -15,15 +16,17 @@ from app.chat import conversations, messages
 from app.chat.schemas import (
     ConversationCreate,
     ConversationOut,
+    ConversationPage,
     ConversationUpdate,
     HistoryItem,
     MessageCreate,
     MessageEdit,
     MessageOut,
+    MessagePage,
     MessagePosted,
 )
 from app.limits import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
-from app.pagination import Page
+from app.openapi import errors
 
 Limit = Annotated[
     int,
@@ -35,22 +38,22 @@ class ConversationController(Controller):
     path = "/conversations"
     tags = ["conversations"]
 
-    @get("/", summary="List conversations, newest activity first")
+    @get("/", summary="List conversations, newest activity first", responses=errors(400))
     async def list_conversations(
         self,
         principal: NamedDependency[Principal],
         cursor: Annotated[str | None, QueryParameter(description="`nextCursor` of the previous page")] = None,
         limit: Limit = DEFAULT_PAGE_SIZE,
-    ) -> Page[ConversationOut]:
+    ) -> ConversationPage:
         return await conversations.list_conversations(principal, cursor, limit)
 
-    @post("/", summary="Start a conversation")
+    @post("/", summary="Start a conversation", responses=errors(400, 404, 413))
     async def create_conversation(
         self, principal: NamedDependency[Principal], data: JSONBody[ConversationCreate]
     ) -> ConversationOut:
         return await conversations.create_conversation(principal, data)
 
-    @get("/{conversation_id:uuid}", summary="Get a conversation")
+    @get("/{conversation_id:uuid}", summary="Get a conversation", responses=errors(404))
     async def get_conversation(
         self, principal: NamedDependency[Principal], conversation_id: FromPath[UUID]
     ) -> ConversationOut:
@@ -59,6 +62,7 @@ class ConversationController(Controller):
     @patch(
         "/{conversation_id:uuid}",
         summary="Change title and/or agent; only fields sent change, null clears",
+        responses=errors(400, 404, 413),
     )
     async def update_conversation(
         self,
@@ -68,11 +72,11 @@ class ConversationController(Controller):
     ) -> ConversationOut:
         return await conversations.update_conversation(principal, conversation_id, data)
 
-    @delete("/{conversation_id:uuid}", summary="Delete a conversation and its messages")
+    @delete("/{conversation_id:uuid}", summary="Delete a conversation and its messages", responses=errors(404))
     async def delete_conversation(self, principal: NamedDependency[Principal], conversation_id: FromPath[UUID]) -> None:
         await conversations.delete_conversation(principal, conversation_id)
 
-    @get("/{conversation_id:uuid}/messages", summary="A chronological page of messages")
+    @get("/{conversation_id:uuid}/messages", summary="A chronological page of messages", responses=errors(400, 404))
     async def list_messages(
         self,
         principal: NamedDependency[Principal],
@@ -82,14 +86,17 @@ class ConversationController(Controller):
             QueryParameter(description="id of a message: the page ends just before it"),
         ] = None,
         limit: Limit = DEFAULT_PAGE_SIZE,
-    ) -> Page[MessageOut]:
+    ) -> MessagePage:
         return await messages.list_messages(principal, conversation_id, before, limit)
 
     @post(
         "/{conversation_id:uuid}/messages",
         summary="Post a user message",
         description="201 with the new message; 200 with the original one when `clientMessageId` was seen before.",
-        responses={},
+        responses={
+            HTTP_200_OK: ResponseSpec(MessagePosted, description="The message first posted with this clientMessageId"),
+            **errors(400, 404, 409, 413),
+        },
     )
     async def post_message(
         self,
@@ -103,6 +110,7 @@ class ConversationController(Controller):
     @put(
         "/{conversation_id:uuid}/messages/{message_id:uuid}",
         summary="Edit a message (keeps the original)",
+        responses=errors(400, 403, 404, 413),
     )
     async def edit_message(
         self,
@@ -116,6 +124,7 @@ class ConversationController(Controller):
     @get(
         "/{conversation_id:uuid}/history",
         summary="The conversation as the agent is given it",
+        responses=errors(404),
     )
     async def history(
         self, principal: NamedDependency[Principal], conversation_id: FromPath[UUID]

@@ -15,10 +15,10 @@ import msgspec
 
 from app.agents.service import get_agent
 from app.auth.principal import Principal
-from app.chat.schemas import ConversationCreate, ConversationOut, ConversationUpdate
+from app.chat.schemas import ConversationCreate, ConversationOut, ConversationPage, ConversationUpdate
 from app.errors import NotFound, check_length, check_not_blank
 from app.limits import MAX_TITLE_CHARS
-from app.pagination import Page, decode_cursor, encode_cursor
+from app.pagination import decode_cursor, encode_cursor
 from app.tables import Conversation
 
 
@@ -77,7 +77,7 @@ async def get_conversation(principal: Principal, conversation_id: UUID) -> Conve
     return conversation_out(await load_conversation(principal, conversation_id))
 
 
-async def list_conversations(principal: Principal, cursor: str | None, limit: int) -> Page[ConversationOut]:
+async def list_conversations(principal: Principal, cursor: str | None, limit: int) -> ConversationPage:
     """Newest activity first. Keyset-paginated on (last_message_at, id), so pages stay
     stable while new conversations appear at the top."""
     query = _scoped(principal, Conversation.select())
@@ -89,7 +89,7 @@ async def list_conversations(principal: Principal, cursor: str | None, limit: in
     rows = await query.order_by(Conversation.last_message_at, Conversation.id, ascending=False).limit(limit + 1).run()
     items = [conversation_out(r) for r in rows[:limit]]
     next_cursor = encode_cursor(items[-1].last_message_at, items[-1].id) if len(rows) > limit else None
-    return Page(items=items, next_cursor=next_cursor)
+    return ConversationPage(items=items, next_cursor=next_cursor)
 
 
 async def update_conversation(principal: Principal, conversation_id: UUID, data: ConversationUpdate) -> ConversationOut:

@@ -14,6 +14,7 @@ from app.chat.schemas import (
     MessageCreate,
     MessageEdit,
     MessageOut,
+    MessagePage,
     MessagePosted,
 )
 from app.db import is_unique_violation
@@ -26,7 +27,6 @@ from app.errors import (
     invalid_field,
 )
 from app.limits import MAX_CONTENT_CHARS
-from app.pagination import Page
 from app.tables import Conversation, Message, MessageRole, MessageStatus
 
 
@@ -119,9 +119,7 @@ async def post_message(principal: Principal, conversation_id: UUID, data: Messag
     return MessagePosted(message=message_out(row)), True
 
 
-async def list_messages(
-    principal: Principal, conversation_id: UUID, before: UUID | None, limit: int
-) -> Page[MessageOut]:
+async def list_messages(principal: Principal, conversation_id: UUID, before: UUID | None, limit: int) -> MessagePage:
     """A chronological page: the `limit` messages just before `before` (or the latest ones).
     `nextCursor` is the id to pass as `before` for the page of older messages."""
     await load_conversation(principal, conversation_id)
@@ -141,7 +139,7 @@ async def list_messages(
     rows = await query.order_by(Message.created_at, Message.id, ascending=False).limit(limit + 1).run()
     items = [message_out(r) for r in reversed(rows[:limit])]
     next_cursor = str(items[0].id) if len(rows) > limit else None
-    return Page(items=items, next_cursor=next_cursor)
+    return MessagePage(items=items, next_cursor=next_cursor)
 
 
 async def edit_message(principal: Principal, conversation_id: UUID, message_id: UUID, data: MessageEdit) -> MessageOut:

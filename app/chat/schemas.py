@@ -39,6 +39,13 @@ class ConversationOut(msgspec.Struct, rename="camel"):
     updated_at: datetime
 
 
+class ConversationPage(msgspec.Struct, rename="camel"):
+    """Conversations, newest activity first; pass `nextCursor` as `cursor` for the next page (null: no more)."""
+
+    items: list[ConversationOut]
+    next_cursor: str | None = None
+
+
 class MessageCreate(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
     """A user message. `clientMessageId` makes retries safe; `reply: false` asks for no answer."""
 
@@ -64,6 +71,13 @@ class MessageOut(msgspec.Struct, rename="camel"):
     generation_id: UUID | None
     status: MessageStatus
     created_at: datetime
+
+
+class MessagePage(msgspec.Struct, rename="camel"):
+    """Messages in chronological order; pass `nextCursor` as `before` for the older page (null: no more)."""
+
+    items: list[MessageOut]
+    next_cursor: str | None = None
 
 
 class GenerationOut(msgspec.Struct, rename="camel"):

@@ -14,7 +14,7 @@ from uuid import UUID
 
 import msgspec
 
-from app.config import get_settings
+from app.config import SettingsError, get_settings
 
 _json = msgspec.json.Encoder()
 
@@ -221,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ApiError, MigrationError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         print(f"error: invalid input: {exc}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
+from typing import Literal
 
 import msgspec
 
@@ -15,22 +16,29 @@ DEFAULT_SQLITE_PATH = "chatstream.db"
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
-    """Process-wide settings. Build with :func:`get_settings`."""
+    """Process-wide settings. Build with :func:`get_settings`; each field's variable is in `ENV`."""
 
     # `postgresql://…` selects PostgreSQL; unset selects the SQLite file below.
     database_url: str | None = None
     sqlite_path: str = DEFAULT_SQLITE_PATH
     # Where people reach the server; used for the printed login link.
     public_url: str | None = None
-    # Request limits. Bodies over `max_body_bytes` are refused with 413 before parsing.
+    # Bodies over this many bytes are refused with 413 before parsing.
     max_body_bytes: int = 256 * 1024
-    max_content_chars: int = 50_000
-    max_title_chars: int = 200
-    # Session cookie. `Secure` is on unless explicitly turned off for plain-HTTP dev.
+    # Session cookie. `Secure` only when asked: the embedded default serves plain HTTP.
     cookie_name: str = "chatstream_session"
     cookie_secure: bool = False
     cookie_max_age: int = 30 * 24 * 3600
     log_level: str = "INFO"
+    # Streaming policies (defaults; a POST may override them per answer, see StreamPolicy).
+    disconnect_grace: float = 30.0
+    partial: Literal["keep", "discard"] = "keep"
+    if_busy: Literal["reject", "interrupt"] = "reject"
+    # SSE sends a `: ping` comment after this many idle seconds.
+    sse_ping_interval: float = 15.0
+    # Events kept per generation for resuming readers, and how long an ended log stays.
+    log_retain: int = 1000
+    log_ttl: float = 300.0
 
     @property
     def is_postgres(self) -> bool:
@@ -38,31 +46,56 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         return self.database_url is not None and self.database_url.startswith(("postgres://", "postgresql://"))
 
 
-def _bool(value: str) -> bool:
-    return value.strip().lower() in {"1", "true", "yes", "on"}
+# Environment variable of each setting.
+ENV = {
+    "database_url": "DATABASE_URL",
+    "sqlite_path": "CHATSTREAM_SQLITE_PATH",
+    "public_url": "CHATSTREAM_PUBLIC_URL",
+    "max_body_bytes": "CHATSTREAM_MAX_BODY_BYTES",
+    "cookie_secure": "CHATSTREAM_COOKIE_SECURE",
+    "cookie_max_age": "CHATSTREAM_COOKIE_MAX_AGE",
+    "log_level": "CHATSTREAM_LOG_LEVEL",
+    "disconnect_grace": "CHATSTREAM_DISCONNECT_GRACE",
+    "partial": "CHATSTREAM_PARTIAL",
+    "if_busy": "CHATSTREAM_IF_BUSY",
+    "sse_ping_interval": "CHATSTREAM_SSE_PING_INTERVAL",
+    "log_retain": "CHATSTREAM_LOG_RETAIN",
+    "log_ttl": "CHATSTREAM_LOG_TTL",
+}
+
+
+_BOOL_WORDS = {"1": "true", "yes": "true", "on": "true", "0": "false", "no": "false", "off": "false"}
+
+
+class SettingsError(ValueError):
+    """An environment variable has a value that cannot be used; the message names it."""
 
 
 def settings_from_env(env: dict[str, str] | None = None) -> Settings:
     """Build settings from an environment mapping (``os.environ`` by default)."""
     env = dict(os.environ if env is None else env)
-    values: dict[str, object] = {}
-    if env.get("DATABASE_URL"):
-        values["database_url"] = env["DATABASE_URL"]
-    if env.get("CHATSTREAM_SQLITE_PATH"):
-        values["sqlite_path"] = env["CHATSTREAM_SQLITE_PATH"]
-    if env.get("CHATSTREAM_PUBLIC_URL"):
-        values["public_url"] = env["CHATSTREAM_PUBLIC_URL"].rstrip("/")
-    for name, key in (
-        ("max_body_bytes", "CHATSTREAM_MAX_BODY_BYTES"),
-        ("cookie_max_age", "CHATSTREAM_COOKIE_MAX_AGE"),
-    ):
-        if env.get(key):
-            values[name] = int(env[key])
-    if env.get("CHATSTREAM_COOKIE_SECURE"):
-        values["cookie_secure"] = _bool(env["CHATSTREAM_COOKIE_SECURE"])
-    if env.get("CHATSTREAM_LOG_LEVEL"):
-        values["log_level"] = env["CHATSTREAM_LOG_LEVEL"].upper()
-    return msgspec.convert(values, Settings)
+    values = {field: env[var].strip() for field, var in ENV.items() if env.get(var, "").strip()}
+    if "public_url" in values:
+        values["public_url"] = values["public_url"].rstrip("/")
+    if "cookie_secure" in values:
+        flag = values["cookie_secure"].lower()
+        values["cookie_secure"] = {
+            "1": "true",
+            "yes": "true",
+            "on": "true",
+            "0": "false",
+            "no": "false",
+            "off": "false",
+        }.get(flag, flag)
+    if "log_level" in values:
+        values["log_level"] = values["log_level"].upper()
+    try:
+        # Environment values are strings: msgspec converts them to each field's type.
+        return msgspec.convert(values, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        field = str(exc).rpartition("$.")[2].rstrip("`")
+        variable = ENV.get(field, field)
+        raise SettingsError(f"{variable}={values.get(field)!r} is not valid: {str(exc).split(' - at ')[0]}") from exc
 
 
 @lru_cache(maxsize=1)

@@ -83,7 +83,12 @@ def invalid_field(field: str, message: str, *, source: str = "body", code: str =
     )
 
 
-def check_not_blank(field: str, value: str | None) -> None:
-    """Raise :class:`InvalidInput` naming `field` when `value` is empty or only whitespace."""
-    if value is not None and not value.strip():
+def check_text(field: str, value: str | None, *, blank_ok: bool = False) -> None:
+    """Raise :class:`InvalidInput` naming `field` when `value` is blank (empty or only
+    whitespace) or holds a NUL character, which PostgreSQL text cannot store."""
+    if value is None:
+        return
+    if not blank_ok and not value.strip():
         raise invalid_field(field, "must not be blank")
+    if "\x00" in value:
+        raise invalid_field(field, "must not contain NUL (\\u0000) characters")

@@ -13,6 +13,7 @@ from litestar.types import ExceptionHandlersMap
 
 from app.config import get_settings
 from app.errors import ApiError, ErrorBody
+from app.text_types import NO_NUL_PATTERN
 
 logger = logging.getLogger("chatstream.errors")
 
@@ -50,6 +51,8 @@ def _validation_details(extra: Any) -> list[dict[str, Any]]:
             match = _FIELD_IN_MESSAGE.search(message)
             field = (match.group(1) or match.group(2)) if match else None
             message = message.split(" - at `")[0]
+        if NO_NUL_PATTERN in message or "\\x00" in message:
+            message = "must not contain NUL (\\u0000) characters"
         source = item.get("source")
         entry: dict[str, Any] = {"message": message, "source": getattr(source, "value", source) or "body"}
         if field:

@@ -14,11 +14,15 @@ from app.agents.controllers import AgentController
 from app.auth.controllers import ApiKeyController, MeController, SessionController
 from app.auth.guards import provide_principal
 from app.auth.middleware import ApiKeyAuthMiddleware
-from app.chat.controllers import ConversationController
+from app.chat.controllers import ConversationController, GenerationController, provide_core
 from app.config import Settings, get_settings
 from app.db import close_pool, open_pool
 from app.exception_handlers import EXCEPTION_HANDLERS
 from app.health import healthz, readyz
+from app.streaming.broker import InProcessBroker
+from app.streaming.core import StreamingCore
+from app.streaming.policy import StreamPolicy
+from app.streaming.sse import stream_conversation
 from app.tables import Company
 
 API_VERSION = "0.1.0"
@@ -32,11 +36,21 @@ def create_app(settings: Settings | None = None) -> Litestar:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     engine = Company._meta.db
+    policy = StreamPolicy(
+        disconnect_grace=settings.disconnect_grace, partial=settings.partial, if_busy=settings.if_busy
+    )
 
-    async def startup() -> None:
+    async def startup(app: Litestar) -> None:
         await open_pool(engine)
+        broker = InProcessBroker(retain=settings.log_retain, log_ttl=settings.log_ttl)
+        core = StreamingCore(broker, policy, sse_ping_interval=settings.sse_ping_interval)
+        await core.startup()
+        app.state.core = core
 
-    async def shutdown() -> None:
+    async def shutdown(app: Litestar) -> None:
+        core: StreamingCore | None = app.state.get("core")
+        if core is not None:
+            await core.shutdown()
         await close_pool(engine)
 
     api = Router(
@@ -47,9 +61,14 @@ def create_app(settings: Settings | None = None) -> Litestar:
             ApiKeyController,
             AgentController,
             ConversationController,
+            GenerationController,
+            stream_conversation,
         ],
         middleware=[DefineMiddleware(ApiKeyAuthMiddleware)],
-        dependencies={"principal": Provide(provide_principal, sync_to_thread=False)},
+        dependencies={
+            "principal": Provide(provide_principal, sync_to_thread=False),
+            "core": Provide(provide_core, sync_to_thread=False),
+        },
         security=[{"bearer": []}, {"cookie": []}],
     )
     return Litestar(

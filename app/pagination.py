@@ -30,15 +30,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, UUID]:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         at, row_id = _decoder.decode(raw)
     except (binascii.Error, ValueError, msgspec.DecodeError) as exc:
-        raise InvalidInput(
-            "cursor is not a valid cursor",
-            code="invalid_cursor",
-            details={"field": "cursor"},
-        ) from exc
+        raise _invalid() from exc
     if at.tzinfo is None:
-        raise InvalidInput(
-            "cursor is not a valid cursor",
-            code="invalid_cursor",
-            details={"field": "cursor"},
-        )
+        raise _invalid()
     return at, row_id

@@ -159,3 +159,15 @@ async def globex() -> object:
     from tests.factories import make_tenant
 
     return await make_tenant()
+
+
+@pytest.fixture
+async def core() -> AsyncIterator[object]:
+    """A streaming core with the in-process broker, shut down (answers cancelled) after the test."""
+    from app.streaming.broker import InProcessBroker
+    from app.streaming.core import StreamingCore
+    from app.streaming.policy import StreamPolicy
+
+    streaming = StreamingCore(InProcessBroker(), StreamPolicy())
+    yield streaming
+    await streaming.shutdown()

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 from uuid import UUID
 
 import msgspec
 
-from app.limits import MAX_NAME_CHARS
+from app.text_types import Name
 
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME_CHARS)]
 # The adapters this server can run. `echo` repeats the user's message word by word.
 AdapterName = Literal["echo"]
 

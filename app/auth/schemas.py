@@ -8,10 +8,8 @@ from uuid import UUID
 
 import msgspec
 
-from app.limits import MAX_NAME_CHARS
 from app.tables import Role
-
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME_CHARS)]
+from app.text_types import Name
 
 
 class SessionCreate(msgspec.Struct, forbid_unknown_fields=True):

@@ -6,18 +6,20 @@ from typing import Annotated
 from uuid import UUID
 
 from litestar import Controller, Response, delete, get, patch, post, put
+from litestar.datastructures import State
 from litestar.di import NamedDependency
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, JSONBody, QueryParameter
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
 
 from app.auth.principal import Principal
-from app.chat import conversations, messages
+from app.chat import conversations, generations, messages
 from app.chat.schemas import (
     ConversationCreate,
     ConversationOut,
     ConversationPage,
     ConversationUpdate,
+    GenerationOut,
     HistoryItem,
     MessageCreate,
     MessageEdit,
@@ -27,6 +29,8 @@ from app.chat.schemas import (
 )
 from app.limits import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from app.openapi import errors
+from app.streaming.core import StreamingCore
+from app.tables import GenerationStatus
 
 Limit = Annotated[
     int,
@@ -101,10 +105,11 @@ class ConversationController(Controller):
     async def post_message(
         self,
         principal: NamedDependency[Principal],
+        core: NamedDependency[StreamingCore],
         conversation_id: FromPath[UUID],
         data: JSONBody[MessageCreate],
     ) -> Response[MessagePosted]:
-        result, created = await messages.post_message(principal, conversation_id, data)
+        result, created = await messages.post_message(principal, conversation_id, data, core)
         return Response(result, status_code=HTTP_201_CREATED if created else HTTP_200_OK)
 
     @put(
@@ -130,3 +135,39 @@ class ConversationController(Controller):
         self, principal: NamedDependency[Principal], conversation_id: FromPath[UUID]
     ) -> list[HistoryItem]:
         return await messages.history(principal, conversation_id)
+
+
+def provide_core(state: State) -> StreamingCore:
+    """Dependency: the process's streaming core (created at startup)."""
+    core: StreamingCore = state.core
+    return core
+
+
+class GenerationController(Controller):
+    """One agent answer: its state and metrics, and stopping it."""
+
+    path = "/generations"
+    tags = ["generations"]
+
+    @get("/{generation_id:uuid}", summary="Status and metrics of an answer", responses=errors(404))
+    async def get_generation(
+        self, principal: NamedDependency[Principal], generation_id: FromPath[UUID]
+    ) -> GenerationOut:
+        return await generations.get_generation(principal, generation_id)
+
+    @post(
+        "/{generation_id:uuid}/cancel",
+        status_code=HTTP_200_OK,
+        summary="Stop an answer (idempotent: a finished answer reports its final state)",
+        responses=errors(404),
+    )
+    async def cancel_generation(
+        self,
+        principal: NamedDependency[Principal],
+        core: NamedDependency[StreamingCore],
+        generation_id: FromPath[UUID],
+    ) -> GenerationOut:
+        generation = await generations.get_generation(principal, generation_id)
+        if generation.status is GenerationStatus.running:
+            await core.cancel(generation_id, "user")
+        return await generations.get_generation(principal, generation_id)

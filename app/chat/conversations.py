@@ -16,7 +16,7 @@ import msgspec
 from app.agents.service import get_agent
 from app.auth.principal import Principal
 from app.chat.schemas import ConversationCreate, ConversationOut, ConversationPage, ConversationUpdate
-from app.errors import NotFound, check_length, check_not_blank
+from app.errors import NotFound, check_length, check_text
 from app.limits import MAX_TITLE_CHARS
 from app.pagination import decode_cursor, encode_cursor
 from app.tables import Conversation
@@ -53,7 +53,7 @@ async def load_conversation(principal: Principal, conversation_id: UUID) -> dict
 
 
 def _check_title(title: str | None) -> None:
-    check_not_blank("title", title)
+    check_text("title", title)
     check_length("title", title, MAX_TITLE_CHARS)
 
 

@@ -4,11 +4,18 @@ an agent is given. Access always goes through the conversation's scoping."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from app.auth.principal import Principal
 from app.chat.conversations import load_conversation
+from app.chat.generations import (
+    GenerationBusy,
+    agent_of,
+    create_running,
+    generation_for_message,
+    running_generation,
+)
 from app.chat.schemas import (
     HistoryItem,
     MessageCreate,
@@ -23,11 +30,14 @@ from app.errors import (
     Forbidden,
     NotFound,
     check_length,
-    check_not_blank,
+    check_text,
     invalid_field,
 )
 from app.limits import MAX_CONTENT_CHARS
 from app.tables import Conversation, Message, MessageRole, MessageStatus
+
+if TYPE_CHECKING:  # the core imports this module (history); only the type is needed here
+    from app.streaming.core import StreamingCore
 
 
 def message_out(row: dict[str, Any]) -> MessageOut:
@@ -55,7 +65,7 @@ def effective_content(row: dict[str, Any]) -> str:
 
 
 def _check_content(content: str) -> None:
-    check_not_blank("content", content)
+    check_text("content", content)
     check_length("content", content, MAX_CONTENT_CHARS)
 
 
@@ -70,29 +80,39 @@ async def _by_client_id(conversation_id: UUID, client_message_id: str) -> dict[s
     )
 
 
-def _replay(row: dict[str, Any], principal: Principal, data: MessageCreate) -> MessagePosted:
+async def _replay(row: dict[str, Any], principal: Principal, data: MessageCreate) -> MessagePosted:
     # A retry must be the same request; anything else reusing the id is a client bug worth surfacing.
     if row["content"] != data.content or row["author_id"] != principal.user_id:
         raise Conflict(
             "clientMessageId was already used for a different message in this conversation",
             code="client_message_id_conflict",
-            details={
-                "clientMessageId": data.client_message_id,
-                "messageId": str(row["id"]),
-            },
+            details={"clientMessageId": data.client_message_id, "messageId": str(row["id"])},
         )
-    return MessagePosted(message=message_out(row))
+    return MessagePosted(message=message_out(row), generation=await generation_for_message(row["id"]))
 
 
-async def post_message(principal: Principal, conversation_id: UUID, data: MessageCreate) -> tuple[MessagePosted, bool]:
-    """Store a user message. Returns the result and whether it was new: a repeated
-    `clientMessageId` gives back the first message and stores nothing."""
-    await load_conversation(principal, conversation_id)
+async def post_message(
+    principal: Principal, conversation_id: UUID, data: MessageCreate, core: StreamingCore
+) -> tuple[MessagePosted, bool]:
+    """Store a user message and, when the conversation has an agent and `reply` is true,
+    start its answer. Returns the result and whether it was new: a repeated
+    `clientMessageId` gives back the first message (and its answer) and stores nothing.
+
+    The message and the `running` generation row are inserted in one transaction, so a
+    busy conversation (policy `reject`) refuses the message with 409 and stores nothing."""
+    conversation = await load_conversation(principal, conversation_id)
     _check_content(data.content)
+    check_text("clientMessageId", data.client_message_id)
     if data.client_message_id is not None:
         existing = await _by_client_id(conversation_id, data.client_message_id)
         if existing is not None:
-            return _replay(existing, principal, data), False
+            return await _replay(existing, principal, data), False
+    policy = core.policy_for(if_busy=data.if_busy, partial=data.partial, disconnect_grace=data.disconnect_grace)
+    agent = await agent_of(conversation) if data.reply else None
+    if agent is not None and policy.if_busy == "interrupt":
+        running = await running_generation(conversation_id)
+        if running is not None:
+            await core.cancel(running["id"], "interrupted")
     now = datetime.now(UTC)
     message = Message(
         conversation=conversation_id,
@@ -102,10 +122,16 @@ async def post_message(principal: Principal, conversation_id: UUID, data: Messag
         client_message_id=data.client_message_id,
         created_at=now,
     )
+    generation = None
     try:
         async with Message._meta.db.transaction():
             await message.save()
             await Conversation.update({Conversation.last_message_at: now}).where(Conversation.id == conversation_id)
+            if agent is not None:
+                generation = await create_running(conversation_id, message.id, agent.id)
+    except GenerationBusy:
+        running = await running_generation(conversation_id)
+        raise GenerationBusy(running["id"] if running else None) from None
     except Exception as exc:
         # Two concurrent retries: the loser finds the winner's row.
         if data.client_message_id is None or not is_unique_violation(exc):
@@ -113,10 +139,12 @@ async def post_message(principal: Principal, conversation_id: UUID, data: Messag
         existing = await _by_client_id(conversation_id, data.client_message_id)
         if existing is None:
             raise
-        return _replay(existing, principal, data), False
+        return await _replay(existing, principal, data), False
+    if generation is not None and agent is not None:
+        await core.launch(generation, agent.adapter, agent.config, policy)
     row = await Message.select().where(Message.id == message.id).first()
     assert row is not None
-    return MessagePosted(message=message_out(row)), True
+    return MessagePosted(message=message_out(row), generation=generation), True
 
 
 async def list_messages(principal: Principal, conversation_id: UUID, before: UUID | None, limit: int) -> MessagePage:

@@ -8,24 +8,20 @@ from uuid import UUID
 
 import msgspec
 
-from app.limits import MAX_CLIENT_MESSAGE_ID_CHARS
+from app.streaming.policy import BusyPolicy, PartialPolicy
 from app.tables import GenerationStatus, MessageRole, MessageStatus
-
-# Length limits above these are checked by the services (413 naming the field),
-# so the schemas only ask for a non-empty string.
-NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
-ClientMessageId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_CLIENT_MESSAGE_ID_CHARS)]
+from app.text_types import ClientMessageId, Text
 
 
 class ConversationCreate(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
-    title: NonEmpty | None = None
+    title: Text | None = None
     agent_id: UUID | None = None
 
 
 class ConversationUpdate(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
     """Only the fields sent change; `null` clears a field."""
 
-    title: NonEmpty | msgspec.UnsetType | None = msgspec.UNSET
+    title: Text | msgspec.UnsetType | None = msgspec.UNSET
     agent_id: UUID | msgspec.UnsetType | None = msgspec.UNSET
 
 
@@ -47,15 +43,19 @@ class ConversationPage(msgspec.Struct, rename="camel"):
 
 
 class MessageCreate(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
-    """A user message. `clientMessageId` makes retries safe; `reply: false` asks for no answer."""
+    """A user message. `clientMessageId` makes retries safe; `reply: false` asks for no answer.
+    `ifBusy`, `partial` and `disconnectGrace` override the server's streaming policy for this answer."""
 
-    content: NonEmpty
+    content: Text
     client_message_id: ClientMessageId | None = None
     reply: bool = True
+    if_busy: BusyPolicy | None = None
+    partial: PartialPolicy | None = None
+    disconnect_grace: Annotated[float, msgspec.Meta(ge=0, le=3600)] | None = None
 
 
 class MessageEdit(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
-    content: NonEmpty
+    content: Text
 
 
 class MessageOut(msgspec.Struct, rename="camel"):

@@ -1,0 +1,198 @@
+"""Generation rows: create (one running per conversation, enforced by the database),
+finish (the answer message and the row in one transaction), read.
+
+The streaming core calls these; controllers read through :func:`get_generation`.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+from app.agents.schemas import AgentOut
+from app.agents.service import get_agent
+from app.auth.principal import Principal
+from app.chat.conversations import load_conversation
+from app.chat.schemas import GenerationOut
+from app.db import is_unique_violation
+from app.errors import Conflict, NotFound
+from app.tables import Conversation, Generation, GenerationStatus, Message, MessageRole, MessageStatus
+
+
+class GenerationBusy(Conflict):
+    """The conversation already has a running generation."""
+
+    code = "generation_in_progress"
+
+    def __init__(self, running_id: UUID | None) -> None:
+        super().__init__(
+            "an answer is already being generated in this conversation",
+            details={"generationId": str(running_id) if running_id else None},
+        )
+        self.running_id = running_id
+
+
+def generation_out(row: dict[str, Any]) -> GenerationOut:
+    """Build the response struct from a `generation` row."""
+    return GenerationOut(
+        id=row["id"],
+        conversation_id=row["conversation"],
+        reply_to_id=row["reply_to"],
+        agent_id=row["agent"],
+        status=GenerationStatus(row["status"]),
+        result_message_id=row["result_message"],
+        token_count=row["token_count"],
+        ttft_ms=row["ttft_ms"],
+        error=row["error"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+    )
+
+
+async def running_generation(conversation_id: UUID) -> dict[str, Any] | None:
+    """The running generation of a conversation, if any."""
+    row: dict[str, Any] | None = (
+        await Generation.select()
+        .where(Generation.conversation == conversation_id, Generation.status == GenerationStatus.running.value)
+        .first()
+    )
+    return row
+
+
+async def create_running(conversation_id: UUID, reply_to_id: UUID | None, agent_id: UUID | None) -> GenerationOut:
+    """Insert a `running` generation. Raises :class:`GenerationBusy` if one is running already
+    (the partial unique index decides, so concurrent requests cannot both win)."""
+    generation = Generation(
+        conversation=conversation_id,
+        reply_to=reply_to_id,
+        agent=agent_id,
+        status=GenerationStatus.running.value,
+        started_at=datetime.now(UTC),
+    )
+    try:
+        await generation.save()
+    except Exception as exc:
+        if not is_unique_violation(exc):
+            raise
+        raise GenerationBusy(None) from exc
+    row = await Generation.select().where(Generation.id == generation.id).first()
+    assert row is not None
+    return generation_out(row)
+
+
+async def generation_for_message(message_id: UUID) -> GenerationOut | None:
+    """The latest generation that answered (or is answering) a message."""
+    row = (
+        await Generation.select()
+        .where(Generation.reply_to == message_id)
+        .order_by(Generation.started_at, ascending=False)
+        .first()
+    )
+    return generation_out(row) if row else None
+
+
+async def agent_of(conversation: dict[str, Any]) -> AgentOut | None:
+    """The agent that answers in a conversation (a `conversation` row), if it has one."""
+    if conversation["agent"] is None:
+        return None
+    try:
+        return await get_agent(conversation["company"], conversation["agent"])
+    except NotFound:
+        return None
+
+
+async def load_generation(generation_id: UUID) -> GenerationOut | None:
+    """A generation by id, unscoped (for the core)."""
+    row = await Generation.select().where(Generation.id == generation_id).first()
+    return generation_out(row) if row else None
+
+
+async def get_generation(principal: Principal, generation_id: UUID) -> GenerationOut:
+    """A generation the caller may see (through its conversation), else NotFound."""
+    row = await Generation.select().where(Generation.id == generation_id).first()
+    if row is not None:
+        try:
+            await load_conversation(principal, row["conversation"])
+        except NotFound:
+            row = None
+    if row is None:
+        raise NotFound("generation not found", details={"generationId": str(generation_id)})
+    return generation_out(row)
+
+
+async def finish_generation(
+    generation_id: UUID,
+    status: GenerationStatus,
+    *,
+    text: str | None,
+    token_count: int,
+    ttft_ms: int | None,
+    error: str | None = None,
+) -> UUID | None:
+    """End a generation. When `text` is given, store it as the agent's message (`complete`
+    for done, `partial` otherwise) in the same transaction. Returns that message's id.
+    A generation that already ended is left as it is (first ending wins)."""
+    now = datetime.now(UTC)
+    async with Generation._meta.db.transaction():
+        row = (
+            await Generation.select(Generation.conversation, Generation.agent, Generation.status)
+            .where(Generation.id == generation_id)
+            .first()
+        )
+        if row is None or row["status"] != GenerationStatus.running.value:
+            return None
+        message_id = None
+        if text is not None:
+            message = Message(
+                conversation=row["conversation"],
+                role=MessageRole.agent.value,
+                author_id=row["agent"],
+                content=text,
+                generation=generation_id,
+                status=(MessageStatus.complete if status is GenerationStatus.done else MessageStatus.partial).value,
+                created_at=now,
+            )
+            await message.save()
+            message_id = message.id
+            await Conversation.update({Conversation.last_message_at: now}).where(Conversation.id == row["conversation"])
+        await Generation.update(
+            {
+                Generation.status: status.value,
+                Generation.result_message: message_id,
+                Generation.token_count: token_count,
+                Generation.ttft_ms: ttft_ms,
+                Generation.error: error,
+                Generation.finished_at: now,
+            }
+        ).where(Generation.id == generation_id)
+    return message_id
+
+
+async def interrupt_orphans() -> int:
+    """Mark `running` generations that no process produces any more as `interrupted`.
+    Called at startup by a process that holds every producer (the in-process broker)."""
+    rows = await Generation.select(Generation.id).where(Generation.status == GenerationStatus.running.value)
+    if rows:
+        await Generation.update(
+            {
+                Generation.status: GenerationStatus.interrupted.value,
+                Generation.error: "the server stopped while answering",
+                Generation.finished_at: datetime.now(UTC),
+            }
+        ).where(Generation.status == GenerationStatus.running.value)
+    return len(rows)
+
+
+async def unanswered_user_message(conversation_id: UUID) -> dict[str, Any] | None:
+    """The last message if it is a user message that no generation has answered yet."""
+    last: dict[str, Any] | None = (
+        await Message.select(Message.id, Message.role)
+        .where(Message.conversation == conversation_id)
+        .order_by(Message.created_at, Message.id, ascending=False)
+        .first()
+    )
+    if last is None or last["role"] != MessageRole.user.value:
+        return None
+    answered = await Generation.exists().where(Generation.reply_to == last["id"])
+    return None if answered else last

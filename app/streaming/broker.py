@@ -1,0 +1,101 @@
+"""Where generation logs live and who is reading them.
+
+The core talks to a :class:`Broker`; the in-process one keeps logs in memory for a
+single server process. A Redis broker fills the same interface so that several
+processes share generations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from typing import Protocol
+from uuid import UUID
+
+from app.streaming.events import GenerationEvent
+from app.streaming.log import GenerationLog
+
+
+class Broker(Protocol):
+    """Event logs of generations and the count of their readers."""
+
+    async def open_log(self, generation_id: UUID, conversation_id: UUID) -> None:
+        """Create the empty log of a new generation."""
+
+    async def append(self, event: GenerationEvent) -> None:
+        """Append to the generation's log and wake its readers."""
+
+    async def read(self, generation_id: UUID, after: int, max_wait: float | None) -> list[GenerationEvent] | None:
+        """Events after `after`, waiting up to `timeout` s for one. [] when nothing came in time
+        (or the reader has the whole ended log); None when the log is unknown or expired."""
+
+    async def close_log(self, generation_id: UUID) -> None:
+        """The generation ended: keep its log for the retention time, then drop it."""
+
+    async def add_reader(self, generation_id: UUID) -> int:
+        """Count a reader in; returns how many read the generation now."""
+
+    async def remove_reader(self, generation_id: UUID) -> int:
+        """Count a reader out; returns how many are left."""
+
+    async def readers(self, generation_id: UUID) -> int:
+        """How many read the generation now."""
+
+    async def close(self) -> None:
+        """Release everything (shutdown)."""
+
+
+class InProcessBroker:
+    """Logs in this process's memory: `retain` events per generation, kept `log_ttl` s after the end."""
+
+    def __init__(self, retain: int = 1000, log_ttl: float = 300.0) -> None:
+        self.retain = retain
+        self.log_ttl = log_ttl
+        self._logs: dict[UUID, GenerationLog] = {}
+        self._readers: Counter[UUID] = Counter()
+        self._expiry: dict[UUID, asyncio.TimerHandle] = {}
+
+    async def open_log(self, generation_id: UUID, conversation_id: UUID) -> None:
+        self._logs[generation_id] = GenerationLog(generation_id, conversation_id, retain=self.retain)
+
+    async def append(self, event: GenerationEvent) -> None:
+        self._logs[event.generation_id].append(event)
+
+    def log(self, generation_id: UUID) -> GenerationLog | None:
+        """The log itself, if this process has it (for tests and diagnostics)."""
+        return self._logs.get(generation_id)
+
+    async def read(self, generation_id: UUID, after: int, max_wait: float | None) -> list[GenerationEvent] | None:
+        log = self._logs.get(generation_id)
+        if log is None:
+            return None
+        return await log.wait_after(after, max_wait)
+
+    async def close_log(self, generation_id: UUID) -> None:
+        loop = asyncio.get_running_loop()
+        self._expiry[generation_id] = loop.call_later(self.log_ttl, self._drop, generation_id)
+
+    def _drop(self, generation_id: UUID) -> None:
+        self._logs.pop(generation_id, None)
+        self._expiry.pop(generation_id, None)
+
+    async def add_reader(self, generation_id: UUID) -> int:
+        self._readers[generation_id] += 1
+        return self._readers[generation_id]
+
+    async def remove_reader(self, generation_id: UUID) -> int:
+        self._readers[generation_id] -= 1
+        left = self._readers[generation_id]
+        if left <= 0:
+            del self._readers[generation_id]
+        return max(left, 0)
+
+    async def readers(self, generation_id: UUID) -> int:
+        return self._readers.get(generation_id, 0)
+
+    async def close(self) -> None:
+        for handle in self._expiry.values():
+            handle.cancel()
+        self._expiry.clear()
+        self._logs.clear()
+        self._readers.clear()

@@ -1,0 +1,354 @@
+"""The streaming core: runs generations and serves their events to readers.
+
+A generation is a task owned by the core, never by a request: it runs the agent's
+adapter, appends numbered events to the generation's log in the broker, and writes
+the outcome to the database (message and generation row in one transaction) before
+announcing it. Readers follow the log from a cursor; when the last one leaves, the
+core waits `disconnect_grace` seconds for one to come back, then cancels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID
+
+import msgspec
+
+from app.chat.generations import (
+    GenerationBusy,
+    agent_of,
+    create_running,
+    finish_generation,
+    interrupt_orphans,
+    load_generation,
+    running_generation,
+    unanswered_user_message,
+)
+from app.chat.messages import load_history
+from app.chat.schemas import GenerationOut
+from app.errors import invalid_field
+from app.streaming.adapters import ADAPTERS, Adapter, AdapterError
+from app.streaming.broker import Broker
+from app.streaming.events import (
+    Cancelled,
+    Cursor,
+    Done,
+    Error,
+    GenerationEvent,
+    Snapshot,
+    Start,
+    Token,
+    is_terminal,
+)
+from app.streaming.policy import BusyPolicy, PartialPolicy, StreamPolicy
+from app.tables import GenerationStatus, Message
+
+logger = logging.getLogger("chatstream.streaming")
+
+
+def terminal_seq(generation: GenerationOut) -> int:
+    """Seq of a finished generation's terminal event: `start`, one event per token, the end."""
+    return generation.token_count + 2
+
+
+@dataclass
+class _Producer:
+    generation: GenerationOut
+    policy: StreamPolicy
+    task: asyncio.Task[None] | None = None
+    cancel_reason: str | None = None
+    finishing: bool = False
+    grace_timer: asyncio.TimerHandle | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class StreamingCore:
+    """Owns every generation produced by this process and serves reads of any generation."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        policy: StreamPolicy,
+        adapters: Mapping[str, Adapter] | None = None,
+        sse_ping_interval: float = 15.0,
+    ) -> None:
+        self.broker = broker
+        self.policy = policy
+        self.sse_ping_interval = sse_ping_interval
+        self.adapters = dict(ADAPTERS if adapters is None else adapters)
+        self._producers: dict[UUID, _Producer] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        self._closing = False
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        """A process that owns every producer (in-process broker) ends what a previous run left running."""
+        count = await interrupt_orphans()
+        if count:
+            logger.warning("marked %d generation(s) left running by a previous run as interrupted", count)
+
+    async def shutdown(self) -> None:
+        """Cancel every running generation (reason `shutdown`) and wait for their cleanup."""
+        self._closing = True
+        await asyncio.gather(*(self.cancel(gid, "shutdown") for gid in list(self._producers)), return_exceptions=True)
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self.broker.close()
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def policy_for(
+        self,
+        *,
+        if_busy: BusyPolicy | None = None,
+        partial: PartialPolicy | None = None,
+        disconnect_grace: float | None = None,
+    ) -> StreamPolicy:
+        """The server's policy with a request's overrides applied."""
+        changes: dict[str, Any] = {
+            "if_busy": if_busy,
+            "partial": partial,
+            "disconnect_grace": disconnect_grace,
+        }
+        return msgspec.structs.replace(self.policy, **{k: v for k, v in changes.items() if v is not None})
+
+    # -- producing ---------------------------------------------------------------------
+
+    def is_local(self, generation_id: UUID) -> bool:
+        """True while this process produces the generation."""
+        return generation_id in self._producers
+
+    async def launch(
+        self,
+        generation: GenerationOut,
+        adapter_name: str,
+        adapter_settings: Mapping[str, Any],
+        policy: StreamPolicy | None = None,
+    ) -> None:
+        """Start producing a generation whose `running` row was just created."""
+        producer = _Producer(generation=generation, policy=policy or self.policy)
+        self._producers[generation.id] = producer
+        await self.broker.open_log(generation.id, generation.conversation_id)
+        adapter = self.adapters.get(adapter_name)
+        producer.task = asyncio.create_task(
+            self._produce(producer, adapter, adapter_name, dict(adapter_settings)),
+            name=f"generation-{generation.id}",
+        )
+
+    async def _produce(
+        self, producer: _Producer, adapter: Adapter | None, adapter_name: str, settings: dict[str, Any]
+    ) -> None:
+        gen = producer.generation
+        seq = 0
+        pieces: list[str] = []
+        ttft_ms: int | None = None
+
+        async def emit(event_type: type[GenerationEvent], **fields: Any) -> None:
+            nonlocal seq
+            seq += 1
+            event = event_type(generation_id=gen.id, conversation_id=gen.conversation_id, seq=seq, **fields)
+            await self.broker.append(event)
+
+        async def finish(status: GenerationStatus, keep: bool, error: str | None = None) -> UUID | None:
+            # Shielded: a second cancellation must not leave the row `running` or the message half-written.
+            return await asyncio.shield(
+                finish_generation(
+                    gen.id,
+                    status,
+                    text="".join(pieces) if keep else None,
+                    token_count=len(pieces),
+                    ttft_ms=ttft_ms,
+                    error=error,
+                )
+            )
+
+        started = time.monotonic()
+        try:
+            await emit(Start, reply_to_id=gen.reply_to_id, agent_id=gen.agent_id)
+            if adapter is None:
+                raise AdapterError("unknown_adapter", f"this server has no adapter named {adapter_name!r}")
+            history = await load_history(gen.conversation_id)
+            async for text in adapter.stream(history, settings):
+                if not text:
+                    continue
+                if ttft_ms is None:
+                    ttft_ms = round((time.monotonic() - started) * 1000)
+                pieces.append(text)
+                await emit(Token, text=text)
+            producer.finishing = True  # from here on, a cancel request only reports the outcome
+            message_id = await finish(GenerationStatus.done, keep=True)
+            if message_id is None:
+                await emit(Error, code="generation_ended", message="the generation was ended elsewhere")
+            else:
+                await emit(Done, message_id=message_id, token_count=len(pieces))
+        except asyncio.CancelledError:
+            reason = producer.cancel_reason or "cancelled"
+            keep = producer.policy.partial == "keep" and bool(pieces)
+            message_id = await finish(GenerationStatus.cancelled, keep=keep, error=reason)
+            await emit(Cancelled, reason=reason, message_id=message_id)
+            # The core cancelled its own task: the cancellation ends here, as an outcome.
+        except AdapterError as exc:
+            logger.warning("generation %s failed: %s: %s", gen.id, exc.code, exc.message)
+            keep = producer.policy.partial == "keep" and bool(pieces)
+            await finish(GenerationStatus.failed, keep=keep, error=f"{exc.code}: {exc.message}")
+            await emit(Error, code=exc.code, message=exc.message)
+        except Exception:
+            logger.exception("generation %s failed", gen.id)
+            await finish(GenerationStatus.failed, keep=False, error="adapter_failed: the agent failed to answer")
+            await emit(Error, code="adapter_failed", message="the agent failed to answer")
+        finally:
+            self._producers.pop(gen.id, None)
+            if producer.grace_timer is not None:
+                producer.grace_timer.cancel()
+            await asyncio.shield(self.broker.close_log(gen.id))
+            producer.done.set()
+
+    async def cancel(self, generation_id: UUID, reason: str = "user") -> None:
+        """Stop a generation this process produces and wait until its outcome is stored.
+        A generation that is finishing, or not produced here, is left alone."""
+        producer = self._producers.get(generation_id)
+        if producer is None or producer.task is None:
+            return
+        if not producer.finishing and producer.cancel_reason is None:
+            producer.cancel_reason = reason
+            producer.task.cancel()
+        await producer.done.wait()
+
+    async def answer_unanswered(self, conversation: dict[str, Any]) -> GenerationOut | None:
+        """Start answering the conversation's last message if it is an unanswered user
+        message and the conversation has an agent (what a stream reader arriving first
+        expects). Returns the generation that is now running, if any."""
+        message = await unanswered_user_message(conversation["id"])
+        agent = await agent_of(conversation) if message is not None else None
+        if message is None or agent is None:
+            return None
+        try:
+            generation = await create_running(conversation["id"], message["id"], agent.id)
+        except GenerationBusy:
+            return None  # someone else started it: the caller will find it running
+        await self.launch(generation, agent.adapter, agent.config)
+        return generation
+
+    async def resolve_stream(self, conversation: dict[str, Any], cursor: Cursor | None) -> tuple[UUID, int] | None:
+        """What a stream reader of this conversation follows, as (generation, after seq):
+        the cursor's generation while the reader is missing any of it; else the running
+        generation from its start; else a new answer to an unanswered user message;
+        else None (nothing to stream)."""
+        if cursor is not None:
+            generation = await load_generation(cursor.generation_id)
+            if generation is None or generation.conversation_id != conversation["id"]:
+                raise invalid_field(
+                    "cursor", "not a cursor of this conversation", source="query", code="invalid_cursor"
+                )
+            if generation.status is GenerationStatus.running or cursor.seq < terminal_seq(generation):
+                return generation.id, cursor.seq
+        for _ in range(2):  # a second look if a concurrent reader started the answer first
+            running = await running_generation(conversation["id"])
+            if running is not None:
+                return running["id"], 0
+            started = await self.answer_unanswered(conversation)
+            if started is not None:
+                return started.id, 0
+        return None
+
+    # -- reading -----------------------------------------------------------------------
+
+    async def attach(self, generation_id: UUID) -> None:
+        """A reader starts following the generation: no grace countdown while it reads."""
+        await self.broker.add_reader(generation_id)
+        producer = self._producers.get(generation_id)
+        if producer is not None and producer.grace_timer is not None:
+            producer.grace_timer.cancel()
+            producer.grace_timer = None
+
+    def detach(self, generation_id: UUID) -> None:
+        """A reader left. Synchronous on purpose: safe in a cancelled response's `finally`;
+        the bookkeeping runs as the core's own task."""
+        self._spawn(self._reader_left(generation_id))
+
+    async def _reader_left(self, generation_id: UUID) -> None:
+        left = await self.broker.remove_reader(generation_id)
+        producer = self._producers.get(generation_id)
+        if left > 0 or producer is None or self._closing:
+            return
+        grace = producer.policy.disconnect_grace
+        if grace <= 0:
+            await self.cancel(generation_id, "disconnected")
+            return
+        loop = asyncio.get_running_loop()
+        if producer.grace_timer is not None:
+            producer.grace_timer.cancel()
+        producer.grace_timer = loop.call_later(grace, self._grace_expired, generation_id)
+
+    def _grace_expired(self, generation_id: UUID) -> None:
+        self._spawn(self._cancel_if_unread(generation_id))
+
+    async def _cancel_if_unread(self, generation_id: UUID) -> None:
+        if await self.broker.readers(generation_id) == 0:
+            await self.cancel(generation_id, "disconnected")
+
+    async def follow(
+        self, generation_id: UUID, after: int, max_idle: float | None
+    ) -> AsyncIterator[list[GenerationEvent]]:
+        """Batches of every event after `after`, up to and including the terminal event.
+        Everything that piled up since the last batch comes as one batch (readers write it
+        at once). An empty batch means nothing happened for `max_idle` seconds."""
+        while True:
+            batch = await self.broker.read(generation_id, after, max_idle)
+            if batch is None:  # the log expired or was never here: the database has the outcome
+                batch = await self.stored_events(generation_id, after)
+                if batch:
+                    yield batch
+                return
+            if batch:
+                yield batch
+                after = batch[-1].seq
+                if is_terminal(batch[-1]):
+                    return
+            else:
+                generation = await load_generation(generation_id)
+                ended = generation is not None and generation.status is not GenerationStatus.running
+                if ended and generation is not None and after >= terminal_seq(generation):
+                    return  # the reader already has the end
+                yield []
+
+    async def stored_events(self, generation_id: UUID, after: int) -> list[GenerationEvent]:
+        """What a reader at `after` is missing of an ended generation whose log is gone:
+        a `snapshot` of the stored answer (if it missed any of it) and the terminal event."""
+        gen = await load_generation(generation_id)
+        if gen is None:
+            return []
+        ids: dict[str, Any] = {"generation_id": gen.id, "conversation_id": gen.conversation_id}
+        if gen.status is GenerationStatus.running:
+            message = "the answer's events are not available"
+            return [Error(**ids, seq=after + 1, code="log_unavailable", message=message)]
+        end = terminal_seq(gen)
+        if after >= end:
+            return []
+        events: list[GenerationEvent] = []
+        if gen.result_message_id is not None and after < end - 1:
+            row = await Message.select(Message.content).where(Message.id == gen.result_message_id).first()
+            if row is not None:
+                events.append(Snapshot(**ids, seq=end - 1, text=row["content"]))
+        code, _, message = (gen.error or "").partition(": ")
+        terminal: GenerationEvent
+        if gen.status is GenerationStatus.done and gen.result_message_id is not None:
+            terminal = Done(**ids, seq=end, message_id=gen.result_message_id, token_count=gen.token_count)
+        elif gen.status is GenerationStatus.cancelled:
+            terminal = Cancelled(**ids, seq=end, reason=gen.error or "cancelled", message_id=gen.result_message_id)
+        elif gen.status is GenerationStatus.interrupted:
+            terminal = Error(**ids, seq=end, code="interrupted", message=gen.error or "the answer was interrupted")
+        else:
+            terminal = Error(**ids, seq=end, code=code or "failed", message=message or "the answer failed")
+        events.append(terminal)
+        return events

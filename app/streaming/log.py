@@ -1,0 +1,81 @@
+"""The event log of one generation: the producer appends, readers read after a cursor.
+
+Readers are positions (ints), not queues: a reader that stops reading costs nothing,
+and the log's memory is bounded by `retain` events plus the answer's text (kept so
+that a reader older than the window can be given one `snapshot`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from uuid import UUID
+
+from app.streaming.events import GenerationEvent, Snapshot, Token, is_terminal
+
+
+class GenerationLog:
+    """Numbered events of one generation, the last `retain` of them kept."""
+
+    def __init__(self, generation_id: UUID, conversation_id: UUID, retain: int = 1000) -> None:
+        if retain < 1:
+            raise ValueError("retain must be at least 1")
+        self.generation_id = generation_id
+        self.conversation_id = conversation_id
+        self._events: deque[GenerationEvent] = deque(maxlen=retain)
+        self._text: list[str] = []
+        self._text_seq = 0  # seq of the last event whose text is in `_text`
+        self.last_seq = 0
+        self.closed = False
+        self._changed = asyncio.Event()
+
+    def append(self, event: GenerationEvent) -> None:
+        """Add the next event (its seq must follow the last one) and wake every waiting reader."""
+        if self.closed:
+            raise RuntimeError(f"generation {self.generation_id} already ended")
+        if event.seq != self.last_seq + 1:
+            raise ValueError(f"event seq {event.seq} does not follow {self.last_seq}")
+        self._events.append(event)
+        self.last_seq = event.seq
+        if isinstance(event, Token):
+            self._text.append(event.text)
+        if not is_terminal(event):
+            self._text_seq = event.seq
+        else:
+            self.closed = True
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    @property
+    def text(self) -> str:
+        """The answer so far."""
+        return "".join(self._text)
+
+    def read_after(self, seq: int) -> list[GenerationEvent]:
+        """Every event after `seq`, at once. A cursor older than the retained window gets a
+        `snapshot` of the answer so far in place of the events it can no longer have."""
+        if seq >= self.last_seq:
+            return []
+        first = self._events[0].seq
+        if seq + 1 >= first:
+            return [e for e in self._events if e.seq > seq]
+        snapshot = Snapshot(
+            generation_id=self.generation_id,
+            conversation_id=self.conversation_id,
+            seq=self._text_seq,
+            text=self.text,
+        )
+        return [snapshot, *(e for e in self._events if e.seq > self._text_seq)]
+
+    async def wait_after(self, seq: int, max_wait: float | None = None) -> list[GenerationEvent]:
+        """Like :meth:`read_after`, but wait (up to `max_wait` seconds) for an event if there is none yet.
+        Returns [] on timeout or when the log is closed and the reader has everything."""
+        events = self.read_after(seq)
+        if events or self.closed:
+            return events
+        changed = self._changed
+        try:
+            await asyncio.wait_for(changed.wait(), max_wait)
+        except TimeoutError:
+            return []
+        return self.read_after(seq)

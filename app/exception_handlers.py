@@ -74,13 +74,16 @@ def handle_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -
         logger.error("server error: %s", exc.detail)
         return _response(status, ErrorBody(error="internal server error", code="internal_error"))
     if isinstance(exc, ValidationException):
+        if _body_missing(exc.extra):
+            return _response(400, _malformed("the request has no body; a JSON object is required"))
         return _response(400, _validation_body(exc))
     code = _CODES.get(status, "http_error")
     message = exc.detail or code.replace("_", " ")
     details = None
-    if status == 400 and ("decode" in message.lower() or "json" in message.lower()):
-        code, message = "malformed_json", "the request body is not valid JSON"
-    elif status == 404:
+    if status == 400 and request.method in _BODY_METHODS:
+        # Litestar's plain 400 on a request with a body: the body could not be decoded.
+        return _response(400, _malformed(f"the request body is not valid JSON ({message})"))
+    if status == 404:
         message = "not found"
     elif status == 413:
         limit = get_settings().max_body_bytes
@@ -90,6 +93,25 @@ def handle_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -
     if status == 401:
         headers.setdefault("WWW-Authenticate", "Bearer")
     return _response(status, ErrorBody(error=message, code=code, details=details), headers)
+
+
+_BODY_METHODS = {"POST", "PUT", "PATCH"}
+
+
+def _malformed(message: str) -> ErrorBody:
+    return ErrorBody(error=message, code="malformed_json")
+
+
+def _body_missing(extra: Any) -> bool:
+    # An empty body reaches validation as a missing `data` kwarg, reported as the bare key.
+    return isinstance(extra, list) and any(isinstance(i, dict) and i.get("message") == "'data'" for i in extra)
+
+
+def handle_undecodable_body(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
+    """JSON that the decoder cannot even read: invalid UTF-8 or absurd nesting."""
+    if isinstance(exc, RecursionError):
+        return _response(400, _malformed("the request body is nested too deeply"))
+    return _response(400, _malformed("the request body is not valid UTF-8 JSON"))
 
 
 def _validation_body(exc: ValidationException) -> ErrorBody:
@@ -112,6 +134,9 @@ def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Respon
 
 
 EXCEPTION_HANDLERS: ExceptionHandlersMap = {
+    # Raised while Litestar decodes a request body, before any of our code runs.
+    UnicodeDecodeError: handle_undecodable_body,
+    RecursionError: handle_undecodable_body,
     ApiError: handle_api_error,
     HTTPException: handle_http_exception,
     Exception: handle_unexpected,

@@ -19,8 +19,9 @@ _DESCRIPTIONS = {
 
 
 def errors(*statuses: int, authenticated: bool = True) -> dict[int, ResponseSpec]:
-    """`responses=` for a route: the given error statuses (and 401 when it needs a key)."""
-    codes = sorted({*statuses, *((401,) if authenticated else ())})
+    """`responses=` for a route: the given error statuses, 400 (any request can be malformed)
+    and 401 when it needs a key."""
+    codes = sorted({400, *statuses, *((401,) if authenticated else ())})
     return {
         code: ResponseSpec(data_container=ErrorBody, description=_DESCRIPTIONS[code], generate_examples=False)
         for code in codes

@@ -9,7 +9,7 @@ from uuid import UUID
 import msgspec
 
 from app.agents.schemas import AgentCreate, AgentOut, AgentUpdate
-from app.errors import NotFound
+from app.errors import NotFound, check_text
 from app.tables import Agent
 
 _json_decoder = msgspec.json.Decoder(dict[str, Any])
@@ -49,6 +49,7 @@ async def get_agent(company_id: UUID, agent_id: UUID) -> AgentOut:
 
 async def create_agent(company_id: UUID, data: AgentCreate) -> AgentOut:
     """Add an agent to the company."""
+    check_text("name", data.name)
     agent = Agent(company=company_id, name=data.name, adapter=data.adapter, config=data.config)
     await agent.save()
     return await get_agent(company_id, agent.id)
@@ -59,6 +60,7 @@ async def update_agent(company_id: UUID, agent_id: UUID, data: AgentUpdate) -> A
     await get_agent(company_id, agent_id)
     values: dict[Any, Any] = {}
     if data.name is not msgspec.UNSET:
+        check_text("name", data.name)
         values[Agent.name] = data.name
     if data.adapter is not msgspec.UNSET:
         values[Agent.adapter] = data.adapter

@@ -17,7 +17,7 @@ from app.auth.schemas import (
     Me,
 )
 from app.auth.tokens import display_prefix, hash_token, new_token
-from app.errors import NotFound
+from app.errors import NotFound, check_text
 from app.tables import ApiKey, Company, Role
 
 # `last_used_at` is refreshed at most this often, so reads don't all become writes.
@@ -77,6 +77,7 @@ def _key_out(row: dict[str, Any]) -> ApiKeyOut:
 
 async def create_key(company_id: UUID, data: ApiKeyCreate) -> ApiKeyCreated:
     """Create a key in a company; the returned `token` is the only copy there will ever be."""
+    check_text("name", data.name)
     token = new_token()
     key = ApiKey(
         company=company_id,

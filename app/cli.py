@@ -56,6 +56,15 @@ async def _prepare_serve(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    if args.workers > 1:
+        # Answers live in the process that produces them (in-process broker): a reader or a
+        # cancel landing on another worker would not find them.
+        print(
+            "error: --workers above 1 needs a broker shared by the workers (Redis), which this version "
+            "does not have yet; run one worker per server process.",
+            file=sys.stderr,
+        )
+        return 2
     asyncio.run(_prepare_serve(args))
     uvicorn.run(
         "app.main:create_app",
@@ -160,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1; more need a shared broker)")
     serve.add_argument("--reload", action="store_true", help="restart on code changes (development)")
     serve.add_argument(
         "--no-migrate",

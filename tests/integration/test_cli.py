@@ -179,3 +179,10 @@ def test_help_lists_commands() -> None:
     serve_help = subprocess.run([CONSOLE_SCRIPT, "serve", "--help"], capture_output=True, text=True, cwd=ROOT).stdout
     for flag in ("--host", "--port", "--workers", "--reload"):
         assert flag in serve_help
+
+
+def test_serve_refuses_workers_without_a_shared_broker(tmp_path: Path) -> None:
+    """Several workers would each hold their own answers: refused, saying why."""
+    result = run(["serve", "--workers", "2", "--port", str(free_port())], tmp_path)
+    assert result.returncode == 2
+    assert "broker" in result.stderr and "Traceback" not in result.stderr

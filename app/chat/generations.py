@@ -169,6 +169,12 @@ async def finish_generation(
     return message_id
 
 
+async def stored_answer(message_id: UUID) -> str | None:
+    """The text an answer was stored with (its original `content`, whatever later edits)."""
+    row = await Message.select(Message.content).where(Message.id == message_id).first()
+    return None if row is None else str(row["content"])
+
+
 async def interrupt_orphans() -> int:
     """Mark `running` generations that no process produces any more as `interrupted`.
     Called at startup by a process that holds every producer (the in-process broker)."""

@@ -27,6 +27,7 @@ from app.chat.generations import (
     interrupt_orphans,
     load_generation,
     running_generation,
+    stored_answer,
     unanswered_user_message,
 )
 from app.chat.messages import load_history
@@ -46,7 +47,7 @@ from app.streaming.events import (
     is_terminal,
 )
 from app.streaming.policy import BusyPolicy, PartialPolicy, StreamPolicy
-from app.tables import GenerationStatus, Message
+from app.tables import GenerationStatus
 
 logger = logging.getLogger("chatstream.streaming")
 
@@ -337,9 +338,9 @@ class StreamingCore:
             return []
         events: list[GenerationEvent] = []
         if gen.result_message_id is not None and after < end - 1:
-            row = await Message.select(Message.content).where(Message.id == gen.result_message_id).first()
-            if row is not None:
-                events.append(Snapshot(**ids, seq=end - 1, text=row["content"]))
+            text = await stored_answer(gen.result_message_id)
+            if text is not None:
+                events.append(Snapshot(**ids, seq=end - 1, text=text))
         code, _, message = (gen.error or "").partition(": ")
         terminal: GenerationEvent
         if gen.status is GenerationStatus.done and gen.result_message_id is not None:

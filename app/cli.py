@@ -54,7 +54,7 @@ async def _prepare_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from app.server import run
 
     if args.workers > 1:
         # Answers live in the process that produces them (in-process broker): a reader or a
@@ -66,16 +66,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         return 2
     asyncio.run(_prepare_serve(args))
-    uvicorn.run(
-        "app.main:create_app",
-        factory=True,
-        host=args.host,
-        port=args.port,
-        workers=args.workers if not args.reload else None,
-        reload=args.reload,
-        log_level=get_settings().log_level.lower(),
-        proxy_headers=True,
-    )
+    run(args.host, args.port, get_settings().log_level.lower(), reload=args.reload)
     return 0
 
 

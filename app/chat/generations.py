@@ -60,10 +60,14 @@ async def running_generation(conversation_id: UUID) -> dict[str, Any] | None:
     return row
 
 
-async def create_running(conversation_id: UUID, reply_to_id: UUID | None, agent_id: UUID | None) -> GenerationOut:
-    """Insert a `running` generation. Raises :class:`GenerationBusy` if one is running already
-    (the partial unique index decides, so concurrent requests cannot both win)."""
+async def create_running(
+    conversation_id: UUID, reply_to_id: UUID | None, agent_id: UUID | None, generation_id: UUID
+) -> GenerationOut:
+    """Insert a `running` generation with the id the core reserved for it. Raises
+    :class:`GenerationBusy` if one is running already (the partial unique index decides,
+    so concurrent requests cannot both win)."""
     generation = Generation(
+        id=generation_id,
         conversation=conversation_id,
         reply_to=reply_to_id,
         agent=agent_id,

@@ -123,12 +123,13 @@ async def post_message(
         created_at=now,
     )
     generation = None
+    reserved = await core.reserve(conversation_id) if agent is not None else None
     try:
         async with Message._meta.db.transaction():
             await message.save()
             await Conversation.update({Conversation.last_message_at: now}).where(Conversation.id == conversation_id)
-            if agent is not None:
-                generation = await create_running(conversation_id, message.id, agent.id)
+            if agent is not None and reserved is not None:
+                generation = await create_running(conversation_id, message.id, agent.id, reserved)
     except GenerationBusy:
         running = await running_generation(conversation_id)
         raise GenerationBusy(running["id"] if running else None) from None
@@ -140,6 +141,9 @@ async def post_message(
         if existing is None:
             raise
         return await _replay(existing, principal, data), False
+    finally:
+        if reserved is not None and generation is None:
+            await core.release(reserved)
     if generation is not None and agent is not None:
         await core.launch(generation, agent.adapter, agent.config, policy)
     row = await Message.select().where(Message.id == message.id).first()

@@ -32,6 +32,12 @@ class Broker(Protocol):
     async def close_log(self, generation_id: UUID) -> None:
         """The generation ended: keep its log for the retention time, then drop it."""
 
+    async def discard_log(self, generation_id: UUID) -> None:
+        """Drop a log at once (a reserved generation that never started)."""
+
+    async def last_seq(self, generation_id: UUID) -> int | None:
+        """Seq of the log's last event (0 when empty); None when the log is unknown or expired."""
+
     async def add_reader(self, generation_id: UUID) -> int:
         """Count a reader in; returns how many read the generation now."""
 
@@ -74,6 +80,13 @@ class InProcessBroker:
     async def close_log(self, generation_id: UUID) -> None:
         loop = asyncio.get_running_loop()
         self._expiry[generation_id] = loop.call_later(self.log_ttl, self._drop, generation_id)
+
+    async def discard_log(self, generation_id: UUID) -> None:
+        self._drop(generation_id)
+
+    async def last_seq(self, generation_id: UUID) -> int | None:
+        log = self._logs.get(generation_id)
+        return None if log is None else log.last_seq
 
     def _drop(self, generation_id: UUID) -> None:
         self._logs.pop(generation_id, None)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +53,14 @@ from app.tables import GenerationStatus
 
 logger = logging.getLogger("chatstream.streaming")
 
+# Every core of this process, so that a server stopping can end their answers first.
+_cores: weakref.WeakSet[StreamingCore] = weakref.WeakSet()
+
+
+async def stop_all_answers(reason: str) -> None:
+    """Cancel every answer produced by this process (e.g. `shutdown`) and wait for their ends."""
+    await asyncio.gather(*(core.cancel_all(reason) for core in list(_cores)), return_exceptions=True)
+
 
 def terminal_seq(generation: GenerationOut) -> int:
     """Seq of a finished generation's terminal event: `start`, one event per token, the end."""
@@ -85,6 +95,7 @@ class StreamingCore:
         self._producers: dict[UUID, _Producer] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._closing = False
+        _cores.add(self)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -94,10 +105,14 @@ class StreamingCore:
         if count:
             logger.warning("marked %d generation(s) left running by a previous run as interrupted", count)
 
-    async def shutdown(self) -> None:
-        """Cancel every running generation (reason `shutdown`) and wait for their cleanup."""
+    async def cancel_all(self, reason: str) -> None:
+        """Cancel every generation this process produces and wait until their outcomes are stored."""
         self._closing = True
-        await asyncio.gather(*(self.cancel(gid, "shutdown") for gid in list(self._producers)), return_exceptions=True)
+        await asyncio.gather(*(self.cancel(gid, reason) for gid in list(self._producers)), return_exceptions=True)
+
+    async def shutdown(self) -> None:
+        """Cancel every running generation (reason `shutdown`) and release the broker."""
+        await self.cancel_all("shutdown")
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -129,6 +144,18 @@ class StreamingCore:
         """True while this process produces the generation."""
         return generation_id in self._producers
 
+    async def reserve(self, conversation_id: UUID) -> UUID:
+        """A new generation id whose (empty) log exists before its `running` row does, so a
+        reader that finds the row always finds the log. Pair with :meth:`launch`, or
+        :meth:`release` if the row could not be created."""
+        generation_id = uuid.uuid4()
+        await self.broker.open_log(generation_id, conversation_id)
+        return generation_id
+
+    async def release(self, generation_id: UUID) -> None:
+        """Forget a reserved generation that never started."""
+        await self.broker.discard_log(generation_id)
+
     async def launch(
         self,
         generation: GenerationOut,
@@ -136,10 +163,9 @@ class StreamingCore:
         adapter_settings: Mapping[str, Any],
         policy: StreamPolicy | None = None,
     ) -> None:
-        """Start producing a generation whose `running` row was just created."""
+        """Start producing a reserved generation whose `running` row was just created."""
         producer = _Producer(generation=generation, policy=policy or self.policy)
         self._producers[generation.id] = producer
-        await self.broker.open_log(generation.id, generation.conversation_id)
         adapter = self.adapters.get(adapter_name)
         producer.task = asyncio.create_task(
             self._produce(producer, adapter, adapter_name, dict(adapter_settings)),
@@ -233,9 +259,11 @@ class StreamingCore:
         agent = await agent_of(conversation) if message is not None else None
         if message is None or agent is None:
             return None
+        generation_id = await self.reserve(conversation["id"])
         try:
-            generation = await create_running(conversation["id"], message["id"], agent.id)
+            generation = await create_running(conversation["id"], message["id"], agent.id, generation_id)
         except GenerationBusy:
+            await self.release(generation_id)
             return None  # someone else started it: the caller will find it running
         await self.launch(generation, agent.adapter, agent.config)
         return generation
@@ -251,7 +279,13 @@ class StreamingCore:
                 raise invalid_field(
                     "cursor", "not a cursor of this conversation", source="query", code="invalid_cursor"
                 )
-            if generation.status is GenerationStatus.running or cursor.seq < terminal_seq(generation):
+            live = generation.status is GenerationStatus.running
+            last = await self.broker.last_seq(generation.id) if live else terminal_seq(generation)
+            if last is not None and cursor.seq > last:
+                raise invalid_field(
+                    "cursor", "ahead of the answer: no event has this seq yet", source="query", code="invalid_cursor"
+                )
+            if live or cursor.seq < terminal_seq(generation):
                 return generation.id, cursor.seq
         for _ in range(2):  # a second look if a concurrent reader started the answer first
             running = await running_generation(conversation["id"])

@@ -118,3 +118,19 @@ async def test_bad_policy_overrides_are_400(client, acme, body):
     assert r.status_code == 400 and r.json()["code"] == "invalid_request"
     assert r.json()["details"][0]["field"] == next(iter(body))
     assert await Message.count().where(Message.conversation == cid) == 0
+
+
+async def test_a_cursor_ahead_of_the_answer_is_400(client, acme):
+    """A cursor naming a seq the answer has not produced is refused before any stream starts."""
+    h = acme.headers("alice")
+    cid = await _conversation(client, acme, pace=10)
+    r = await client.post(f"/api/conversations/{cid}/messages", json={"content": "slow"}, headers=h)
+    gid = r.json()["generation"]["id"]
+    r = await client.get(f"/api/conversations/{cid}/stream", headers={**h, "Last-Event-ID": f"{gid}.999"})
+    assert r.status_code == 400 and r.json()["code"] == "invalid_cursor"
+    final = (await client.post(f"/api/generations/{gid}/cancel", headers=h)).json()
+    terminal = final["tokenCount"] + 2
+    r = await client.get(f"/api/conversations/{cid}/stream", params={"after": f"{gid}.{terminal + 1}"}, headers=h)
+    assert r.status_code == 400 and r.json()["code"] == "invalid_cursor"
+    r = await client.get(f"/api/conversations/{cid}/stream", params={"after": f"{gid}.{terminal}"}, headers=h)
+    assert r.status_code == 204  # has everything, nothing else to stream

@@ -71,14 +71,20 @@ class ConversationController(Controller):
     async def update_conversation(
         self,
         principal: NamedDependency[Principal],
+        core: NamedDependency[StreamingCore],
         conversation_id: FromPath[UUID],
         data: JSONBody[ConversationUpdate],
     ) -> ConversationOut:
-        return await conversations.update_conversation(principal, conversation_id, data)
+        return await conversations.update_conversation(principal, conversation_id, data, core)
 
     @delete("/{conversation_id:uuid}", summary="Delete a conversation and its messages", responses=errors(404))
-    async def delete_conversation(self, principal: NamedDependency[Principal], conversation_id: FromPath[UUID]) -> None:
-        await conversations.delete_conversation(principal, conversation_id)
+    async def delete_conversation(
+        self,
+        principal: NamedDependency[Principal],
+        core: NamedDependency[StreamingCore],
+        conversation_id: FromPath[UUID],
+    ) -> None:
+        await conversations.delete_conversation(principal, conversation_id, core)
 
     @get("/{conversation_id:uuid}/messages", summary="A chronological page of messages", responses=errors(400, 404))
     async def list_messages(
@@ -120,11 +126,12 @@ class ConversationController(Controller):
     async def edit_message(
         self,
         principal: NamedDependency[Principal],
+        core: NamedDependency[StreamingCore],
         conversation_id: FromPath[UUID],
         message_id: FromPath[UUID],
         data: JSONBody[MessageEdit],
     ) -> MessageOut:
-        return await messages.edit_message(principal, conversation_id, message_id, data)
+        return await messages.edit_message(principal, conversation_id, message_id, data, core)
 
     @get(
         "/{conversation_id:uuid}/history",

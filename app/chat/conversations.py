@@ -8,7 +8,7 @@ conversations, a member only those they own. Anything else is "not found".
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 import msgspec
@@ -19,7 +19,11 @@ from app.chat.schemas import ConversationCreate, ConversationOut, ConversationPa
 from app.errors import NotFound, check_length, check_text
 from app.limits import MAX_TITLE_CHARS
 from app.pagination import decode_cursor, encode_cursor
+from app.streaming.protocol import ConversationDeleted, ConversationUpdated
 from app.tables import Conversation
+
+if TYPE_CHECKING:  # the core imports the chat services; only the type is needed here
+    from app.streaming.core import StreamingCore
 
 
 def _scoped(principal: Principal, query: Any) -> Any:
@@ -92,8 +96,10 @@ async def list_conversations(principal: Principal, cursor: str | None, limit: in
     return ConversationPage(items=items, next_cursor=next_cursor)
 
 
-async def update_conversation(principal: Principal, conversation_id: UUID, data: ConversationUpdate) -> ConversationOut:
-    """Change only the fields that were sent; `null` clears."""
+async def update_conversation(
+    principal: Principal, conversation_id: UUID, data: ConversationUpdate, core: StreamingCore | None = None
+) -> ConversationOut:
+    """Change only the fields that were sent; `null` clears. Subscribers are told."""
     await load_conversation(principal, conversation_id)
     values: dict[Any, Any] = {}
     if data.title is not msgspec.UNSET:
@@ -106,10 +112,18 @@ async def update_conversation(principal: Principal, conversation_id: UUID, data:
     if values:
         values[Conversation.updated_at] = datetime.now(UTC)
         await Conversation.update(values).where(Conversation.id == conversation_id)
-    return await get_conversation(principal, conversation_id)
+    updated = await get_conversation(principal, conversation_id)
+    if values and core is not None:
+        await core.publish(ConversationUpdated(conversation_id=conversation_id, conversation=updated))
+    return updated
 
 
-async def delete_conversation(principal: Principal, conversation_id: UUID) -> None:
-    """Delete a conversation; its messages and generations go with it (ON DELETE CASCADE)."""
+async def delete_conversation(principal: Principal, conversation_id: UUID, core: StreamingCore | None = None) -> None:
+    """Delete a conversation; its messages and generations go with it (ON DELETE CASCADE).
+    A running answer is cancelled first, and subscribers are told."""
     await load_conversation(principal, conversation_id)
+    if core is not None:
+        await core.cancel_conversation(conversation_id, "deleted")
     await Conversation.delete().where(Conversation.id == conversation_id)
+    if core is not None:
+        await core.publish(ConversationDeleted(conversation_id=conversation_id))

@@ -34,6 +34,7 @@ from app.errors import (
     invalid_field,
 )
 from app.limits import MAX_CONTENT_CHARS
+from app.streaming.protocol import MessageCreated, MessageEdited
 from app.tables import Conversation, Message, MessageRole, MessageStatus
 
 if TYPE_CHECKING:  # the core imports this module (history); only the type is needed here
@@ -144,11 +145,13 @@ async def post_message(
     finally:
         if reserved is not None and generation is None:
             await core.release(reserved)
-    if generation is not None and agent is not None:
-        await core.launch(generation, agent.adapter, agent.config, policy)
     row = await Message.select().where(Message.id == message.id).first()
     assert row is not None
-    return MessagePosted(message=message_out(row), generation=generation), True
+    posted = MessagePosted(message=message_out(row), generation=generation)
+    await core.publish(MessageCreated(conversation_id=conversation_id, message=posted.message))
+    if generation is not None and agent is not None:
+        await core.launch(generation, agent.adapter, agent.config, policy)
+    return posted, True
 
 
 async def list_messages(principal: Principal, conversation_id: UUID, before: UUID | None, limit: int) -> MessagePage:
@@ -174,7 +177,13 @@ async def list_messages(principal: Principal, conversation_id: UUID, before: UUI
     return MessagePage(items=items, next_cursor=next_cursor)
 
 
-async def edit_message(principal: Principal, conversation_id: UUID, message_id: UUID, data: MessageEdit) -> MessageOut:
+async def edit_message(
+    principal: Principal,
+    conversation_id: UUID,
+    message_id: UUID,
+    data: MessageEdit,
+    core: StreamingCore | None = None,
+) -> MessageOut:
     """Set `editedContent`/`editedAt`, keeping the original `content`.
     A user message may be edited by its author or an admin; an agent message by an admin only."""
     await load_conversation(principal, conversation_id)
@@ -195,7 +204,16 @@ async def edit_message(principal: Principal, conversation_id: UUID, message_id: 
     ).where(Message.id == message_id)
     updated = await Message.select().where(Message.id == message_id).first()
     assert updated is not None
-    return message_out(updated)
+    edited = message_out(updated)
+    if core is not None:
+        await core.publish(MessageEdited(conversation_id=conversation_id, message=edited))
+    return edited
+
+
+async def load_message(message_id: UUID) -> MessageOut | None:
+    """A message by id, unscoped (for the streaming core)."""
+    row = await Message.select().where(Message.id == message_id).first()
+    return message_out(row) if row else None
 
 
 async def load_history(conversation_id: UUID) -> list[HistoryItem]:

@@ -14,10 +14,41 @@ from uuid import UUID
 
 from app.streaming.events import GenerationEvent
 from app.streaming.log import GenerationLog
+from app.streaming.protocol import ConversationEvent
+
+
+class FeedOverflow(Exception):
+    """A subscriber fell so far behind that its feed dropped events."""
+
+
+class ConversationFeed:
+    """One subscriber's feed of a conversation's events (messages, edits, renames, new answers).
+
+    Bounded: these events are rare, so a feed that fills up belongs to a subscriber that
+    stopped reading; it is marked overflowed and its next read raises :class:`FeedOverflow`.
+    """
+
+    def __init__(self, conversation_id: UUID, maxsize: int = 256) -> None:
+        self.conversation_id = conversation_id
+        self._queue: asyncio.Queue[ConversationEvent] = asyncio.Queue(maxsize)
+        self.overflowed = False
+
+    def offer(self, event: ConversationEvent) -> None:
+        """Deliver an event without ever waiting on the subscriber."""
+        try:
+            self._queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self.overflowed = True
+
+    async def get(self) -> ConversationEvent:
+        """The next event; raises :class:`FeedOverflow` once events were dropped."""
+        if self.overflowed:
+            raise FeedOverflow(str(self.conversation_id))
+        return await self._queue.get()
 
 
 class Broker(Protocol):
-    """Event logs of generations and the count of their readers."""
+    """Event logs of generations, the count of their readers, and conversation feeds."""
 
     async def open_log(self, generation_id: UUID, conversation_id: UUID) -> None:
         """Create the empty log of a new generation."""
@@ -47,6 +78,15 @@ class Broker(Protocol):
     async def readers(self, generation_id: UUID) -> int:
         """How many read the generation now."""
 
+    async def publish(self, event: ConversationEvent) -> None:
+        """Deliver a conversation event to every feed of its conversation."""
+
+    def open_feed(self, conversation_id: UUID) -> ConversationFeed:
+        """Start receiving a conversation's events."""
+
+    def close_feed(self, feed: ConversationFeed) -> None:
+        """Stop receiving them."""
+
     async def close(self) -> None:
         """Release everything (shutdown)."""
 
@@ -60,6 +100,7 @@ class InProcessBroker:
         self._logs: dict[UUID, GenerationLog] = {}
         self._readers: Counter[UUID] = Counter()
         self._expiry: dict[UUID, asyncio.TimerHandle] = {}
+        self._feeds: dict[UUID, set[ConversationFeed]] = {}
 
     async def open_log(self, generation_id: UUID, conversation_id: UUID) -> None:
         self._logs[generation_id] = GenerationLog(generation_id, conversation_id, retain=self.retain)
@@ -106,7 +147,24 @@ class InProcessBroker:
     async def readers(self, generation_id: UUID) -> int:
         return self._readers.get(generation_id, 0)
 
+    async def publish(self, event: ConversationEvent) -> None:
+        for feed in self._feeds.get(event.conversation_id, ()):
+            feed.offer(event)
+
+    def open_feed(self, conversation_id: UUID) -> ConversationFeed:
+        feed = ConversationFeed(conversation_id)
+        self._feeds.setdefault(conversation_id, set()).add(feed)
+        return feed
+
+    def close_feed(self, feed: ConversationFeed) -> None:
+        feeds = self._feeds.get(feed.conversation_id)
+        if feeds is not None:
+            feeds.discard(feed)
+            if not feeds:
+                del self._feeds[feed.conversation_id]
+
     async def close(self) -> None:
+        self._feeds.clear()
         for handle in self._expiry.values():
             handle.cancel()
         self._expiry.clear()

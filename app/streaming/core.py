@@ -32,11 +32,11 @@ from app.chat.generations import (
     stored_answer,
     unanswered_user_message,
 )
-from app.chat.messages import load_history
+from app.chat.messages import load_history, load_message
 from app.chat.schemas import GenerationOut
 from app.errors import invalid_field
 from app.streaming.adapters import ADAPTERS, Adapter, AdapterError
-from app.streaming.broker import Broker
+from app.streaming.broker import Broker, ConversationFeed
 from app.streaming.events import (
     Cancelled,
     Cursor,
@@ -49,6 +49,7 @@ from app.streaming.events import (
     is_terminal,
 )
 from app.streaming.policy import BusyPolicy, PartialPolicy, StreamPolicy
+from app.streaming.protocol import ConversationEvent, GenerationStarted, MessageCreated
 from app.tables import GenerationStatus
 
 logger = logging.getLogger("chatstream.streaming")
@@ -104,6 +105,12 @@ class StreamingCore:
         count = await interrupt_orphans()
         if count:
             logger.warning("marked %d generation(s) left running by a previous run as interrupted", count)
+
+    async def cancel_conversation(self, conversation_id: UUID, reason: str) -> None:
+        """Cancel the conversation's running answer, if this process produces it."""
+        for generation_id, producer in list(self._producers.items()):
+            if producer.generation.conversation_id == conversation_id:
+                await self.cancel(generation_id, reason)
 
     async def cancel_all(self, reason: str) -> None:
         """Cancel every generation this process produces and wait until their outcomes are stored."""
@@ -171,6 +178,7 @@ class StreamingCore:
             self._produce(producer, adapter, adapter_name, dict(adapter_settings)),
             name=f"generation-{generation.id}",
         )
+        await self.publish(GenerationStarted(conversation_id=generation.conversation_id, generation_id=generation.id))
 
     async def _produce(
         self, producer: _Producer, adapter: Adapter | None, adapter_name: str, settings: dict[str, Any]
@@ -188,7 +196,7 @@ class StreamingCore:
 
         async def finish(status: GenerationStatus, keep: bool, error: str | None = None) -> UUID | None:
             # Shielded: a second cancellation must not leave the row `running` or the message half-written.
-            return await asyncio.shield(
+            message_id = await asyncio.shield(
                 finish_generation(
                     gen.id,
                     status,
@@ -198,6 +206,11 @@ class StreamingCore:
                     error=error,
                 )
             )
+            if message_id is not None:
+                message = await load_message(message_id)
+                if message is not None:
+                    await self.publish(MessageCreated(conversation_id=gen.conversation_id, message=message))
+            return message_id
 
         started = time.monotonic()
         try:
@@ -295,6 +308,19 @@ class StreamingCore:
             if started is not None:
                 return started.id, 0
         return None
+
+    # -- conversation events -----------------------------------------------------------
+
+    async def publish(self, event: ConversationEvent) -> None:
+        """Tell every subscriber of the event's conversation (message, edit, rename, new answer)."""
+        await self.broker.publish(event)
+
+    def open_feed(self, conversation_id: UUID) -> ConversationFeed:
+        """Start receiving a conversation's events; close with :meth:`close_feed`."""
+        return self.broker.open_feed(conversation_id)
+
+    def close_feed(self, feed: ConversationFeed) -> None:
+        self.broker.close_feed(feed)
 
     # -- reading -----------------------------------------------------------------------
 

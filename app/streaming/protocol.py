@@ -1,0 +1,128 @@
+"""The WebSocket protocol: client frames, server frames and conversation events.
+
+Frames are msgspec structs in tagged unions (`type`), encoded as JSON text frames or,
+with subprotocol `chatstream.msgpack`, as MessagePack binary frames — same structs,
+same field names. Generation events (`start`, `token`, … see events.py) are sent as
+they are. `ref` is a string the client may put on any frame; the `ack`, `error` or
+`pong` answering it carries it back.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+from uuid import UUID
+
+import msgspec
+
+from app.chat.schemas import ConversationOut, GenerationOut, MessageOut
+from app.streaming.events import GenerationEvent
+from app.text_types import ClientMessageId, Text
+
+Ref = Annotated[str, msgspec.Meta(max_length=64)]
+
+
+class _ClientFrame(msgspec.Struct, tag_field="type", rename="camel", kw_only=True, forbid_unknown_fields=True):
+    ref: Ref | None = None
+
+
+class Subscribe(_ClientFrame, tag="subscribe"):
+    """Follow a conversation: its answers (from `after`, a cursor, when resuming) and its changes."""
+
+    conversation_id: UUID
+    after: str | None = None
+
+
+class Unsubscribe(_ClientFrame, tag="unsubscribe"):
+    conversation_id: UUID
+
+
+class Send(_ClientFrame, tag="send"):
+    """Post a user message (idempotent by `clientMessageId`); the answer starts if the conversation has an agent."""
+
+    conversation_id: UUID
+    content: Text
+    client_message_id: ClientMessageId
+    reply: bool = True
+
+
+class Cancel(_ClientFrame, tag="cancel"):
+    """Stop an answer (idempotent)."""
+
+    generation_id: UUID
+
+
+class Ping(_ClientFrame, tag="ping"):
+    """Application-level ping; answered by `pong` (protocol pings are handled by the server too)."""
+
+
+ClientFrame = Subscribe | Unsubscribe | Send | Cancel | Ping
+
+
+class _ServerFrame(msgspec.Struct, tag_field="type", rename="camel", kw_only=True):
+    pass
+
+
+class Ack(_ServerFrame, tag="ack"):
+    """A client frame was done. Carries what it produced: the conversation (subscribe,
+    unsubscribe), the message, its answer and whether it was new (send), the answer (cancel)."""
+
+    ref: str | None = None
+    conversation_id: UUID | None = None
+    message: MessageOut | None = None
+    generation: GenerationOut | None = None
+    created: bool | None = None
+
+
+class ErrorFrame(_ServerFrame, tag="error"):
+    """A client frame could not be done (or the connection is about to close). Unlike a
+    generation's `error` event, it has no `generationId`."""
+
+    code: str
+    message: str
+    ref: str | None = None
+    details: object = None
+
+
+class Pong(_ServerFrame, tag="pong"):
+    ref: str | None = None
+
+
+class MessageCreated(_ServerFrame, tag="message.created"):
+    conversation_id: UUID
+    message: MessageOut
+
+
+class MessageEdited(_ServerFrame, tag="message.edited"):
+    conversation_id: UUID
+    message: MessageOut
+
+
+class ConversationUpdated(_ServerFrame, tag="conversation.updated"):
+    conversation_id: UUID
+    conversation: ConversationOut
+
+
+class ConversationDeleted(_ServerFrame, tag="conversation.deleted"):
+    """The conversation is gone; its subscription ends."""
+
+    conversation_id: UUID
+
+
+class GenerationStarted(msgspec.Struct, frozen=True):
+    """Internal, not sent: an answer began in the conversation; subscribers follow it."""
+
+    conversation_id: UUID
+    generation_id: UUID
+
+
+# What services publish on a conversation's channel.
+ConversationEvent = MessageCreated | MessageEdited | ConversationUpdated | ConversationDeleted | GenerationStarted
+# Everything the server sends.
+ServerFrame = Ack | ErrorFrame | Pong | MessageCreated | MessageEdited | ConversationUpdated | ConversationDeleted
+OutgoingFrame = ServerFrame | GenerationEvent
+
+MSGPACK_SUBPROTOCOL = "chatstream.msgpack"
+
+json_client_decoder = msgspec.json.Decoder(ClientFrame)
+msgpack_client_decoder = msgspec.msgpack.Decoder(ClientFrame)
+msgpack_encoder = msgspec.msgpack.Encoder()

@@ -39,6 +39,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Events kept per generation for resuming readers, and how long an ended log stays.
     log_retain: int = 1000
     log_ttl: float = 300.0
+    # WebSocket: protocol pings (dead peers are closed), limits per socket, and how long a
+    # peer may leave its outgoing queue full before it is told and closed with 1013.
+    ws_ping_interval: float = 20.0
+    ws_ping_timeout: float = 20.0
+    ws_max_frame_bytes: int = 256 * 1024
+    ws_max_subscriptions: int = 100
+    ws_frames_per_minute: int = 600
+    ws_send_timeout: float = 10.0
+    # Extra origins allowed for cookie-authenticated sockets (the server's own is always allowed).
+    ws_allowed_origins: str = ""
 
     @property
     def is_postgres(self) -> bool:
@@ -61,6 +71,13 @@ ENV = {
     "sse_ping_interval": "CHATSTREAM_SSE_PING_INTERVAL",
     "log_retain": "CHATSTREAM_LOG_RETAIN",
     "log_ttl": "CHATSTREAM_LOG_TTL",
+    "ws_ping_interval": "CHATSTREAM_WS_PING_INTERVAL",
+    "ws_ping_timeout": "CHATSTREAM_WS_PING_TIMEOUT",
+    "ws_max_frame_bytes": "CHATSTREAM_WS_MAX_FRAME_BYTES",
+    "ws_max_subscriptions": "CHATSTREAM_WS_MAX_SUBSCRIPTIONS",
+    "ws_frames_per_minute": "CHATSTREAM_WS_FRAMES_PER_MINUTE",
+    "ws_send_timeout": "CHATSTREAM_WS_SEND_TIMEOUT",
+    "ws_allowed_origins": "CHATSTREAM_WS_ALLOWED_ORIGINS",
 }
 
 

@@ -23,6 +23,7 @@ from app.streaming.broker import InProcessBroker
 from app.streaming.core import StreamingCore
 from app.streaming.policy import StreamPolicy
 from app.streaming.sse import stream_conversation
+from app.streaming.ws import ws_endpoint
 from app.tables import Company
 
 API_VERSION = "0.1.0"
@@ -63,6 +64,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             ConversationController,
             GenerationController,
             stream_conversation,
+            ws_endpoint,
         ],
         middleware=[DefineMiddleware(ApiKeyAuthMiddleware)],
         dependencies={

@@ -6,6 +6,7 @@ import socket
 
 import uvicorn
 
+from app.config import get_settings
 from app.streaming.core import stop_all_answers
 
 # After the answers are stopped, connections get this long to close before they are cut.
@@ -27,7 +28,12 @@ class Server(uvicorn.Server):
 
 def run(host: str, port: int, log_level: str, reload: bool = False) -> None:
     """Serve `app.main:create_app` until stopped."""
+    settings = get_settings()
     options = {
+        "ws_ping_interval": settings.ws_ping_interval,
+        "ws_ping_timeout": settings.ws_ping_timeout,
+        # Frames past our own limit get an error frame; far past it, uvicorn closes with 1009.
+        "ws_max_size": settings.ws_max_frame_bytes * 4,
         "factory": True,
         "host": host,
         "port": port,

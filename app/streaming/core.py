@@ -281,11 +281,13 @@ class StreamingCore:
         await self.launch(generation, agent.adapter, agent.config)
         return generation
 
-    async def resolve_stream(self, conversation: dict[str, Any], cursor: Cursor | None) -> tuple[UUID, int] | None:
+    async def resolve_stream(
+        self, conversation: dict[str, Any], cursor: Cursor | None, *, start_unanswered: bool = True
+    ) -> tuple[UUID, int] | None:
         """What a stream reader of this conversation follows, as (generation, after seq):
         the cursor's generation while the reader is missing any of it; else the running
-        generation from its start; else a new answer to an unanswered user message;
-        else None (nothing to stream)."""
+        generation from its start; else (with `start_unanswered`) a new answer to an
+        unanswered user message; else None (nothing to stream)."""
         if cursor is not None:
             generation = await load_generation(cursor.generation_id)
             if generation is None or generation.conversation_id != conversation["id"]:
@@ -304,9 +306,11 @@ class StreamingCore:
             running = await running_generation(conversation["id"])
             if running is not None:
                 return running["id"], 0
-            started = await self.answer_unanswered(conversation)
+            started = await self.answer_unanswered(conversation) if start_unanswered else None
             if started is not None:
                 return started.id, 0
+            if not start_unanswered:
+                break
         return None
 
     # -- conversation events -----------------------------------------------------------

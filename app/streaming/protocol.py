@@ -58,7 +58,7 @@ class Ping(_ClientFrame, tag="ping"):
 ClientFrame = Subscribe | Unsubscribe | Send | Cancel | Ping
 
 
-class _ServerFrame(msgspec.Struct, tag_field="type", rename="camel", kw_only=True):
+class _ServerFrame(msgspec.Struct, tag_field="type", rename="camel", kw_only=True, omit_defaults=True):
     pass
 
 

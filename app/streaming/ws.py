@@ -1,0 +1,363 @@
+"""WebSocket transport: `GET /api/ws` — one socket per client, many conversations.
+
+Each socket has a reader (client frames, checked against the limits, then done), one
+writer (the only task that sends), and per subscribed conversation a task that
+forwards the conversation's feed and follows its answers through the core, exactly
+like an SSE reader. Everything to send goes through one bounded outbox: a peer that
+leaves it full for `ws_send_timeout` seconds is told (`error` code `too_slow`) and
+closed with 1013; it resumes with its cursors and loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import urlsplit
+from uuid import UUID
+
+import msgspec
+from litestar import WebSocket, websocket
+from litestar.di import NamedDependency
+from litestar.exceptions import WebSocketDisconnect
+
+from app.auth.middleware import credentials
+from app.auth.principal import Principal
+from app.auth.service import authenticate
+from app.chat.conversations import load_conversation
+from app.chat.generations import get_generation, running_generation
+from app.chat.messages import post_message
+from app.chat.schemas import MessageCreate
+from app.config import Settings, get_settings
+from app.errors import ApiError, Unauthorized
+from app.streaming.broker import FeedOverflow
+from app.streaming.core import StreamingCore
+from app.streaming.events import Cursor, json_encoder
+from app.streaming.protocol import (
+    MSGPACK_SUBPROTOCOL,
+    Ack,
+    Cancel,
+    ClientFrame,
+    ConversationDeleted,
+    ErrorFrame,
+    GenerationStarted,
+    OutgoingFrame,
+    Ping,
+    Pong,
+    Send,
+    Subscribe,
+    Unsubscribe,
+    json_client_decoder,
+    msgpack_client_decoder,
+    msgpack_encoder,
+)
+from app.tables import GenerationStatus
+
+logger = logging.getLogger("chatstream.ws")
+
+CLOSE_UNAUTHORIZED = 4401
+CLOSE_ORIGIN_REFUSED = 4403
+CLOSE_POLICY_VIOLATION = 1008
+CLOSE_TRY_AGAIN_LATER = 1013
+# Limit violations in a row (a valid frame resets the count) before the socket is closed.
+MAX_VIOLATIONS_IN_A_ROW = 5
+# Batches waiting for the writer; each batch is whatever piled up for one reader.
+OUTBOX_BATCHES = 64
+CLOSE_TIMEOUT = 5.0
+
+
+class SocketClosing(Exception):
+    """Raised inside the session to end it with a close code."""
+
+    def __init__(self, code: int, reason: str, notice: ErrorFrame | None = None) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+        self.notice = notice
+
+
+def _origin_allowed(socket: WebSocket[Any, Any, Any], settings: Settings) -> bool:
+    origin = socket.headers.get("origin")
+    if origin is None:  # not a browser: no cross-site risk from an ambient cookie
+        return True
+    allowed = {o.strip().rstrip("/") for o in settings.ws_allowed_origins.split(",") if o.strip()}
+    if origin.rstrip("/") in allowed:
+        return True
+    return urlsplit(origin).netloc == socket.headers.get("host", "")
+
+
+async def _authenticate(socket: WebSocket[Any, Any, Any], settings: Settings) -> Principal:
+    """The caller, or SocketClosing with 4401 (credentials) or 4403 (foreign origin with a cookie)."""
+    try:
+        token = credentials(socket)
+    except Unauthorized as exc:
+        raise SocketClosing(CLOSE_UNAUTHORIZED, exc.message) from exc
+    if token is None:
+        raise SocketClosing(CLOSE_UNAUTHORIZED, "authentication required: Authorization: Bearer <api key>")
+    cookie_only = socket.headers.get("authorization") is None
+    if cookie_only and not _origin_allowed(socket, settings):
+        raise SocketClosing(CLOSE_ORIGIN_REFUSED, "origin not allowed for cookie authentication")
+    principal = await authenticate(token)
+    if principal is None:
+        raise SocketClosing(CLOSE_UNAUTHORIZED, "the API key is not valid or was revoked")
+    return principal
+
+
+class Codec:
+    """JSON text frames, or MessagePack binary frames (subprotocol `chatstream.msgpack`)."""
+
+    def __init__(self, msgpack: bool) -> None:
+        self.msgpack = msgpack
+
+    def decode(self, data: str | bytes) -> ClientFrame:
+        frame: ClientFrame
+        if isinstance(data, bytes) and self.msgpack:
+            frame = msgpack_client_decoder.decode(data)
+        else:
+            frame = json_client_decoder.decode(data)
+        return frame
+
+    def raw_ref(self, data: str | bytes) -> str | None:
+        """The `ref` of a frame that failed to decode, if it can be read at all."""
+        try:
+            raw = (
+                msgspec.msgpack.decode(data) if isinstance(data, bytes) and self.msgpack else msgspec.json.decode(data)
+            )
+        except (msgspec.DecodeError, TypeError):
+            return None
+        ref = raw.get("ref") if isinstance(raw, dict) else None
+        return ref if isinstance(ref, str) and len(ref) <= 64 else None
+
+    async def send(self, socket: WebSocket[Any, Any, Any], frame: OutgoingFrame) -> None:
+        if self.msgpack:
+            await socket.send_bytes(msgpack_encoder.encode(frame))
+        else:
+            await socket.send_text(json_encoder.encode(frame).decode())
+
+
+class Session:
+    """One authenticated socket."""
+
+    def __init__(
+        self,
+        socket: WebSocket[Any, Any, Any],
+        principal: Principal,
+        core: StreamingCore,
+        codec: Codec,
+        settings: Settings,
+    ) -> None:
+        self.socket = socket
+        self.principal = principal
+        self.core = core
+        self.codec = codec
+        self.settings = settings
+        self.outbox: asyncio.Queue[Sequence[OutgoingFrame]] = asyncio.Queue(OUTBOX_BATCHES)
+        self.subscriptions: dict[UUID, asyncio.Task[None]] = {}
+        self.frame_times: deque[float] = deque()
+        self.violations = 0
+        self.closing: asyncio.Future[SocketClosing] = asyncio.get_running_loop().create_future()
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve the socket until the peer leaves or the session closes it."""
+        reader = asyncio.create_task(self._read_loop())
+        writer = asyncio.create_task(self._write_loop())
+        try:
+            waiting: set[asyncio.Future[Any]] = {reader, writer, self.closing}
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (reader, writer, *self.subscriptions.values()):
+                task.cancel()
+            await asyncio.gather(reader, writer, *self.subscriptions.values(), return_exceptions=True)
+        if self.closing.done():
+            await self._close(self.closing.result())
+
+    def close_later(self, closing: SocketClosing) -> None:
+        """Ask the session to end (from any of its tasks)."""
+        if not self.closing.done():
+            self.closing.set_result(closing)
+
+    async def _close(self, closing: SocketClosing) -> None:
+        # The peer may not be reading: bound the goodbye, the server closes the transport anyway.
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                if closing.notice is not None:
+                    await self.codec.send(self.socket, closing.notice)
+                await self.socket.close(closing.code, closing.reason)
+
+    async def _write_loop(self) -> None:
+        while True:
+            batch = await self.outbox.get()
+            for frame in batch:
+                await self.codec.send(self.socket, frame)
+
+    async def deliver(self, frames: Sequence[OutgoingFrame]) -> None:
+        """Queue frames for the writer; a peer that keeps the queue full too long is too slow."""
+        try:
+            async with asyncio.timeout(self.settings.ws_send_timeout):
+                await self.outbox.put(frames)
+        except TimeoutError:
+            self.close_later(too_slow())
+            raise asyncio.CancelledError from None
+
+    # -- client frames -------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        while True:
+            event: dict[str, Any] = dict(await self.socket.receive())
+            if event["type"] == "websocket.disconnect":
+                return
+            data = event.get("text")
+            if data is None:
+                data = event.get("bytes")
+            if isinstance(data, str | bytes):
+                await self._handle(data)
+
+    async def _handle(self, data: str | bytes) -> None:
+        size = len(data) if isinstance(data, bytes) else len(data.encode())
+        if size > self.settings.ws_max_frame_bytes:
+            limit = self.settings.ws_max_frame_bytes
+            return await self._violation(None, "frame_too_large", f"frames are limited to {limit} bytes")
+        if not self._within_rate():
+            limit = self.settings.ws_frames_per_minute
+            return await self._violation(None, "rate_limited", f"at most {limit} frames per minute")
+        try:
+            frame = self.codec.decode(data)
+        except msgspec.ValidationError as exc:
+            code = "unknown_type" if "$.type" in str(exc) else "invalid_frame"
+            return await self._violation(self.codec.raw_ref(data), code, str(exc))
+        except msgspec.DecodeError as exc:
+            return await self._violation(None, "malformed_frame", f"not a valid frame: {exc}")
+        self.violations = 0
+        try:
+            await self._dispatch(frame)
+        except ApiError as exc:
+            await self.deliver([ErrorFrame(ref=frame.ref, code=exc.code, message=exc.message, details=exc.details)])
+        except (asyncio.CancelledError, SocketClosing):
+            raise
+        except Exception:
+            logger.exception("websocket frame %s failed", type(frame).__name__)
+            await self.deliver([ErrorFrame(ref=frame.ref, code="internal_error", message="internal server error")])
+
+    def _within_rate(self) -> bool:
+        now = time.monotonic()
+        while self.frame_times and now - self.frame_times[0] > 60:
+            self.frame_times.popleft()
+        if len(self.frame_times) >= self.settings.ws_frames_per_minute:
+            return False
+        self.frame_times.append(now)
+        return True
+
+    async def _violation(self, ref: str | None, code: str, message: str) -> None:
+        await self.deliver([ErrorFrame(ref=ref, code=code, message=message)])
+        self.violations += 1
+        if self.violations >= MAX_VIOLATIONS_IN_A_ROW:
+            self.close_later(SocketClosing(CLOSE_POLICY_VIOLATION, f"too many invalid frames ({code})"))
+
+    async def _dispatch(self, frame: ClientFrame) -> None:
+        if isinstance(frame, Subscribe):
+            await self._subscribe(frame)
+        elif isinstance(frame, Unsubscribe):
+            task = self.subscriptions.pop(frame.conversation_id, None)
+            if task is not None:
+                task.cancel()
+            await self.deliver([Ack(ref=frame.ref, conversation_id=frame.conversation_id)])
+        elif isinstance(frame, Send):
+            data = MessageCreate(content=frame.content, client_message_id=frame.client_message_id, reply=frame.reply)
+            posted, created = await post_message(self.principal, frame.conversation_id, data, self.core)
+            ack = Ack(ref=frame.ref, message=posted.message, generation=posted.generation, created=created)
+            await self.deliver([ack])
+        elif isinstance(frame, Cancel):
+            generation = await get_generation(self.principal, frame.generation_id)
+            if generation.status is GenerationStatus.running:
+                await self.core.cancel(frame.generation_id, "user")
+                generation = await get_generation(self.principal, frame.generation_id)
+            await self.deliver([Ack(ref=frame.ref, generation=generation)])
+        else:
+            assert isinstance(frame, Ping)
+            await self.deliver([Pong(ref=frame.ref)])
+
+    async def _subscribe(self, frame: Subscribe) -> None:
+        cid = frame.conversation_id
+        if cid not in self.subscriptions and len(self.subscriptions) >= self.settings.ws_max_subscriptions:
+            limit = self.settings.ws_max_subscriptions
+            return await self._violation(frame.ref, "too_many_subscriptions", f"at most {limit} per socket")
+        conversation = await load_conversation(self.principal, cid)
+        cursor = Cursor.parse(frame.after, "after") if frame.after else None
+        first = await self.core.resolve_stream(conversation, cursor, start_unanswered=False)
+        previous = self.subscriptions.pop(cid, None)
+        if previous is not None:
+            previous.cancel()
+        await self.deliver([Ack(ref=frame.ref, conversation_id=cid)])
+        self.subscriptions[cid] = asyncio.create_task(self._follow_conversation(cid, first))
+
+    # -- subscriptions -------------------------------------------------------------------
+
+    async def _follow_conversation(self, conversation_id: UUID, first: tuple[UUID, int] | None) -> None:
+        feed = self.core.open_feed(conversation_id)
+        answers: dict[UUID, asyncio.Task[None]] = {}
+
+        def follow(generation_id: UUID, after: int) -> None:
+            if generation_id not in answers:
+                answers[generation_id] = asyncio.create_task(self._follow_answer(generation_id, after))
+
+        try:
+            if first is not None:
+                follow(*first)
+            running = await running_generation(conversation_id)
+            if running is not None:
+                follow(running["id"], 0)
+            while True:
+                event = await feed.get()
+                if isinstance(event, GenerationStarted):
+                    follow(event.generation_id, 0)
+                    continue
+                await self.deliver([event])
+                if isinstance(event, ConversationDeleted):
+                    return
+        except FeedOverflow:
+            self.close_later(too_slow())
+        finally:
+            self.core.close_feed(feed)
+            for task in answers.values():
+                task.cancel()
+            await asyncio.gather(*answers.values(), return_exceptions=True)
+            if self.subscriptions.get(conversation_id) is asyncio.current_task():
+                del self.subscriptions[conversation_id]
+
+    async def _follow_answer(self, generation_id: UUID, after: int) -> None:
+        await self.core.attach(generation_id)
+        try:
+            async for batch in self.core.follow(generation_id, after, None):
+                if batch:
+                    await self.deliver(batch)
+        finally:
+            self.core.detach(generation_id)
+
+
+def too_slow() -> SocketClosing:
+    message = "this connection could not keep up; reconnect and subscribe with your last cursors"
+    return SocketClosing(CLOSE_TRY_AGAIN_LATER, "too slow", ErrorFrame(code="too_slow", message=message))
+
+
+@websocket(
+    "/ws",
+    exclude_from_auth=True,  # authenticated here, so that a refusal is a close code and a reason
+    summary="The WebSocket channel (see docs/protocol.md)",
+)
+async def ws_endpoint(socket: WebSocket[Any, Any, Any], core: NamedDependency[StreamingCore]) -> None:
+    settings = get_settings()
+    use_msgpack = MSGPACK_SUBPROTOCOL in socket.scope.get("subprotocols", [])
+    await socket.accept(subprotocols=MSGPACK_SUBPROTOCOL if use_msgpack else None)
+    try:
+        principal = await _authenticate(socket, settings)
+    except SocketClosing as refused:
+        await socket.close(refused.code, refused.reason)
+        return
+    with contextlib.suppress(WebSocketDisconnect):
+        await Session(socket, principal, core, Codec(use_msgpack), settings).run()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from typing import Any
 from uuid import UUID
@@ -150,6 +151,15 @@ def cmd_agent_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    from app.terminal_client import run_chat
+
+    if not args.key:
+        print("error: an API key is needed: --key or CHATSTREAM_KEY", file=sys.stderr)
+        return 2
+    return asyncio.run(run_chat(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatstream", description="Realtime chat streaming for AI agents.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -206,6 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
     a_create.add_argument("--config", default="{}", help="adapter settings as a JSON object")
     a_create.add_argument("--json", action="store_true")
     a_create.set_defaults(func=cmd_agent_create)
+    chat = sub.add_parser("chat", help="chat in the terminal over the WebSocket channel")
+    chat.add_argument("--url", default=os.environ.get("CHATSTREAM_URL", "http://127.0.0.1:8000"), help="server URL")
+    chat.add_argument("--key", default=os.environ.get("CHATSTREAM_KEY"), help="API key (or CHATSTREAM_KEY)")
+    chat.add_argument("--conversation", help="open this conversation id")
+    chat.add_argument("--new", nargs="?", const="", default=None, metavar="TITLE", help="start a new conversation")
+    chat.add_argument("--message", action="append", help="send this message, print the answer, exit (repeatable)")
+    chat.add_argument("--msgpack", action="store_true", help="use MessagePack frames instead of JSON")
+    chat.set_defaults(func=cmd_chat)
     return parser
 
 

@@ -238,7 +238,7 @@ class Session:
             await self._dispatch(frame)
         except ApiError as exc:
             await self.deliver([ErrorFrame(ref=frame.ref, code=exc.code, message=exc.message, details=exc.details)])
-        except (asyncio.CancelledError, SocketClosing):
+        except asyncio.CancelledError:
             raise
         except Exception:
             logger.exception("websocket frame %s failed", type(frame).__name__)

@@ -173,6 +173,17 @@ async def finish_generation(
     return message_id
 
 
+async def settle_interrupted_length(generation_id: UUID, token_count: int) -> GenerationOut | None:
+    """Record how many tokens an interrupted answer had, as the first reader back reports
+    it (the process that knew died). Only the first report counts."""
+    await Generation.update({Generation.token_count: token_count}).where(
+        Generation.id == generation_id,
+        Generation.status == GenerationStatus.interrupted.value,
+        Generation.token_count == 0,
+    )
+    return await load_generation(generation_id)
+
+
 async def stored_answer(message_id: UUID) -> str | None:
     """The text an answer was stored with (its original `content`, whatever later edits)."""
     row = await Message.select(Message.content).where(Message.id == message_id).first()

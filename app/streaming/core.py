@@ -29,6 +29,7 @@ from app.chat.generations import (
     interrupt_orphans,
     load_generation,
     running_generation,
+    settle_interrupted_length,
     stored_answer,
     unanswered_user_message,
 )
@@ -240,8 +241,8 @@ class StreamingCore:
         except AdapterError as exc:
             logger.warning("generation %s failed: %s: %s", gen.id, exc.code, exc.message)
             keep = producer.policy.partial == "keep" and bool(pieces)
-            await finish(GenerationStatus.failed, keep=keep, error=f"{exc.code}: {exc.message}")
-            await emit(Error, code=exc.code, message=exc.message)
+            message_id = await finish(GenerationStatus.failed, keep=keep, error=f"{exc.code}: {exc.message}")
+            await emit(Error, code=exc.code, message=exc.message, message_id=message_id)
         except Exception:
             logger.exception("generation %s failed", gen.id)
             await finish(GenerationStatus.failed, keep=False, error="adapter_failed: the agent failed to answer")
@@ -282,7 +283,13 @@ class StreamingCore:
         return generation
 
     async def resolve_stream(
-        self, conversation: dict[str, Any], cursor: Cursor | None, *, start_unanswered: bool = True
+        self,
+        conversation: dict[str, Any],
+        cursor: Cursor | None,
+        *,
+        start_unanswered: bool = True,
+        cursor_field: str = "cursor",
+        cursor_source: str = "query",
     ) -> tuple[UUID, int] | None:
         """What a stream reader of this conversation follows, as (generation, after seq):
         the cursor's generation while the reader is missing any of it; else the running
@@ -292,14 +299,16 @@ class StreamingCore:
             generation = await load_generation(cursor.generation_id)
             if generation is None or generation.conversation_id != conversation["id"]:
                 raise invalid_field(
-                    "cursor", "not a cursor of this conversation", source="query", code="invalid_cursor"
+                    cursor_field, "not a cursor of this conversation", source=cursor_source, code="invalid_cursor"
                 )
+            if generation.status is GenerationStatus.interrupted and generation.token_count == 0:
+                # Its length died with the process that produced it: any cursor may be right.
+                return generation.id, cursor.seq
             live = generation.status is GenerationStatus.running
             last = await self.broker.last_seq(generation.id) if live else terminal_seq(generation)
             if last is not None and cursor.seq > last:
-                raise invalid_field(
-                    "cursor", "ahead of the answer: no event has this seq yet", source="query", code="invalid_cursor"
-                )
+                message = "ahead of the answer: no event has this seq yet"
+                raise invalid_field(cursor_field, message, source=cursor_source, code="invalid_cursor")
             if live or cursor.seq < terminal_seq(generation):
                 return generation.id, cursor.seq
         for _ in range(2):  # a second look if a concurrent reader started the answer first
@@ -397,6 +406,9 @@ class StreamingCore:
         if gen.status is GenerationStatus.running:
             message = "the answer's events are not available"
             return [Error(**ids, seq=after + 1, code="log_unavailable", message=message)]
+        if gen.status is GenerationStatus.interrupted and gen.token_count == 0 and after >= 2:
+            # The first reader back after a crash fixes where the interrupted answer ends.
+            gen = await settle_interrupted_length(gen.id, after - 1) or gen
         end = terminal_seq(gen)
         if after >= end:
             return []
@@ -414,6 +426,12 @@ class StreamingCore:
         elif gen.status is GenerationStatus.interrupted:
             terminal = Error(**ids, seq=end, code="interrupted", message=gen.error or "the answer was interrupted")
         else:
-            terminal = Error(**ids, seq=end, code=code or "failed", message=message or "the answer failed")
+            terminal = Error(
+                **ids,
+                seq=end,
+                code=code or "failed",
+                message=message or "the answer failed",
+                message_id=gen.result_message_id,
+            )
         events.append(terminal)
         return events

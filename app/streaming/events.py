@@ -56,10 +56,12 @@ class Cancelled(_Event, tag="cancelled"):
 
 
 class Error(_Event, tag="error"):
-    """The answer failed; nothing is stored unless the partial policy keeps it."""
+    """The answer failed. Nothing is stored unless the partial policy keeps what was
+    produced, as message `messageId`."""
 
     code: str
     message: str
+    message_id: UUID | None = None
 
 
 GenerationEvent = Start | Token | Snapshot | Done | Cancelled | Error
@@ -85,8 +87,8 @@ class Cursor(msgspec.Struct, frozen=True):
         return f"{self.generation_id}.{self.seq}"
 
     @classmethod
-    def parse(cls, value: str, field: str = "cursor") -> Cursor:
-        """Parse `<generationId>.<seq>`; anything else is a 400 naming `field`."""
+    def parse(cls, value: str, field: str = "cursor", source: str = "query") -> Cursor:
+        """Parse `<generationId>.<seq>`; anything else is a 400 naming `field` (found in `source`)."""
         gen, _, seq = value.strip().rpartition(".")
         try:
             cursor = cls(generation_id=UUID(gen), seq=int(seq))
@@ -96,7 +98,7 @@ class Cursor(msgspec.Struct, frozen=True):
             raise InvalidInput(
                 f"{field}: not a cursor; expected <generationId>.<seq>",
                 code="invalid_cursor",
-                details=[{"field": field, "message": "expected <generationId>.<seq>", "source": "query"}],
+                details=[{"field": field, "message": "expected <generationId>.<seq>", "source": source}],
             )
         return cursor
 

@@ -16,6 +16,7 @@ import msgspec
 
 from app.chat.schemas import ConversationOut, GenerationOut, MessageOut
 from app.streaming.events import GenerationEvent
+from app.streaming.policy import BusyPolicy, PartialPolicy
 from app.text_types import ClientMessageId, Text
 
 Ref = Annotated[str, msgspec.Meta(max_length=64)]
@@ -37,12 +38,16 @@ class Unsubscribe(_ClientFrame, tag="unsubscribe"):
 
 
 class Send(_ClientFrame, tag="send"):
-    """Post a user message (idempotent by `clientMessageId`); the answer starts if the conversation has an agent."""
+    """Post a user message (idempotent by `clientMessageId`); the answer starts if the
+    conversation has an agent. `ifBusy`, `partial`, `disconnectGrace`: as in the HTTP POST."""
 
     conversation_id: UUID
     content: Text
     client_message_id: ClientMessageId
     reply: bool = True
+    if_busy: BusyPolicy | None = None
+    partial: PartialPolicy | None = None
+    disconnect_grace: Annotated[float, msgspec.Meta(ge=0, le=3600)] | None = None
 
 
 class Cancel(_ClientFrame, tag="cancel"):

@@ -80,9 +80,12 @@ async def stream_conversation(
     last_event_id: Annotated[str | None, HeaderParameter(name="Last-Event-ID")] = None,
 ) -> Response[None] | Stream:
     conversation = await load_conversation(principal, conversation_id)
-    raw_cursor = last_event_id or after
-    cursor = Cursor.parse(raw_cursor, "Last-Event-ID" if last_event_id else "after") if raw_cursor else None
-    target = await core.resolve_stream(conversation, cursor)
+    # The browser's Last-Event-ID wins over ?after=; each is named in errors as sent.
+    field, source, raw_cursor = (
+        ("Last-Event-ID", "header", last_event_id) if last_event_id else ("after", "query", after)
+    )
+    cursor = Cursor.parse(raw_cursor, field, source=source) if raw_cursor else None
+    target = await core.resolve_stream(conversation, cursor, cursor_field=field, cursor_source=source)
     if target is None:
         # 204 also tells a browser's EventSource to stop reconnecting.
         return Response(None, status_code=HTTP_204_NO_CONTENT)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -219,21 +220,31 @@ class Session:
                 await self._handle(data)
 
     async def _handle(self, data: str | bytes) -> None:
+        violations = self.violations
+        await self._handle_frame(data)
+        if self.violations == violations:  # a frame within the limits ends a run of violations
+            self.violations = 0
+
+    async def _handle_frame(self, data: str | bytes) -> None:
         size = len(data) if isinstance(data, bytes) else len(data.encode())
         if size > self.settings.ws_max_frame_bytes:
             limit = self.settings.ws_max_frame_bytes
             return await self._violation(None, "frame_too_large", f"frames are limited to {limit} bytes")
-        if not self._within_rate():
+        retry_after = self._rate_limited()
+        if retry_after is not None:
             limit = self.settings.ws_frames_per_minute
-            return await self._violation(None, "rate_limited", f"at most {limit} frames per minute")
+            message = f"at most {limit} frames per minute; retry in {retry_after} s"
+            details = {"retryAfter": retry_after}
+            return await self._violation(self.codec.raw_ref(data), "rate_limited", message, details)
         try:
             frame = self.codec.decode(data)
         except msgspec.ValidationError as exc:
-            code = "unknown_type" if "$.type" in str(exc) else "invalid_frame"
-            return await self._violation(self.codec.raw_ref(data), code, str(exc))
+            unknown = str(exc).startswith("Invalid value") and "$.type" in str(exc)
+            return await self._violation(
+                self.codec.raw_ref(data), "unknown_type" if unknown else "invalid_frame", str(exc)
+            )
         except msgspec.DecodeError as exc:
             return await self._violation(None, "malformed_frame", f"not a valid frame: {exc}")
-        self.violations = 0
         try:
             await self._dispatch(frame)
         except ApiError as exc:
@@ -244,17 +255,18 @@ class Session:
             logger.exception("websocket frame %s failed", type(frame).__name__)
             await self.deliver([ErrorFrame(ref=frame.ref, code="internal_error", message="internal server error")])
 
-    def _within_rate(self) -> bool:
+    def _rate_limited(self) -> int | None:
+        """None if one more frame fits in the last minute; else seconds until one does."""
         now = time.monotonic()
         while self.frame_times and now - self.frame_times[0] > 60:
             self.frame_times.popleft()
         if len(self.frame_times) >= self.settings.ws_frames_per_minute:
-            return False
+            return max(1, math.ceil(60 - (now - self.frame_times[0])))
         self.frame_times.append(now)
-        return True
+        return None
 
-    async def _violation(self, ref: str | None, code: str, message: str) -> None:
-        await self.deliver([ErrorFrame(ref=ref, code=code, message=message)])
+    async def _violation(self, ref: str | None, code: str, message: str, details: object = None) -> None:
+        await self.deliver([ErrorFrame(ref=ref, code=code, message=message, details=details)])
         self.violations += 1
         if self.violations >= MAX_VIOLATIONS_IN_A_ROW:
             self.close_later(SocketClosing(CLOSE_POLICY_VIOLATION, f"too many invalid frames ({code})"))
@@ -263,12 +275,17 @@ class Session:
         if isinstance(frame, Subscribe):
             await self._subscribe(frame)
         elif isinstance(frame, Unsubscribe):
-            task = self.subscriptions.pop(frame.conversation_id, None)
-            if task is not None:
-                task.cancel()
+            await self._end_subscription(frame.conversation_id)
             await self.deliver([Ack(ref=frame.ref, conversation_id=frame.conversation_id)])
         elif isinstance(frame, Send):
-            data = MessageCreate(content=frame.content, client_message_id=frame.client_message_id, reply=frame.reply)
+            data = MessageCreate(
+                content=frame.content,
+                client_message_id=frame.client_message_id,
+                reply=frame.reply,
+                if_busy=frame.if_busy,
+                partial=frame.partial,
+                disconnect_grace=frame.disconnect_grace,
+            )
             posted, created = await post_message(self.principal, frame.conversation_id, data, self.core)
             ack = Ack(ref=frame.ref, message=posted.message, generation=posted.generation, created=created)
             await self.deliver([ack])
@@ -288,13 +305,20 @@ class Session:
             limit = self.settings.ws_max_subscriptions
             return await self._violation(frame.ref, "too_many_subscriptions", f"at most {limit} per socket")
         conversation = await load_conversation(self.principal, cid)
-        cursor = Cursor.parse(frame.after, "after") if frame.after else None
-        first = await self.core.resolve_stream(conversation, cursor, start_unanswered=False)
-        previous = self.subscriptions.pop(cid, None)
-        if previous is not None:
-            previous.cancel()
+        cursor = Cursor.parse(frame.after, "after", source="frame") if frame.after else None
+        first = await self.core.resolve_stream(
+            conversation, cursor, start_unanswered=False, cursor_field="after", cursor_source="frame"
+        )
+        await self._end_subscription(cid)  # a new subscribe replaces the old one, after it has stopped
         await self.deliver([Ack(ref=frame.ref, conversation_id=cid)])
         self.subscriptions[cid] = asyncio.create_task(self._follow_conversation(cid, first))
+
+    async def _end_subscription(self, conversation_id: UUID) -> None:
+        """Stop following a conversation; returns once nothing more of it can be queued."""
+        task = self.subscriptions.pop(conversation_id, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
     # -- subscriptions -------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ resume from the log or from the database, and the policies."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 from uuid import UUID
 
@@ -17,9 +18,11 @@ from app.chat.conversations import create_conversation, load_conversation
 from app.chat.generations import GenerationBusy, load_generation
 from app.chat.messages import edit_message, post_message
 from app.chat.schemas import ConversationCreate, MessageCreate, MessageEdit
+from app.errors import InvalidInput
+from app.streaming.adapters import AdapterError
 from app.streaming.broker import InProcessBroker
 from app.streaming.core import StreamingCore, terminal_seq
-from app.streaming.events import Cancelled, Done, GenerationEvent, Snapshot, Start, Token
+from app.streaming.events import Cancelled, Cursor, Done, Error, GenerationEvent, Snapshot, Start, Token
 from app.streaming.policy import StreamPolicy
 from app.tables import Generation, GenerationStatus, Message
 from tests.factories import make_tenant
@@ -266,3 +269,58 @@ async def test_startup_marks_leftover_running_generations_interrupted(streaming:
     assert generation is not None and generation.status is GenerationStatus.interrupted
     events = await read_all(streaming, stale.id)
     assert events[-1].seq == 2 and getattr(events[-1], "code", None) == "interrupted"
+
+
+async def test_a_reader_back_after_a_crash_fixes_where_the_interrupted_answer_ends(streaming: StreamingCore) -> None:
+    """The process that knew the answer's length died: the first cursor back decides it,
+    the terminal `error interrupted` takes the next seq, and that cursor then has the end."""
+    _, cid = await conversation_with_agent()
+    stale = Generation(conversation=cid, status="running")
+    await stale.save()
+    await streaming.startup()
+    conversation = {"id": cid}
+    target = await streaming.resolve_stream(conversation, Cursor(generation_id=stale.id, seq=7))
+    assert target == (stale.id, 7)
+    events = await read_all(streaming, stale.id, 7)
+    assert [(e.seq, getattr(e, "code", None)) for e in events] == [(8, "interrupted")]
+    generation = await load_generation(stale.id)
+    assert generation is not None and terminal_seq(generation) == 8
+    # The end is now known: that cursor has everything; one beyond it is refused.
+    assert await read_all(streaming, stale.id, 8) == []
+    with pytest.raises(InvalidInput):
+        await streaming.resolve_stream(conversation, Cursor(generation_id=stale.id, seq=9))
+
+
+class FailingAdapter:
+    """Two words, then a failure the adapter names."""
+
+    name = "failing"
+
+    async def stream(self, history: Any, settings: Any) -> AsyncIterator[str]:
+        yield "half"
+        yield " an answer"
+        raise AdapterError("upstream_unavailable", "the model server went away")
+
+
+@pytest.mark.parametrize("partial", ["keep", "discard"])
+async def test_an_adapter_failure_is_an_error_event_with_the_kept_text(db: str, partial: str) -> None:
+    streaming = StreamingCore(InProcessBroker(), StreamPolicy(partial=partial), adapters={"echo": FailingAdapter()})
+    try:
+        alice, cid = await conversation_with_agent()
+        gid = await ask(streaming, alice, cid)
+        events = await read_all(streaming, gid)
+        error = events[-1]
+        assert isinstance(error, Error) and error.code == "upstream_unavailable"
+        generation = await load_generation(gid)
+        assert generation is not None and generation.status is GenerationStatus.failed
+        if partial == "keep":
+            stored = await Message.select().where(Message.id == error.message_id).first()
+            assert stored["content"] == "half an answer" and stored["status"] == "partial"
+        else:
+            assert error.message_id is None
+            assert await Message.count().where(Message.conversation == cid, Message.role == "agent") == 0
+        # Resumed after the log expired, the same error comes from the database.
+        stored_events = await streaming.stored_events(gid, 1)
+        assert stored_events[-1] == error
+    finally:
+        await streaming.shutdown()

@@ -47,6 +47,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     ws_max_subscriptions: int = 100
     ws_frames_per_minute: int = 600
     ws_send_timeout: float = 10.0
+    # Seconds a peer may keep the server from sending anything (it stopped reading) before
+    # the operating system drops the connection; 0 keeps the system's default (Linux only).
+    tcp_user_timeout: float = 60.0
     # Extra origins allowed for cookie-authenticated sockets (the server's own is always allowed).
     ws_allowed_origins: str = ""
 
@@ -78,6 +81,7 @@ ENV = {
     "ws_frames_per_minute": "CHATSTREAM_WS_FRAMES_PER_MINUTE",
     "ws_send_timeout": "CHATSTREAM_WS_SEND_TIMEOUT",
     "ws_allowed_origins": "CHATSTREAM_WS_ALLOWED_ORIGINS",
+    "tcp_user_timeout": "CHATSTREAM_TCP_USER_TIMEOUT",
 }
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import socket
+from typing import Any
 
 import uvicorn
 
@@ -13,13 +15,33 @@ from app.streaming.core import stop_all_answers
 GRACEFUL_SHUTDOWN_SECONDS = 10
 
 
+class ClientInputIsNotAnError(logging.Filter):
+    """uvicorn logs a traceback at ERROR for a WebSocket text frame that is not UTF-8 (it
+    then closes with 1007, as it should). Bad client input is not a server error, and must
+    not let a client flood the log with tracebacks: keep it as one INFO line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith("Invalid UTF-8 sequence received from client"):
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
 class Server(uvicorn.Server):
-    """uvicorn's server, stopping answers first on shutdown.
+    """uvicorn's server, stopping answers first on shutdown, and not keeping connections
+    that accept no data (see :func:`limit_unsendable_time`).
 
     uvicorn waits for open connections to close before running the app's shutdown, and
     an open stream only closes when its answer ends: cancelling the answers first
     (reason `shutdown`) gives every reader its terminal event and lets the process exit.
     """
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        for server in self.servers:
+            for listener in server.sockets:
+                limit_unsendable_time(listener, get_settings().tcp_user_timeout)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         await stop_all_answers("shutdown")
@@ -44,4 +66,16 @@ def run(host: str, port: int, log_level: str, reload: bool = False) -> None:
     if reload:  # the reloader runs its own server processes
         uvicorn.run("app.main:create_app", reload=True, **options)  # type: ignore[arg-type]
         return
+    logging.getLogger("uvicorn.error").addFilter(ClientInputIsNotAnError())
     Server(uvicorn.Config("app.main:create_app", **options)).run()  # type: ignore[arg-type]
+
+
+def limit_unsendable_time(listener: Any, seconds: float) -> None:
+    """Have the kernel drop a connection whose peer accepts no data for `seconds`.
+
+    A peer that stops reading but keeps its connection open would otherwise hold the
+    connection and its send buffers forever: the server's close frame cannot reach it
+    either. Accepted sockets inherit the option from the listening one.
+    """
+    if seconds > 0 and hasattr(socket, "TCP_USER_TIMEOUT"):
+        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(seconds * 1000))

@@ -128,7 +128,7 @@ class Codec:
             raw = (
                 msgspec.msgpack.decode(data) if isinstance(data, bytes) and self.msgpack else msgspec.json.decode(data)
             )
-        except (msgspec.DecodeError, TypeError):
+        except (msgspec.DecodeError, TypeError, RecursionError):
             return None
         ref = raw.get("ref") if isinstance(raw, dict) else None
         return ref if isinstance(ref, str) and len(ref) <= 64 else None
@@ -245,6 +245,8 @@ class Session:
             )
         except msgspec.DecodeError as exc:
             return await self._violation(None, "malformed_frame", f"not a valid frame: {exc}")
+        except RecursionError:
+            return await self._violation(None, "malformed_frame", "not a valid frame: nested too deeply")
         try:
             await self._dispatch(frame)
         except ApiError as exc:

@@ -10,7 +10,7 @@ from typing import Any
 
 from piccolo.engine.base import Engine
 from piccolo.engine.postgres import PostgresEngine
-from piccolo.engine.sqlite import SQLiteEngine
+from piccolo.engine.sqlite import SQLiteEngine, TransactionType
 
 from app.config import Settings
 
@@ -28,10 +28,27 @@ def engine_from_settings(settings: Settings) -> Engine[Any]:
     return SQLiteEngine(path=settings.sqlite_path, timeout=10)
 
 
+async def _keep_session(connection: Any) -> None:
+    """Pool `reset` hook: the app leaves no session state (no LISTEN, locks, SETs) behind,
+    so connections go back to the pool without asyncpg's reset round trip."""
+
+
 async def open_pool(engine: Engine[Any]) -> None:
-    """Start the connection pool (PostgreSQL only; SQLite connects per query)."""
+    """Start the connection pool (PostgreSQL); put SQLite in WAL mode, so readers never
+    wait for a writer (it is a property of the file and stays)."""
     if isinstance(engine, PostgresEngine):
-        await engine.start_connection_pool(min_size=1, max_size=10)
+        await engine.start_connection_pool(min_size=1, max_size=10, reset=_keep_session)
+    elif isinstance(engine, SQLiteEngine):
+        await engine.run_ddl("PRAGMA journal_mode=WAL")
+
+
+def write_transaction(engine: Engine[Any]) -> Any:
+    """A transaction that writes. On SQLite it takes the write lock when it begins
+    (`BEGIN IMMEDIATE`), so a concurrent writer waits for it (busy timeout) instead of
+    failing at once when a read inside the transaction turns into a write."""
+    if isinstance(engine, SQLiteEngine):
+        return engine.transaction(transaction_type=TransactionType.immediate)
+    return engine.transaction()
 
 
 async def close_pool(engine: Engine[Any]) -> None:

@@ -15,7 +15,7 @@ from app.agents.service import get_agent
 from app.auth.principal import Principal
 from app.chat.conversations import load_conversation
 from app.chat.schemas import GenerationOut
-from app.db import is_unique_violation
+from app.db import is_unique_violation, write_transaction
 from app.errors import Conflict, NotFound
 from app.tables import Conversation, Generation, GenerationStatus, Message, MessageRole, MessageStatus
 
@@ -138,7 +138,7 @@ async def finish_generation(
     for done, `partial` otherwise) in the same transaction. Returns that message's id.
     A generation that already ended is left as it is (first ending wins)."""
     now = datetime.now(UTC)
-    async with Generation._meta.db.transaction():
+    async with write_transaction(Generation._meta.db):
         row = (
             await Generation.select(Generation.conversation, Generation.agent, Generation.status)
             .where(Generation.id == generation_id)

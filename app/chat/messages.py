@@ -24,7 +24,7 @@ from app.chat.schemas import (
     MessagePage,
     MessagePosted,
 )
-from app.db import is_unique_violation
+from app.db import is_unique_violation, write_transaction
 from app.errors import (
     Conflict,
     Forbidden,
@@ -126,7 +126,7 @@ async def post_message(
     generation = None
     reserved = await core.reserve(conversation_id) if agent is not None else None
     try:
-        async with Message._meta.db.transaction():
+        async with write_transaction(Message._meta.db):
             await message.save()
             await Conversation.update({Conversation.last_message_at: now}).where(Conversation.id == conversation_id)
             if agent is not None and reserved is not None:

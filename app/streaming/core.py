@@ -55,6 +55,9 @@ from app.tables import GenerationStatus
 
 logger = logging.getLogger("chatstream.streaming")
 
+# Tries to store an answer's outcome before giving up (its readers then get `storage_failed`).
+STORE_ATTEMPTS = 4
+
 # Every core of this process, so that a server stopping can end their answers first.
 _cores: weakref.WeakSet[StreamingCore] = weakref.WeakSet()
 
@@ -195,58 +198,84 @@ class StreamingCore:
             event = event_type(generation_id=gen.id, conversation_id=gen.conversation_id, seq=seq, **fields)
             await self.broker.append(event)
 
-        async def finish(status: GenerationStatus, keep: bool, error: str | None = None) -> UUID | None:
-            # Shielded: a second cancellation must not leave the row `running` or the message half-written.
-            message_id = await asyncio.shield(
-                finish_generation(
-                    gen.id,
-                    status,
-                    text="".join(pieces) if keep else None,
-                    token_count=len(pieces),
-                    ttft_ms=ttft_ms,
-                    error=error,
-                )
-            )
+        async def finish(status: GenerationStatus, keep: bool, error: str | None) -> UUID | None:
+            """Store the outcome (retrying a failed write a few times), then tell subscribers."""
+            for attempt in range(STORE_ATTEMPTS):
+                try:
+                    # Shielded: a second cancellation must not leave the row `running` or the message half-written.
+                    message_id = await asyncio.shield(
+                        finish_generation(
+                            gen.id,
+                            status,
+                            text="".join(pieces) if keep else None,
+                            token_count=len(pieces),
+                            ttft_ms=ttft_ms,
+                            error=error,
+                        )
+                    )
+                    break
+                except Exception:
+                    if attempt == STORE_ATTEMPTS - 1:
+                        raise
+                    logger.warning("generation %s: storing its outcome failed, retrying", gen.id, exc_info=True)
+                    await asyncio.sleep(0.2 * 2**attempt)
             if message_id is not None:
                 message = await load_message(message_id)
                 if message is not None:
                     await self.publish(MessageCreated(conversation_id=gen.conversation_id, message=message))
             return message_id
 
+        # The outcome to store, and the terminal event that announces it (its messageId added).
+        status = GenerationStatus.failed
+        keep = False
+        error: str | None = "adapter_failed: the agent failed to answer"
+        terminal: tuple[type[GenerationEvent], dict[str, Any]] = (
+            Error,
+            {"code": "adapter_failed", "message": "the agent failed to answer"},
+        )
         started = time.monotonic()
         try:
-            await emit(Start, reply_to_id=gen.reply_to_id, agent_id=gen.agent_id)
-            if adapter is None:
-                raise AdapterError("unknown_adapter", f"this server has no adapter named {adapter_name!r}")
-            history = await load_history(gen.conversation_id)
-            async for text in adapter.stream(history, settings):
-                if not text:
-                    continue
-                if ttft_ms is None:
-                    ttft_ms = round((time.monotonic() - started) * 1000)
-                pieces.append(text)
-                await emit(Token, text=text)
-            producer.finishing = True  # from here on, a cancel request only reports the outcome
-            message_id = await finish(GenerationStatus.done, keep=True)
-            if message_id is None:
-                await emit(Error, code="generation_ended", message="the generation was ended elsewhere")
-            else:
-                await emit(Done, message_id=message_id, token_count=len(pieces))
-        except asyncio.CancelledError:
-            reason = producer.cancel_reason or "cancelled"
-            keep = producer.policy.partial == "keep" and bool(pieces)
-            message_id = await finish(GenerationStatus.cancelled, keep=keep, error=reason)
-            await emit(Cancelled, reason=reason, message_id=message_id)
-            # The core cancelled its own task: the cancellation ends here, as an outcome.
-        except AdapterError as exc:
-            logger.warning("generation %s failed: %s: %s", gen.id, exc.code, exc.message)
-            keep = producer.policy.partial == "keep" and bool(pieces)
-            message_id = await finish(GenerationStatus.failed, keep=keep, error=f"{exc.code}: {exc.message}")
-            await emit(Error, code=exc.code, message=exc.message, message_id=message_id)
-        except Exception:
-            logger.exception("generation %s failed", gen.id)
-            await finish(GenerationStatus.failed, keep=False, error="adapter_failed: the agent failed to answer")
-            await emit(Error, code="adapter_failed", message="the agent failed to answer")
+            try:
+                await emit(Start, reply_to_id=gen.reply_to_id, agent_id=gen.agent_id)
+                if adapter is None:
+                    raise AdapterError("unknown_adapter", f"this server has no adapter named {adapter_name!r}")
+                history = await load_history(gen.conversation_id)
+                async for text in adapter.stream(history, settings):
+                    if not text:
+                        continue
+                    if ttft_ms is None:
+                        ttft_ms = round((time.monotonic() - started) * 1000)
+                    pieces.append(text)
+                    await emit(Token, text=text)
+                producer.finishing = True  # from here on, a cancel request only reports the outcome
+                status, keep, error = GenerationStatus.done, True, None
+                terminal = (Done, {"token_count": len(pieces)})
+            except asyncio.CancelledError:
+                # The core cancelled its own task: the cancellation ends here, as an outcome.
+                reason = producer.cancel_reason or "cancelled"
+                status, keep, error = GenerationStatus.cancelled, producer.policy.partial == "keep", reason
+                terminal = (Cancelled, {"reason": reason})
+            except AdapterError as exc:
+                logger.warning("generation %s failed: %s: %s", gen.id, exc.code, exc.message)
+                status, keep, error = (
+                    GenerationStatus.failed,
+                    producer.policy.partial == "keep",
+                    f"{exc.code}: {exc.message}",
+                )
+                terminal = (Error, {"code": exc.code, "message": exc.message})
+            except Exception:
+                logger.exception("generation %s failed", gen.id)
+            try:
+                message_id = await finish(status, keep and bool(pieces), error)
+            except Exception:
+                logger.exception("generation %s: its outcome could not be stored", gen.id)
+                terminal, message_id = (
+                    (Error, {"code": "storage_failed", "message": "the answer could not be stored"}),
+                    None,
+                )
+            if terminal[0] is Done and message_id is None:
+                terminal = (Error, {"code": "generation_ended", "message": "the generation was ended elsewhere"})
+            await emit(terminal[0], message_id=message_id, **terminal[1])
         finally:
             self._producers.pop(gen.id, None)
             if producer.grace_timer is not None:

@@ -58,14 +58,24 @@ class GenerationLog:
             return []
         first = self._events[0].seq
         if seq + 1 >= first:
-            return [e for e in self._events if e.seq > seq]
+            return self._newer_than(seq)
         snapshot = Snapshot(
             generation_id=self.generation_id,
             conversation_id=self.conversation_id,
             seq=self._text_seq,
             text=self.text,
         )
-        return [snapshot, *(e for e in self._events if e.seq > self._text_seq)]
+        return [snapshot, *self._newer_than(self._text_seq)]
+
+    def _newer_than(self, seq: int) -> list[GenerationEvent]:
+        # From the end: a reader usually lacks only the last few events of a long log.
+        newer: list[GenerationEvent] = []
+        for event in reversed(self._events):
+            if event.seq <= seq:
+                break
+            newer.append(event)
+        newer.reverse()
+        return newer
 
     async def wait_after(self, seq: int, max_wait: float | None = None) -> list[GenerationEvent]:
         """Like :meth:`read_after`, but wait (up to `max_wait` seconds) for an event if there is none yet.

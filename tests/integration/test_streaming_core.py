@@ -324,3 +324,34 @@ async def test_an_adapter_failure_is_an_error_event_with_the_kept_text(db: str, 
         assert stored_events[-1] == error
     finally:
         await streaming.shutdown()
+
+
+async def test_many_answers_ending_together_are_all_stored(streaming: StreamingCore) -> None:
+    """Concurrent writers wait for each other (on SQLite: BEGIN IMMEDIATE and the busy
+    timeout) instead of failing: every answer ends with `done` and its message stored."""
+    tenant = await make_tenant()
+    agent = await create_agent(tenant.company_id, AgentCreate(name="fast", config={"pace": 0}))
+    alice = tenant.principals["alice"]
+    conversations = [(await create_conversation(alice, ConversationCreate(agent_id=agent.id))).id for _ in range(30)]
+    generations = await asyncio.gather(*(ask(streaming, alice, cid, "one two three") for cid in conversations))
+    endings = await asyncio.gather(*(read_all(streaming, gid) for gid in generations))
+    assert all(isinstance(events[-1], Done) for events in endings), [e[-1] for e in endings]
+    assert await Message.count().where(Message.role == "agent", Message.conversation.is_in(conversations)) == 30
+
+
+async def test_an_outcome_that_cannot_be_stored_still_ends_the_stream(
+    streaming: StreamingCore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the database refuses the outcome, readers get a terminal `error storage_failed`
+    instead of waiting forever."""
+    import app.streaming.core as core_module
+
+    async def refuse(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("database unavailable")
+
+    monkeypatch.setattr(core_module, "finish_generation", refuse)
+    monkeypatch.setattr(core_module, "STORE_ATTEMPTS", 2)
+    alice, cid = await conversation_with_agent()
+    gid = await ask(streaming, alice, cid)
+    events = await read_all(streaming, gid)
+    assert isinstance(events[-1], Error) and events[-1].code == "storage_failed"

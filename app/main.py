@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from litestar import Litestar, Router
 from litestar.di import Provide
 from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
+from litestar.static_files import create_static_files_router
 
 from app.agents.controllers import AgentController
 from app.auth.controllers import ApiKeyController, MeController, SessionController
@@ -27,6 +29,8 @@ from app.streaming.ws import ws_endpoint
 from app.tables import Company
 
 API_VERSION = "0.1.0"
+# The web chat client: static files, no build step.
+WEB_DIR = Path(__file__).resolve().parent / "web"
 
 
 def create_app(settings: Settings | None = None) -> Litestar:
@@ -73,8 +77,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
         },
         security=[{"bearer": []}, {"cookie": []}],
     )
+    web = create_static_files_router(
+        path="/", directories=[WEB_DIR], html_mode=True, name="web", include_in_schema=False
+    )
     return Litestar(
-        route_handlers=[api, healthz, readyz],
+        route_handlers=[api, healthz, readyz, web],
         on_startup=[startup],
         on_shutdown=[shutdown],
         exception_handlers=EXCEPTION_HANDLERS,

@@ -1,0 +1,642 @@
+// chatstream web client: plain JavaScript, no build step, no dependencies.
+// It talks to the REST API (session cookie) and follows answers over one EventSource.
+"use strict";
+
+(() => {
+  const $ = (id) => document.getElementById(id);
+  const el = {
+    loading: $("loading"),
+    login: $("login"),
+    loginForm: $("login-form"),
+    loginKey: $("login-key"),
+    app: $("app"),
+    whoami: $("whoami"),
+    logout: $("logout"),
+    alert: $("alert"),
+    alertText: $("alert-text"),
+    alertRetry: $("alert-retry"),
+    alertDismiss: $("alert-dismiss"),
+    agentSelect: $("agent-select"),
+    newConversation: $("new-conversation"),
+    conversationList: $("conversation-list"),
+    conversationsMore: $("conversations-more"),
+    chatTitle: $("chat-title"),
+    chatEmpty: $("chat-empty"),
+    chatBody: $("chat-body"),
+    messagesOlder: $("messages-older"),
+    messageList: $("message-list"),
+    composer: $("composer"),
+    input: $("composer-input"),
+    send: $("send"),
+    stop: $("stop"),
+    streamStatus: $("stream-status"),
+  };
+
+  const state = {
+    me: null,
+    agents: [],
+    conversations: [],
+    conversationsCursor: null,
+    current: null, // the selected conversation
+    olderCursor: null,
+    pending: null, // {conversationId, content, clientMessageId} of a send not yet confirmed
+    stream: null, // {es, conversationId, generationId, bubble, text}
+  };
+
+  // -- talking to the server ------------------------------------------------------------
+
+  class NetworkError extends Error {}
+
+  class ApiError extends Error {
+    constructor(status, body, retryAfter) {
+      const message = body && typeof body.error === "string" ? body.error : `The server answered ${status}.`;
+      super(message);
+      this.status = status;
+      this.code = body && body.code;
+      this.details = body && body.details;
+      this.retryAfter = retryAfter;
+    }
+  }
+
+  async function api(method, path, body) {
+    const init = { method, credentials: "same-origin", headers: { Accept: "application/json" } };
+    if (body !== undefined) {
+      init.headers["Content-Type"] = "application/json";
+      init.body = JSON.stringify(body);
+    }
+    let response;
+    try {
+      response = await fetch(path, init);
+    } catch (err) {
+      throw new NetworkError("Cannot reach the server");
+    }
+    if (response.status === 204) return null;
+    let data = null;
+    try {
+      data = await response.json();
+    } catch (err) {
+      data = null;
+    }
+    if (!response.ok) {
+      if (response.status >= 502 && response.status <= 504 && !(data && data.error)) {
+        throw new NetworkError("Cannot reach the server");
+      }
+      throw new ApiError(response.status, data, response.headers.get("Retry-After"));
+    }
+    return data;
+  }
+
+  const enc = encodeURIComponent;
+
+  // -- the alert region -----------------------------------------------------------------
+
+  let retryAction = null;
+
+  function describe(err) {
+    if (err instanceof NetworkError) return "Cannot reach the server. Check your connection and try again.";
+    if (err instanceof ApiError) {
+      let text = err.message;
+      if (err.status === 429) {
+        text = `Too many requests: ${text}` + (err.retryAfter ? ` Try again in ${err.retryAfter} s.` : "");
+      }
+      return text;
+    }
+    return "Something went wrong in this page. Reload it and try again.";
+  }
+
+  function showError(err, retry) {
+    if (err instanceof ApiError && err.status === 401 && state.me) {
+      // The session ended (signed out elsewhere, key revoked).
+      state.me = null;
+      showLogin();
+    }
+    el.alertText.textContent = describe(err);
+    retryAction = retry || null;
+    el.alertRetry.hidden = !(retry && (err instanceof NetworkError || (err instanceof ApiError && err.status === 429)));
+    el.alert.hidden = false;
+  }
+
+  function clearError() {
+    el.alert.hidden = true;
+    el.alertText.textContent = "";
+    retryAction = null;
+  }
+
+  el.alertDismiss.addEventListener("click", clearError);
+  el.alertRetry.addEventListener("click", () => {
+    const action = retryAction;
+    clearError();
+    if (action) action();
+  });
+
+  // -- signing in and out ---------------------------------------------------------------
+
+  function showLogin() {
+    closeStream();
+    el.loading.hidden = true;
+    el.app.hidden = true;
+    el.logout.hidden = true;
+    el.whoami.hidden = true;
+    el.login.hidden = false;
+    el.loginKey.focus();
+  }
+
+  async function showApp(me) {
+    state.me = me;
+    el.loading.hidden = true;
+    el.login.hidden = true;
+    el.app.hidden = false;
+    el.logout.hidden = false;
+    el.whoami.hidden = false;
+    el.whoami.textContent = `${me.key.name} · ${me.company.name} (${me.role})`;
+    await Promise.all([loadAgents(), loadConversations(true)]);
+    // After a reload: back to the conversation this tab had open.
+    const saved = sessionStorage.getItem("chatstream.current");
+    const conversation = saved && state.conversations.find((c) => c.id === saved);
+    if (conversation && !state.current) await selectConversation(conversation);
+  }
+
+  async function signIn(key) {
+    const me = await api("POST", "/api/session", { key });
+    clearError();
+    await showApp(me);
+  }
+
+  async function boot() {
+    const match = /(?:^#|&)key=([^&]+)/.exec(location.hash);
+    if (match) {
+      // The key must not stay in the address bar or the history.
+      history.replaceState(null, "", location.pathname + location.search);
+      const key = decodeURIComponent(match[1]);
+      try {
+        await signIn(key);
+      } catch (err) {
+        showLogin();
+        showError(err, () => signIn(key).catch((e) => showError(e)));
+      }
+      return;
+    }
+    try {
+      const me = await api("GET", "/api/me");
+      await showApp(me);
+    } catch (err) {
+      if (err instanceof ApiError && err.status === 401) {
+        showLogin();
+      } else {
+        el.loading.hidden = true;
+        showError(err, boot);
+      }
+    }
+  }
+
+  el.loginForm.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const key = el.loginKey.value.trim();
+    if (!key) return;
+    try {
+      await signIn(key);
+      el.loginKey.value = "";
+    } catch (err) {
+      showError(err, () => el.loginForm.requestSubmit());
+    }
+  });
+
+  el.logout.addEventListener("click", async () => {
+    try {
+      await api("DELETE", "/api/session");
+    } catch (err) {
+      showError(err, () => el.logout.click());
+      return;
+    }
+    state.me = null;
+    state.current = null;
+    state.conversations = [];
+    sessionStorage.clear();
+    el.conversationList.replaceChildren();
+    el.messageList.replaceChildren();
+    clearError();
+    showLogin();
+  });
+
+  // -- agents and conversations ---------------------------------------------------------
+
+  async function loadAgents() {
+    try {
+      state.agents = await api("GET", "/api/agents");
+    } catch (err) {
+      showError(err, loadAgents);
+      return;
+    }
+    el.agentSelect.replaceChildren(
+      ...state.agents.map((agent) => new Option(agent.name, agent.id)),
+      new Option("No agent", ""),
+    );
+  }
+
+  function agentName(agentId) {
+    const agent = state.agents.find((a) => a.id === agentId);
+    return agent ? agent.name : "Agent";
+  }
+
+  function conversationLabel(c) {
+    return c.title || "Untitled conversation";
+  }
+
+  function formatTime(iso) {
+    const date = new Date(iso);
+    return date.toLocaleString(undefined, { dateStyle: "medium", timeStyle: "short" });
+  }
+
+  function renderConversations() {
+    el.conversationList.replaceChildren(
+      ...state.conversations.map((c) => {
+        const li = document.createElement("li");
+        const button = document.createElement("button");
+        button.type = "button";
+        button.dataset.id = c.id;
+        if (state.current && state.current.id === c.id) button.setAttribute("aria-current", "true");
+        const title = document.createElement("span");
+        title.className = "title";
+        title.textContent = conversationLabel(c);
+        const when = document.createElement("span");
+        when.className = "when";
+        when.textContent = formatTime(c.lastMessageAt);
+        button.append(title, when);
+        button.addEventListener("click", () => selectConversation(c));
+        li.append(button);
+        return li;
+      }),
+    );
+    el.conversationsMore.hidden = !state.conversationsCursor;
+  }
+
+  async function loadConversations(reset) {
+    const cursor = reset ? null : state.conversationsCursor;
+    let page;
+    try {
+      page = await api("GET", "/api/conversations" + (cursor ? `?cursor=${enc(cursor)}` : ""));
+    } catch (err) {
+      showError(err, () => loadConversations(reset));
+      return;
+    }
+    const known = new Set(reset ? [] : state.conversations.map((c) => c.id));
+    state.conversations = (reset ? [] : state.conversations).concat(page.items.filter((c) => !known.has(c.id)));
+    state.conversationsCursor = page.nextCursor;
+    renderConversations();
+  }
+
+  el.conversationsMore.addEventListener("click", () => loadConversations(false));
+
+  async function createConversation() {
+    const body = {};
+    if (el.agentSelect.value) body.agentId = el.agentSelect.value;
+    let conversation;
+    try {
+      conversation = await api("POST", "/api/conversations", body);
+    } catch (err) {
+      showError(err, createConversation);
+      return;
+    }
+    clearError();
+    state.conversations.unshift(conversation);
+    await selectConversation(conversation);
+    el.input.focus();
+  }
+
+  el.newConversation.addEventListener("submit", (event) => {
+    event.preventDefault();
+    createConversation();
+  });
+
+  /** Moves a conversation to the top of the list (it has the newest activity). */
+  function bumpConversation(id) {
+    const index = state.conversations.findIndex((c) => c.id === id);
+    if (index > 0) state.conversations.unshift(...state.conversations.splice(index, 1));
+    if (index >= 0) state.conversations[0].lastMessageAt = new Date().toISOString();
+    renderConversations();
+  }
+
+  function forgetConversation(id) {
+    state.conversations = state.conversations.filter((c) => c.id !== id);
+    if (state.current && state.current.id === id) {
+      closeStream();
+      state.current = null;
+      el.chatTitle.textContent = "No conversation selected";
+      el.chatEmpty.hidden = false;
+      el.chatBody.hidden = true;
+      el.composer.hidden = true;
+    }
+    renderConversations();
+  }
+
+  // -- messages -------------------------------------------------------------------------
+
+  function messageNode(m) {
+    const li = document.createElement("li");
+    li.className = `message ${m.role}`;
+    li.dataset.id = m.id;
+    const author = document.createElement("p");
+    author.className = "author";
+    author.textContent = m.role === "user" ? "You" : agentName(state.current && state.current.agentId);
+    const content = document.createElement("p");
+    content.className = "content";
+    content.textContent = m.effectiveContent;
+    li.append(author, content);
+    if (m.editedAt) li.append(note("edited"));
+    if (m.status === "partial") {
+      li.classList.add("stopped");
+      li.append(note("Stopped before the end"));
+    }
+    return li;
+  }
+
+  function note(text) {
+    const p = document.createElement("p");
+    p.className = "note";
+    p.textContent = text;
+    return p;
+  }
+
+  function scrollToEnd() {
+    el.chatBody.scrollTop = el.chatBody.scrollHeight;
+  }
+
+  async function selectConversation(conversation) {
+    if (state.current && state.current.id === conversation.id) return;
+    closeStream();
+    state.current = conversation;
+    state.olderCursor = null;
+    sessionStorage.setItem("chatstream.current", conversation.id);
+    renderConversations();
+    el.chatTitle.textContent = conversationLabel(conversation);
+    el.chatEmpty.hidden = true;
+    el.chatBody.hidden = false;
+    el.composer.hidden = false;
+    el.messageList.replaceChildren();
+    setStreaming(false);
+    let page;
+    try {
+      page = await api("GET", `/api/conversations/${conversation.id}/messages`);
+    } catch (err) {
+      if (err instanceof ApiError && err.status === 404) forgetConversation(conversation.id);
+      showError(err, () => {
+        state.current = null;
+        selectConversation(conversation);
+      });
+      return;
+    }
+    if (!state.current || state.current.id !== conversation.id) return;
+    el.messageList.replaceChildren(...page.items.map(messageNode));
+    state.olderCursor = page.nextCursor;
+    el.messagesOlder.hidden = !page.nextCursor;
+    scrollToEnd();
+    resumeIfAnswering(conversation, page.items);
+  }
+
+  /** After a reload: follow an answer that was streaming (from its start, so it shows whole). */
+  function resumeIfAnswering(conversation, items) {
+    const saved = sessionStorage.getItem(`chatstream.generation.${conversation.id}`);
+    const last = items[items.length - 1];
+    if (!saved) return;
+    if (last && last.role === "agent" && last.generationId === saved) {
+      sessionStorage.removeItem(`chatstream.generation.${conversation.id}`);
+    } else {
+      openStream(conversation.id, saved);
+    }
+  }
+
+  el.messagesOlder.addEventListener("click", async () => {
+    const conversation = state.current;
+    if (!conversation || !state.olderCursor) return;
+    let page;
+    try {
+      page = await api("GET", `/api/conversations/${conversation.id}/messages?before=${enc(state.olderCursor)}`);
+    } catch (err) {
+      showError(err, () => el.messagesOlder.click());
+      return;
+    }
+    if (state.current !== conversation) return;
+    const before = el.chatBody.scrollHeight;
+    el.messageList.prepend(...page.items.map(messageNode));
+    el.chatBody.scrollTop += el.chatBody.scrollHeight - before;
+    state.olderCursor = page.nextCursor;
+    el.messagesOlder.hidden = !page.nextCursor;
+  });
+
+  // -- sending --------------------------------------------------------------------------
+
+  function newId() {
+    if (window.crypto && typeof crypto.randomUUID === "function") return crypto.randomUUID();
+    return "xxxxxxxx-xxxx-4xxx-yxxx-xxxxxxxxxxxx".replace(/[xy]/g, (ch) => {
+      const r = (Math.random() * 16) | 0;
+      return (ch === "x" ? r : (r & 0x3) | 0x8).toString(16);
+    });
+  }
+
+  async function send() {
+    const conversation = state.current;
+    if (!conversation) return;
+    const content = el.input.value;
+    if (!content.trim()) return;
+    // A retry of the same text keeps its clientMessageId, so the server stores it once.
+    if (!state.pending || state.pending.conversationId !== conversation.id || state.pending.content !== content) {
+      state.pending = { conversationId: conversation.id, content, clientMessageId: newId() };
+    }
+    const pending = state.pending;
+    el.send.disabled = true;
+    let posted;
+    try {
+      posted = await api("POST", `/api/conversations/${conversation.id}/messages`, {
+        content,
+        clientMessageId: pending.clientMessageId,
+      });
+    } catch (err) {
+      if (err instanceof ApiError && err.status === 404) forgetConversation(conversation.id);
+      showError(err, send);
+      return;
+    } finally {
+      el.send.disabled = false;
+    }
+    state.pending = null;
+    clearError();
+    if (el.input.value === content) el.input.value = "";
+    if (state.current !== conversation) return;
+    if (!el.messageList.querySelector(`[data-id="${posted.message.id}"]`)) {
+      el.messageList.append(messageNode(posted.message));
+    }
+    bumpConversation(conversation.id);
+    scrollToEnd();
+    if (posted.generation && posted.generation.status === "running") {
+      openStream(conversation.id, posted.generation.id);
+    }
+  }
+
+  el.composer.addEventListener("submit", (event) => {
+    event.preventDefault();
+    send();
+  });
+
+  el.input.addEventListener("keydown", (event) => {
+    // Enter sends; Shift+Enter (and Enter while an input method composes) is a new line.
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing && !event.altKey && !event.ctrlKey) {
+      event.preventDefault();
+      send();
+    }
+  });
+
+  // -- the answer stream (one EventSource per tab) --------------------------------------
+
+  function setStreaming(on, text) {
+    el.stop.hidden = !on;
+    el.stop.disabled = false;
+    el.streamStatus.textContent = text || "";
+  }
+
+  function closeStream() {
+    const s = state.stream;
+    if (!s) return;
+    state.stream = null;
+    s.es.close();
+    if (s.bubble.classList.contains("streaming")) {
+      s.bubble.classList.remove("streaming");
+      s.bubble.removeAttribute("aria-busy");
+    }
+    setStreaming(false);
+  }
+
+  function openStream(conversationId, generationId) {
+    closeStream();
+    const storageKey = `chatstream.generation.${conversationId}`;
+    sessionStorage.setItem(storageKey, generationId);
+    const bubble = document.createElement("li");
+    bubble.className = "message agent streaming live";
+    bubble.dataset.generationId = generationId;
+    bubble.setAttribute("aria-live", "polite");
+    bubble.setAttribute("aria-busy", "true");
+    const author = document.createElement("p");
+    author.className = "author";
+    author.textContent = agentName(state.current && state.current.agentId);
+    const content = document.createElement("p");
+    content.className = "content";
+    bubble.append(author, content);
+    el.messageList.append(bubble);
+    scrollToEnd();
+
+    // From the answer's start (seq 0): the whole answer, exactly once; the browser resumes
+    // with Last-Event-ID if the connection drops.
+    const url = `/api/conversations/${conversationId}/stream?after=${enc(generationId)}.0`;
+    const es = new EventSource(url);
+    const s = { es, conversationId, generationId, bubble, text: "" };
+    state.stream = s;
+    setStreaming(true, "Answering…");
+
+    const render = () => {
+      content.textContent = s.text;
+      scrollToEnd();
+    };
+    const finish = (cls, message, ended = true) => {
+      if (state.stream !== s) return;
+      // The answer is over: nothing to resume after a reload.
+      if (ended) sessionStorage.removeItem(storageKey);
+      bubble.classList.remove("streaming", "live");
+      bubble.removeAttribute("aria-busy");
+      if (cls) bubble.classList.add(cls);
+      if (message) bubble.append(note(message));
+      closeStream();
+    };
+    const parse = (event) => {
+      try {
+        return JSON.parse(event.data);
+      } catch (err) {
+        return null;
+      }
+    };
+
+    es.addEventListener("open", () => {
+      if (state.stream === s) el.streamStatus.textContent = "Answering…";
+    });
+    es.addEventListener("token", (event) => {
+      const data = parse(event);
+      if (!data || state.stream !== s) return;
+      s.text += data.text;
+      render();
+    });
+    es.addEventListener("snapshot", (event) => {
+      const data = parse(event);
+      if (!data || state.stream !== s) return;
+      s.text = data.text;
+      render();
+    });
+    es.addEventListener("done", (event) => {
+      const data = parse(event);
+      if (data && data.messageId) {
+        const stored = el.messageList.querySelector(`.message[data-id="${data.messageId}"]`);
+        if (stored && stored !== bubble) bubble.remove();
+        bubble.dataset.id = data.messageId;
+      }
+      finish(null, null);
+    });
+    es.addEventListener("cancelled", (event) => {
+      const data = parse(event);
+      const kept = data && data.messageId;
+      if (kept) bubble.dataset.id = data.messageId;
+      finish("stopped", kept ? "Stopped. The partial answer was kept." : "Stopped. The answer was discarded.");
+    });
+    es.addEventListener("error", (event) => {
+      if (state.stream !== s || unloading) return;
+      if (event.data) {
+        // The server's terminal `error` event: the answer failed.
+        const data = parse(event);
+        finish("failed", `The answer failed: ${(data && data.message) || "unknown error"}`);
+        return;
+      }
+      if (es.readyState === EventSource.CLOSED) {
+        // Refused (an error answer) or nothing to stream (204): find out which, to say why.
+        finish(null, null, false);
+        api("GET", `/api/generations/${generationId}`).then(
+          (gen) => {
+            if (gen.status === "running") {
+              showError(new NetworkError(), () => openStream(conversationId, generationId));
+            } else {
+              sessionStorage.removeItem(storageKey);
+            }
+          },
+          (err) => showError(err, () => openStream(conversationId, generationId)),
+        );
+      } else {
+        // The browser reconnects by itself, sending Last-Event-ID.
+        el.streamStatus.textContent = "Connection lost, reconnecting…";
+      }
+    });
+  }
+
+  el.stop.addEventListener("click", async () => {
+    const s = state.stream;
+    if (!s) return;
+    el.stop.disabled = true;
+    el.streamStatus.textContent = "Stopping…";
+    try {
+      await api("POST", `/api/generations/${s.generationId}/cancel`);
+    } catch (err) {
+      el.stop.disabled = false;
+      showError(err, () => el.stop.click());
+    }
+    // The `cancelled` event on the stream finishes the bubble.
+  });
+
+  let unloading = false;
+  window.addEventListener("beforeunload", () => {
+    unloading = true;
+  });
+  window.addEventListener("pagehide", () => {
+    unloading = true;
+    if (state.stream) state.stream.es.close();
+  });
+
+  // A login link opened in a tab already showing the page only changes the fragment.
+  window.addEventListener("hashchange", () => {
+    if (/(?:^#|&)key=/.test(location.hash)) boot();
+  });
+
+  boot();
+})();

@@ -30,6 +30,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     cookie_secure: bool = False
     cookie_max_age: int = 30 * 24 * 3600
     log_level: str = "INFO"
+    # Messages one API key may post per minute (each starts an answer), per server process.
+    messages_per_minute: int = 60
     # Streaming policies (defaults; a POST may override them per answer, see StreamPolicy).
     disconnect_grace: float = 30.0
     partial: Literal["keep", "discard"] = "keep"
@@ -68,6 +70,7 @@ ENV = {
     "cookie_secure": "CHATSTREAM_COOKIE_SECURE",
     "cookie_max_age": "CHATSTREAM_COOKIE_MAX_AGE",
     "log_level": "CHATSTREAM_LOG_LEVEL",
+    "messages_per_minute": "CHATSTREAM_MESSAGES_PER_MINUTE",
     "disconnect_grace": "CHATSTREAM_DISCONNECT_GRACE",
     "partial": "CHATSTREAM_PARTIAL",
     "if_busy": "CHATSTREAM_IF_BUSY",

@@ -21,6 +21,7 @@ from app.config import Settings, get_settings
 from app.db import close_pool, open_pool
 from app.exception_handlers import EXCEPTION_HANDLERS
 from app.health import healthz, readyz
+from app.rate_limit import message_rate_limit
 from app.streaming.broker import InProcessBroker
 from app.streaming.core import StreamingCore
 from app.streaming.policy import StreamPolicy
@@ -82,6 +83,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     )
     return Litestar(
         route_handlers=[api, healthz, readyz, web],
+        middleware=[message_rate_limit(settings.messages_per_minute).middleware],
         on_startup=[startup],
         on_shutdown=[shutdown],
         exception_handlers=EXCEPTION_HANDLERS,

@@ -14,6 +14,7 @@ _DESCRIPTIONS = {
     404: "No such resource for this caller (other tenants' rows are not found either)",
     409: "Conflicts with the current state",
     413: "Request body or a field is too large",
+    429: "Too many messages from this key; retry after `Retry-After` seconds",
     503: "Not ready",
 }
 

@@ -105,7 +105,7 @@ class ConversationController(Controller):
         description="201 with the new message; 200 with the original one when `clientMessageId` was seen before.",
         responses={
             HTTP_200_OK: ResponseSpec(MessagePosted, description="The message first posted with this clientMessageId"),
-            **errors(400, 404, 409, 413),
+            **errors(400, 404, 409, 413, 429),
         },
     )
     async def post_message(

@@ -21,6 +21,15 @@
     conversationList: $("conversation-list"),
     conversationsMore: $("conversations-more"),
     chatTitle: $("chat-title"),
+    conversationActions: $("conversation-actions"),
+    rename: $("rename"),
+    renameForm: $("rename-form"),
+    renameInput: $("rename-input"),
+    renameCancel: $("rename-cancel"),
+    del: $("delete"),
+    deleteConfirm: $("delete-confirm"),
+    deleteYes: $("delete-yes"),
+    deleteNo: $("delete-no"),
     chatEmpty: $("chat-empty"),
     chatBody: $("chat-body"),
     messagesOlder: $("messages-older"),
@@ -214,6 +223,11 @@
     sessionStorage.clear();
     el.conversationList.replaceChildren();
     el.messageList.replaceChildren();
+    resetConversationActions();
+    el.chatTitle.textContent = "No conversation selected";
+    el.chatEmpty.hidden = false;
+    el.chatBody.hidden = true;
+    el.composer.hidden = true;
     clearError();
     showLogin();
   });
@@ -318,9 +332,15 @@
 
   function forgetConversation(id) {
     state.conversations = state.conversations.filter((c) => c.id !== id);
+    sessionStorage.removeItem(`chatstream.generation.${id}`);
     if (state.current && state.current.id === id) {
       closeStream();
       state.current = null;
+      sessionStorage.removeItem("chatstream.current");
+      resetConversationActions();
+      el.conversationActions.hidden = true;
+      el.messageList.replaceChildren();
+      el.messagesOlder.hidden = true;
       el.chatTitle.textContent = "No conversation selected";
       el.chatEmpty.hidden = false;
       el.chatBody.hidden = true;
@@ -328,6 +348,119 @@
     }
     renderConversations();
   }
+
+  // -- renaming and deleting the selected conversation ----------------------------------
+
+  /** Back to the plain header: no rename form, no delete question. */
+  function resetConversationActions() {
+    el.renameForm.hidden = true;
+    el.deleteConfirm.hidden = true;
+    el.chatTitle.hidden = false;
+    el.conversationActions.hidden = !state.current;
+    el.rename.disabled = false;
+    el.del.disabled = false;
+    el.deleteYes.disabled = false;
+  }
+
+  /** Puts a conversation the server answered in place of the one we had. */
+  function updateConversation(updated) {
+    const known = state.conversations.find((c) => c.id === updated.id);
+    if (known) Object.assign(known, updated);
+    if (state.current && state.current.id === updated.id) {
+      if (state.current !== known) Object.assign(state.current, updated);
+      el.chatTitle.textContent = conversationLabel(state.current);
+    }
+    renderConversations();
+  }
+
+  el.rename.addEventListener("click", () => {
+    if (!state.current) return;
+    resetConversationActions();
+    el.conversationActions.hidden = true;
+    el.chatTitle.hidden = true;
+    el.renameForm.hidden = false;
+    el.renameInput.value = state.current.title || "";
+    el.renameInput.focus();
+    el.renameInput.select();
+  });
+
+  function cancelRename() {
+    resetConversationActions();
+    el.rename.focus();
+  }
+
+  el.renameCancel.addEventListener("click", cancelRename);
+  el.renameForm.addEventListener("keydown", (event) => {
+    if (event.key === "Escape") {
+      event.preventDefault();
+      cancelRename();
+    }
+  });
+
+  async function saveRename() {
+    const conversation = state.current;
+    if (!conversation) return;
+    const title = el.renameInput.value.trim();
+    let updated;
+    try {
+      updated = await api("PATCH", `/api/conversations/${conversation.id}`, { title: title || null });
+    } catch (err) {
+      if (err instanceof ApiError && err.status === 404) forgetConversation(conversation.id);
+      showError(err, saveRename);
+      return;
+    }
+    clearError();
+    updateConversation(updated);
+    if (state.current === conversation) {
+      resetConversationActions();
+      el.rename.focus();
+    }
+  }
+
+  el.renameForm.addEventListener("submit", (event) => {
+    event.preventDefault();
+    saveRename();
+  });
+
+  el.del.addEventListener("click", () => {
+    if (!state.current) return;
+    resetConversationActions();
+    el.conversationActions.hidden = true;
+    el.deleteConfirm.hidden = false;
+    el.deleteNo.focus();
+  });
+
+  el.deleteNo.addEventListener("click", () => {
+    resetConversationActions();
+    el.del.focus();
+  });
+  el.deleteConfirm.addEventListener("keydown", (event) => {
+    if (event.key === "Escape") {
+      event.preventDefault();
+      el.deleteNo.click();
+    }
+  });
+
+  async function deleteConversation() {
+    const conversation = state.current;
+    if (!conversation) return;
+    el.deleteYes.disabled = true;
+    try {
+      await api("DELETE", `/api/conversations/${conversation.id}`);
+    } catch (err) {
+      el.deleteYes.disabled = false;
+      // Already gone: that is what was asked for.
+      if (!(err instanceof ApiError && err.status === 404)) {
+        showError(err, deleteConversation);
+        return;
+      }
+    }
+    clearError();
+    forgetConversation(conversation.id);
+    el.newConversation.querySelector("button[type=submit]").focus();
+  }
+
+  el.deleteYes.addEventListener("click", deleteConversation);
 
   // -- messages -------------------------------------------------------------------------
 
@@ -340,14 +473,121 @@
     author.textContent = m.role === "user" ? "You" : agentName(state.current && state.current.agentId);
     const content = document.createElement("p");
     content.className = "content";
+    content.id = `message-${m.id}-content`;
     content.textContent = m.effectiveContent;
     li.append(author, content);
-    if (m.editedAt) li.append(note("edited"));
+    if (m.editedAt) {
+      const marker = note("edited");
+      marker.classList.add("edited");
+      marker.title = `Edited ${formatTime(m.editedAt)}`;
+      li.append(marker);
+    }
     if (m.status === "partial") {
       li.classList.add("stopped");
       li.append(note("Stopped before the end"));
     }
+    addEditControl(li, m);
     return li;
+  }
+
+  /** Who may edit: the author of a user message, or an admin (any message, agents' too). */
+  function canEdit(m) {
+    if (!state.me || !m.id) return false;
+    if (state.me.role === "admin") return true;
+    return m.role === "user" && m.authorId === state.me.userId;
+  }
+
+  function addEditControl(li, m) {
+    if (!canEdit(m)) return;
+    const actions = document.createElement("div");
+    actions.className = "message-actions";
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "secondary edit";
+    button.textContent = "Edit";
+    button.setAttribute("aria-describedby", `message-${m.id}-content`);
+    button.addEventListener("click", () => startEdit(li, m));
+    actions.append(button);
+    li.append(actions);
+  }
+
+  function startEdit(li, m) {
+    if (li.querySelector(".message-edit")) return;
+    const content = li.querySelector(".content");
+    const actions = li.querySelector(".message-actions");
+    const form = document.createElement("form");
+    form.className = "message-edit";
+    const boxId = `message-${m.id}-edit`;
+    const hintId = `message-${m.id}-edit-hint`;
+    const label = document.createElement("label");
+    label.htmlFor = boxId;
+    label.textContent = "Edit message";
+    const box = document.createElement("textarea");
+    box.id = boxId;
+    box.rows = 3;
+    box.value = content ? content.textContent : m.effectiveContent;
+    box.setAttribute("aria-describedby", hintId);
+    const hint = document.createElement("p");
+    hint.id = hintId;
+    hint.className = "hint";
+    hint.textContent = "Ctrl+Enter saves, Escape cancels.";
+    const row = document.createElement("div");
+    row.className = "row-actions";
+    const save = document.createElement("button");
+    save.type = "submit";
+    save.textContent = "Save";
+    const cancel = document.createElement("button");
+    cancel.type = "button";
+    cancel.className = "secondary";
+    cancel.textContent = "Cancel";
+    row.append(save, cancel);
+    form.append(label, box, hint, row);
+
+    const stop = () => {
+      form.remove();
+      if (content) content.hidden = false;
+      if (actions) {
+        actions.hidden = false;
+        actions.querySelector("button").focus();
+      }
+    };
+    const submit = async () => {
+      save.disabled = true;
+      let updated;
+      try {
+        updated = await api("PUT", `/api/conversations/${m.conversationId}/messages/${m.id}`, {
+          content: box.value,
+        });
+      } catch (err) {
+        save.disabled = false;
+        showError(err, submit);
+        return;
+      }
+      clearError();
+      const replacement = messageNode(updated);
+      li.replaceWith(replacement);
+      const again = replacement.querySelector(".message-actions button");
+      if (again) again.focus();
+    };
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      submit();
+    });
+    cancel.addEventListener("click", stop);
+    form.addEventListener("keydown", (event) => {
+      if (event.key === "Escape") {
+        event.preventDefault();
+        stop();
+      } else if (event.key === "Enter" && (event.ctrlKey || event.metaKey) && event.target === box) {
+        event.preventDefault();
+        submit();
+      }
+    });
+
+    if (content) content.hidden = true;
+    if (actions) actions.hidden = true;
+    li.insertBefore(form, actions || null);
+    box.focus();
   }
 
   function note(text) {
@@ -369,6 +609,7 @@
     sessionStorage.setItem("chatstream.current", conversation.id);
     renderConversations();
     el.chatTitle.textContent = conversationLabel(conversation);
+    resetConversationActions();
     el.chatEmpty.hidden = true;
     el.chatBody.hidden = false;
     el.composer.hidden = false;
@@ -573,13 +814,17 @@
         const stored = el.messageList.querySelector(`.message[data-id="${data.messageId}"]`);
         if (stored && stored !== bubble) bubble.remove();
         bubble.dataset.id = data.messageId;
+        streamedEditControl(bubble, data.messageId, conversationId, s.text);
       }
       finish(null, null);
     });
     es.addEventListener("cancelled", (event) => {
       const data = parse(event);
       const kept = data && data.messageId;
-      if (kept) bubble.dataset.id = data.messageId;
+      if (kept) {
+        bubble.dataset.id = data.messageId;
+        streamedEditControl(bubble, data.messageId, conversationId, s.text);
+      }
       finish("stopped", kept ? "Stopped. The partial answer was kept." : "Stopped. The answer was discarded.");
     });
     es.addEventListener("error", (event) => {
@@ -608,6 +853,13 @@
         el.streamStatus.textContent = "Connection lost, reconnecting…";
       }
     });
+  }
+
+  /** A streamed answer, once stored, gets the same edit control a loaded one has (admins). */
+  function streamedEditControl(bubble, messageId, conversationId, text) {
+    const content = bubble.querySelector(".content");
+    if (content) content.id = `message-${messageId}-content`;
+    addEditControl(bubble, { id: messageId, conversationId, role: "agent", effectiveContent: text });
   }
 
   el.stop.addEventListener("click", async () => {

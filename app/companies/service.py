@@ -39,7 +39,7 @@ async def list_companies() -> list[CompanyOut]:
 
 
 async def find_company(ref: str) -> CompanyOut:
-    """A company by id or by exact name; raises NotFound, or InvalidInput-like NotFound if ambiguous."""
+    """A company by id or by exact name; NotFound when there is none, or several of that name."""
     try:
         query = Company.select(Company.id, Company.name).where(Company.id == UUID(ref))
     except ValueError:

@@ -106,7 +106,11 @@
     if (err instanceof ApiError) {
       let text = err.message;
       if (err.status === 429) {
-        text = `Too many requests: ${text}` + (err.retryAfter ? ` Try again in ${err.retryAfter} s.` : "");
+        const wait = (err.details && err.details.retryAfter) || err.retryAfter;
+        const seconds = Math.max(1, Math.ceil(Number(wait) || 0));
+        text = "You are sending messages too fast." + (wait ? ` Try again in ${seconds} s.` : " Wait a moment and try again.");
+      } else if (err.status === 404 && err.conversationGone) {
+        text = "This conversation is gone: it was deleted, maybe in another tab or by someone else.";
       }
       return text;
     }
@@ -330,6 +334,14 @@
     renderConversations();
   }
 
+  /** A 404 about the conversation itself: it was deleted elsewhere. */
+  function conversationGone(err, id) {
+    if (!(err instanceof ApiError && err.status === 404)) return false;
+    err.conversationGone = true;
+    forgetConversation(id);
+    return true;
+  }
+
   function forgetConversation(id) {
     state.conversations = state.conversations.filter((c) => c.id !== id);
     sessionStorage.removeItem(`chatstream.generation.${id}`);
@@ -405,7 +417,7 @@
     try {
       updated = await api("PATCH", `/api/conversations/${conversation.id}`, { title: title || null });
     } catch (err) {
-      if (err instanceof ApiError && err.status === 404) forgetConversation(conversation.id);
+      conversationGone(err, conversation.id);
       showError(err, saveRename);
       return;
     }
@@ -619,7 +631,7 @@
     try {
       page = await api("GET", `/api/conversations/${conversation.id}/messages`);
     } catch (err) {
-      if (err instanceof ApiError && err.status === 404) forgetConversation(conversation.id);
+      conversationGone(err, conversation.id);
       showError(err, () => {
         state.current = null;
         selectConversation(conversation);
@@ -638,11 +650,14 @@
   function resumeIfAnswering(conversation, items) {
     const saved = sessionStorage.getItem(`chatstream.generation.${conversation.id}`);
     const last = items[items.length - 1];
-    if (!saved) return;
-    if (last && last.role === "agent" && last.generationId === saved) {
+    if (saved && last && last.role === "agent" && last.generationId === saved) {
       sessionStorage.removeItem(`chatstream.generation.${conversation.id}`);
-    } else {
+    } else if (saved) {
       openStream(conversation.id, saved);
+    } else if (last && last.role === "user") {
+      // An answer may be running (sent from another tab): follow it from its start.
+      // Without a cursor the server answers 204 when nothing runs, and the stream closes quietly.
+      openStream(conversation.id, null);
     }
   }
 
@@ -692,7 +707,7 @@
         clientMessageId: pending.clientMessageId,
       });
     } catch (err) {
-      if (err instanceof ApiError && err.status === 404) forgetConversation(conversation.id);
+      conversationGone(err, conversation.id);
       showError(err, send);
       return;
     } finally {
@@ -738,6 +753,7 @@
     if (!s) return;
     state.stream = null;
     s.es.close();
+    if (s.bubble.hidden) s.bubble.remove(); // a watched stream that never showed anything
     if (s.bubble.classList.contains("streaming")) {
       s.bubble.classList.remove("streaming");
       s.bubble.removeAttribute("aria-busy");
@@ -745,13 +761,20 @@
     setStreaming(false);
   }
 
+  /**
+   * Follows an answer in a live bubble. With a generationId: that answer from its start. Without
+   * one (null): whatever runs now in the conversation, from its start; the bubble stays hidden
+   * until the first event, and a 204 (nothing runs) closes the stream quietly.
+   */
   function openStream(conversationId, generationId) {
     closeStream();
     const storageKey = `chatstream.generation.${conversationId}`;
-    sessionStorage.setItem(storageKey, generationId);
+    const watching = !generationId;
+    if (!watching) sessionStorage.setItem(storageKey, generationId);
     const bubble = document.createElement("li");
     bubble.className = "message agent streaming live";
-    bubble.dataset.generationId = generationId;
+    if (!watching) bubble.dataset.generationId = generationId;
+    bubble.hidden = watching;
     bubble.setAttribute("aria-live", "polite");
     bubble.setAttribute("aria-busy", "true");
     const author = document.createElement("p");
@@ -765,11 +788,22 @@
 
     // From the answer's start (seq 0): the whole answer, exactly once; the browser resumes
     // with Last-Event-ID if the connection drops.
-    const url = `/api/conversations/${conversationId}/stream?after=${enc(generationId)}.0`;
-    const es = new EventSource(url);
+    const base = `/api/conversations/${conversationId}/stream`;
+    const es = new EventSource(watching ? base : `${base}?after=${enc(generationId)}.0`);
     const s = { es, conversationId, generationId, bubble, text: "" };
     state.stream = s;
-    setStreaming(true, "Answering…");
+    if (!watching) setStreaming(true, "Answering…");
+
+    /** The first event of a watched answer names it: from then on it is like one we sent. */
+    const adopt = (data) => {
+      if (s.generationId || !data || !data.generationId) return;
+      s.generationId = generationId = data.generationId;
+      bubble.dataset.generationId = generationId;
+      sessionStorage.setItem(storageKey, generationId);
+      bubble.hidden = false;
+      setStreaming(true, "Answering…");
+      scrollToEnd();
+    };
 
     const render = () => {
       content.textContent = s.text;
@@ -794,22 +828,29 @@
     };
 
     es.addEventListener("open", () => {
-      if (state.stream === s) el.streamStatus.textContent = "Answering…";
+      if (state.stream === s && s.generationId) el.streamStatus.textContent = "Answering…";
+    });
+    es.addEventListener("start", (event) => {
+      if (state.stream === s) adopt(parse(event));
     });
     es.addEventListener("token", (event) => {
       const data = parse(event);
       if (!data || state.stream !== s) return;
+      adopt(data);
       s.text += data.text;
       render();
     });
     es.addEventListener("snapshot", (event) => {
       const data = parse(event);
       if (!data || state.stream !== s) return;
+      adopt(data);
       s.text = data.text;
       render();
     });
     es.addEventListener("done", (event) => {
       const data = parse(event);
+      if (state.stream !== s) return;
+      adopt(data);
       if (data && data.messageId) {
         const stored = el.messageList.querySelector(`.message[data-id="${data.messageId}"]`);
         if (stored && stored !== bubble) bubble.remove();
@@ -820,6 +861,8 @@
     });
     es.addEventListener("cancelled", (event) => {
       const data = parse(event);
+      if (state.stream !== s) return;
+      adopt(data);
       const kept = data && data.messageId;
       if (kept) {
         bubble.dataset.id = data.messageId;
@@ -833,6 +876,12 @@
         // The server's terminal `error` event: the answer failed.
         const data = parse(event);
         finish("failed", `The answer failed: ${(data && data.message) || "unknown error"}`);
+        return;
+      }
+      if (es.readyState === EventSource.CLOSED && !s.generationId) {
+        // Watching, and nothing runs (204) or the stream was refused: nothing to show.
+        bubble.remove();
+        finish(null, null, false);
         return;
       }
       if (es.readyState === EventSource.CLOSED) {

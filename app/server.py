@@ -7,6 +7,7 @@ import socket
 from typing import Any
 
 import uvicorn
+from uvicorn.supervisors import ChangeReload
 
 from app.config import get_settings
 from app.streaming.core import stop_all_answers
@@ -49,25 +50,28 @@ class Server(uvicorn.Server):
 
 
 def run(host: str, port: int, log_level: str, reload: bool = False) -> None:
-    """Serve `app.main:create_app` until stopped."""
+    """Serve `app.main:create_app` until stopped (restarting on code changes with `reload`)."""
     settings = get_settings()
-    options = {
-        "ws_ping_interval": settings.ws_ping_interval,
-        "ws_ping_timeout": settings.ws_ping_timeout,
+    config = uvicorn.Config(
+        "app.main:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        log_level=log_level,
+        reload=reload,
+        proxy_headers=True,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        ws_ping_interval=settings.ws_ping_interval,
+        ws_ping_timeout=settings.ws_ping_timeout,
         # Frames past our own limit get an error frame; far past it, uvicorn closes with 1009.
-        "ws_max_size": settings.ws_max_frame_bytes * 4,
-        "factory": True,
-        "host": host,
-        "port": port,
-        "log_level": log_level,
-        "proxy_headers": True,
-        "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_SECONDS,
-    }
-    if reload:  # the reloader runs its own server processes
-        uvicorn.run("app.main:create_app", reload=True, **options)  # type: ignore[arg-type]
-        return
+        ws_max_size=settings.ws_max_frame_bytes * 4,
+    )
     logging.getLogger("uvicorn.error").addFilter(ClientInputIsNotAnError())
-    Server(uvicorn.Config("app.main:create_app", **options)).run()  # type: ignore[arg-type]
+    server = Server(config)
+    if config.should_reload:  # the same server, run by uvicorn's reloader in a child process
+        ChangeReload(config, target=server.run, sockets=[config.bind_socket()]).run()
+    else:
+        server.run()
 
 
 def limit_unsendable_time(listener: Any, seconds: float) -> None:

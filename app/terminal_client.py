@@ -21,6 +21,7 @@ import httpx
 import msgspec
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.typing import Subprotocol
 
 from app.streaming.protocol import MSGPACK_SUBPROTOCOL
 
@@ -60,7 +61,7 @@ class ChatClient:
             self.ws = await connect(
                 self.ws_url,
                 additional_headers={"Authorization": f"Bearer {self.key}"},
-                subprotocols=[MSGPACK_SUBPROTOCOL] if self.msgpack else None,  # type: ignore[list-item]
+                subprotocols=[Subprotocol(MSGPACK_SUBPROTOCOL)] if self.msgpack else None,
                 max_size=None,
             )
         except (OSError, InvalidStatus) as exc:

@@ -147,6 +147,12 @@ async def current_conversation_id(page: Page) -> str:
     return conversation_id
 
 
+async def send_with_enter(page: Page, text: str) -> None:
+    """Type a message in the composer and send it with Enter, as a person would."""
+    await page.get_by_label("Message", exact=True).fill(text)
+    await page.get_by_label("Message", exact=True).press("Enter")
+
+
 def words(n: int) -> str:
     return " ".join(f"w{i:03d}" for i in range(1, n + 1))
 
@@ -199,8 +205,7 @@ async def test_answer_streams_in_visibly_and_ends_as_the_stored_message(
     conversation_id = await current_conversation_id(page)
 
     text = words(40)
-    await page.get_by_label("Message", exact=True).fill(text)
-    await page.get_by_label("Message", exact=True).press("Enter")
+    await send_with_enter(page, text)
     await expect(page.get_by_label("Message", exact=True)).to_have_value("")
     await expect(page.locator(".message.user .content")).to_have_text(text)
 
@@ -298,8 +303,7 @@ async def test_too_long_message_shows_a_readable_error_and_keeps_the_text(
     conversation_id = await current_conversation_id(page)
 
     text = "x" * 50_001
-    await page.get_by_label("Message", exact=True).fill(text)
-    await page.get_by_label("Message", exact=True).press("Enter")
+    await send_with_enter(page, text)
     alert = page.get_by_role("alert")
     await expect(alert).to_be_visible()
     await expect(alert).to_contain_text("content is too long")
@@ -401,8 +405,7 @@ async def test_reload_mid_answer_resumes_and_shows_the_whole_answer_once(
     conversation_id = await current_conversation_id(page)
 
     text = words(60)
-    await page.get_by_label("Message", exact=True).fill(text)
-    await page.get_by_label("Message", exact=True).press("Enter")
+    await send_with_enter(page, text)
     await page.wait_for_function(
         "() => (document.querySelector('.message.agent.live .content')?.textContent || '').includes('w002')",
         polling="raf",

@@ -20,6 +20,7 @@ from tests.e2e.test_web_client import (
     http,
     new_conversation,
     page,
+    send_with_enter,
     server,
     server_logs_are_clean,
     shot,
@@ -114,8 +115,7 @@ async def test_network_drop_mid_answer_resumes_and_shows_the_whole_answer_once(
 
     await page.route(pattern, cut_once)
     text = words(120)
-    await page.get_by_label("Message", exact=True).fill(text)
-    await page.get_by_label("Message", exact=True).press("Enter")
+    await send_with_enter(page, text)
     await expect(page.locator("#stream-status")).to_contain_text("reconnecting")
     live = await page.locator(".message.agent.live .content").text_content()
     assert live == "w001 w002 w003 w004 w005"
@@ -148,8 +148,7 @@ async def test_second_tab_streams_the_same_answer_at_the_same_time(
     conversation_id = await current_conversation_id(page)
 
     text = words(80)
-    await page.get_by_label("Message", exact=True).fill(text)
-    await page.get_by_label("Message", exact=True).press("Enter")
+    await send_with_enter(page, text)
     await live_text_includes(page, "w002")
 
     # Same person, same browser (signed in by the cookie), another tab on the same conversation.

@@ -212,8 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     a_create = agent.add_parser("create", help="create an agent")
     a_create.add_argument("--company", required=True, help="company id or exact name")
     a_create.add_argument("--name", required=True)
-    a_create.add_argument("--adapter", default="echo")
-    a_create.add_argument("--config", default="{}", help="adapter settings as a JSON object")
+    a_create.add_argument("--adapter", choices=["echo", "openai"], default="echo")
+    a_create.add_argument(
+        "--config", default="{}", help='adapter settings as a JSON object, e.g. \'{"baseUrl": ..., "model": ...}\''
+    )
     a_create.add_argument("--json", action="store_true")
     a_create.set_defaults(func=cmd_agent_create)
     chat = sub.add_parser("chat", help="chat in the terminal over the WebSocket channel")

@@ -54,6 +54,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     tcp_user_timeout: float = 60.0
     # Extra origins allowed for cookie-authenticated sockets (the server's own is always allowed).
     ws_allowed_origins: str = ""
+    # Environment variables an `openai` agent may name as its API key (comma-separated).
+    # Agents are configured by company admins: they may read no other variable.
+    model_key_vars: str = "OPENAI_API_KEY"
+
+    @property
+    def model_key_var_names(self) -> frozenset[str]:
+        """`model_key_vars` as a set of names."""
+        return frozenset(name.strip() for name in self.model_key_vars.split(",") if name.strip())
 
     @property
     def is_postgres(self) -> bool:
@@ -85,6 +93,7 @@ ENV = {
     "ws_send_timeout": "CHATSTREAM_WS_SEND_TIMEOUT",
     "ws_allowed_origins": "CHATSTREAM_WS_ALLOWED_ORIGINS",
     "tcp_user_timeout": "CHATSTREAM_TCP_USER_TIMEOUT",
+    "model_key_vars": "CHATSTREAM_MODEL_KEY_VARS",
 }
 
 
@@ -103,14 +112,7 @@ def settings_from_env(env: dict[str, str] | None = None) -> Settings:
         values["public_url"] = values["public_url"].rstrip("/")
     if "cookie_secure" in values:
         flag = values["cookie_secure"].lower()
-        values["cookie_secure"] = {
-            "1": "true",
-            "yes": "true",
-            "on": "true",
-            "0": "false",
-            "no": "false",
-            "off": "false",
-        }.get(flag, flag)
+        values["cookie_secure"] = _BOOL_WORDS.get(flag, flag)
     if "log_level" in values:
         values["log_level"] = values["log_level"].upper()
     try:

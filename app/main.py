@@ -22,6 +22,7 @@ from app.db import close_pool, open_pool
 from app.exception_handlers import EXCEPTION_HANDLERS
 from app.health import healthz, readyz
 from app.rate_limit import message_rate_limit
+from app.streaming.adapters import build_adapters
 from app.streaming.broker import InProcessBroker
 from app.streaming.core import StreamingCore
 from app.streaming.policy import StreamPolicy
@@ -49,7 +50,12 @@ def create_app(settings: Settings | None = None) -> Litestar:
     async def startup(app: Litestar) -> None:
         await open_pool(engine)
         broker = InProcessBroker(retain=settings.log_retain, log_ttl=settings.log_ttl)
-        core = StreamingCore(broker, policy, sse_ping_interval=settings.sse_ping_interval)
+        core = StreamingCore(
+            broker,
+            policy,
+            adapters=build_adapters(settings.model_key_var_names),
+            sse_ping_interval=settings.sse_ping_interval,
+        )
         await core.startup()
         app.state.core = core
 

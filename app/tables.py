@@ -145,7 +145,12 @@ class Generation(Table):
     agent = ForeignKey(Agent, on_delete=OnDelete.set_null, null=True, default=None)
     status = Varchar(length=12, choices=GenerationStatus, default=GenerationStatus.running)
     result_message = ForeignKey(Message, on_delete=OnDelete.set_null, null=True, default=None)
+    # Tokens the model reported (its usage), else the number of pieces streamed.
     token_count = Integer(default=0)
+    # `token` events sent: the terminal event's seq is chunk_count + 2 (after `start`).
+    chunk_count = Integer(default=0)
+    # Why the model stopped (`stop`, `length`, ...) when the answer completed.
+    finish_reason = Varchar(length=32, null=True, default=None)
     ttft_ms = Integer(null=True, default=None)
     error = Text(null=True, default=None)
     started_at = Timestamptz(default=TimestamptzNow())

@@ -10,8 +10,9 @@ import msgspec
 
 from app.text_types import Name
 
-# The adapters this server can run. `echo` repeats the user's message word by word.
-AdapterName = Literal["echo"]
+# The adapters this server can run (app/streaming/adapters): `echo` repeats the user's
+# message word by word; `openai` asks an OpenAI-compatible model server.
+AdapterName = Literal["echo", "openai"]
 
 
 class AgentCreate(msgspec.Struct, rename="camel", forbid_unknown_fields=True):

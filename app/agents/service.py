@@ -9,7 +9,9 @@ from uuid import UUID
 import msgspec
 
 from app.agents.schemas import AgentCreate, AgentOut, AgentUpdate
-from app.errors import NotFound, check_text
+from app.config import get_settings
+from app.errors import NotFound, check_text, invalid_field
+from app.streaming.adapters import AdapterConfigError, normalize_config
 from app.tables import Agent
 
 _json_decoder = msgspec.json.Decoder(dict[str, Any])
@@ -33,6 +35,23 @@ def _agent_out(row: dict[str, Any]) -> AgentOut:
     )
 
 
+def checked_config(adapter: str, config: dict[str, Any]) -> dict[str, Any]:
+    """The config as its adapter reads it (defaults left out), or a 400 naming the field."""
+    try:
+        checked = normalize_config(adapter, config)
+    except AdapterConfigError as exc:
+        raise invalid_field(f"config.{exc.field}" if exc.field else "config", exc.message) from None
+    key_var = checked.get("apiKeyEnv")
+    allowed = get_settings().model_key_var_names
+    if key_var is not None and key_var not in allowed:
+        listed = ", ".join(sorted(allowed)) or "none"
+        raise invalid_field(
+            "config.apiKeyEnv",
+            f"this server lets agents read only these variables: {listed} (operators: CHATSTREAM_MODEL_KEY_VARS)",
+        )
+    return checked
+
+
 async def list_agents(company_id: UUID) -> list[AgentOut]:
     """The company's agents, oldest first."""
     rows = await Agent.select().where(Agent.company == company_id).order_by(Agent.created_at)
@@ -50,22 +69,25 @@ async def get_agent(company_id: UUID, agent_id: UUID) -> AgentOut:
 async def create_agent(company_id: UUID, data: AgentCreate) -> AgentOut:
     """Add an agent to the company."""
     check_text("name", data.name)
-    agent = Agent(company=company_id, name=data.name, adapter=data.adapter, config=data.config)
+    config = checked_config(data.adapter, data.config)
+    agent = Agent(company=company_id, name=data.name, adapter=data.adapter, config=config)
     await agent.save()
     return await get_agent(company_id, agent.id)
 
 
 async def update_agent(company_id: UUID, agent_id: UUID, data: AgentUpdate) -> AgentOut:
     """Change the fields that were sent."""
-    await get_agent(company_id, agent_id)
+    current = await get_agent(company_id, agent_id)
     values: dict[Any, Any] = {}
     if data.name is not msgspec.UNSET:
         check_text("name", data.name)
         values[Agent.name] = data.name
-    if data.adapter is not msgspec.UNSET:
-        values[Agent.adapter] = data.adapter
-    if data.config is not msgspec.UNSET:
-        values[Agent.config] = data.config
+    if data.adapter is not msgspec.UNSET or data.config is not msgspec.UNSET:
+        # The config must suit the adapter the agent ends up with, whichever of them changed.
+        adapter = current.adapter if data.adapter is msgspec.UNSET else data.adapter
+        config = current.config if data.config is msgspec.UNSET else data.config
+        values[Agent.adapter] = adapter
+        values[Agent.config] = checked_config(adapter, config)
     if values:
         values[Agent.updated_at] = datetime.now(UTC)
         await Agent.update(values).where(Agent.id == agent_id, Agent.company == company_id)

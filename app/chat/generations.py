@@ -43,6 +43,8 @@ def generation_out(row: dict[str, Any]) -> GenerationOut:
         status=GenerationStatus(row["status"]),
         result_message_id=row["result_message"],
         token_count=row["token_count"],
+        chunk_count=row["chunk_count"],
+        finish_reason=row["finish_reason"],
         ttft_ms=row["ttft_ms"],
         error=row["error"],
         started_at=row["started_at"],
@@ -131,7 +133,9 @@ async def finish_generation(
     *,
     text: str | None,
     token_count: int,
+    chunk_count: int,
     ttft_ms: int | None,
+    finish_reason: str | None = None,
     error: str | None = None,
 ) -> UUID | None:
     """End a generation. When `text` is given, store it as the agent's message (`complete`
@@ -165,6 +169,8 @@ async def finish_generation(
                 Generation.status: status.value,
                 Generation.result_message: message_id,
                 Generation.token_count: token_count,
+                Generation.chunk_count: chunk_count,
+                Generation.finish_reason: finish_reason,
                 Generation.ttft_ms: ttft_ms,
                 Generation.error: error,
                 Generation.finished_at: now,
@@ -173,13 +179,13 @@ async def finish_generation(
     return message_id
 
 
-async def settle_interrupted_length(generation_id: UUID, token_count: int) -> GenerationOut | None:
-    """Record how many tokens an interrupted answer had, as the first reader back reports
-    it (the process that knew died). Only the first report counts."""
-    await Generation.update({Generation.token_count: token_count}).where(
+async def settle_interrupted_length(generation_id: UUID, chunk_count: int) -> GenerationOut | None:
+    """Record how many token events an interrupted answer had, as the first reader back
+    reports it (the process that knew died). Only the first report counts."""
+    await Generation.update({Generation.chunk_count: chunk_count, Generation.token_count: chunk_count}).where(
         Generation.id == generation_id,
         Generation.status == GenerationStatus.interrupted.value,
-        Generation.token_count == 0,
+        Generation.chunk_count == 0,
     )
     return await load_generation(generation_id)
 

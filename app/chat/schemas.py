@@ -89,7 +89,11 @@ class GenerationOut(msgspec.Struct, rename="camel"):
     agent_id: UUID | None
     status: GenerationStatus
     result_message_id: UUID | None
+    # Tokens as the model counted them (its usage report), else the pieces streamed.
     token_count: int
+    # `token` events sent; the terminal event's seq is chunkCount + 2.
+    chunk_count: int
+    finish_reason: str | None
     ttft_ms: int | None
     error: str | None
     started_at: datetime

@@ -10,6 +10,7 @@ core waits `disconnect_grace` seconds for one to come back, then cancels.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -36,7 +37,7 @@ from app.chat.generations import (
 from app.chat.messages import load_history, load_message
 from app.chat.schemas import GenerationOut
 from app.errors import invalid_field
-from app.streaming.adapters import ADAPTERS, Adapter, AdapterError
+from app.streaming.adapters import Adapter, AdapterConfigError, AdapterError, AnswerEnd, build_adapters, parse_config
 from app.streaming.broker import Broker, ConversationFeed
 from app.streaming.events import (
     Cancelled,
@@ -68,8 +69,8 @@ async def stop_all_answers(reason: str) -> None:
 
 
 def terminal_seq(generation: GenerationOut) -> int:
-    """Seq of a finished generation's terminal event: `start`, one event per token, the end."""
-    return generation.token_count + 2
+    """Seq of a finished generation's terminal event: `start`, its `token` events, the end."""
+    return generation.chunk_count + 2
 
 
 @dataclass
@@ -96,7 +97,7 @@ class StreamingCore:
         self.broker = broker
         self.policy = policy
         self.sse_ping_interval = sse_ping_interval
-        self.adapters = dict(ADAPTERS if adapters is None else adapters)
+        self.adapters = dict(build_adapters() if adapters is None else adapters)
         self._producers: dict[UUID, _Producer] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._closing = False
@@ -122,12 +123,14 @@ class StreamingCore:
         await asyncio.gather(*(self.cancel(gid, reason) for gid in list(self._producers)), return_exceptions=True)
 
     async def shutdown(self) -> None:
-        """Cancel every running generation (reason `shutdown`) and release the broker."""
+        """Cancel every running generation (reason `shutdown`), then release the broker and
+        the adapters' connections."""
         await self.cancel_all("shutdown")
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         await self.broker.close()
+        await asyncio.gather(*(adapter.aclose() for adapter in self.adapters.values()))
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -191,6 +194,7 @@ class StreamingCore:
         seq = 0
         pieces: list[str] = []
         ttft_ms: int | None = None
+        end = AnswerEnd()
 
         async def emit(event_type: type[GenerationEvent], **fields: Any) -> None:
             nonlocal seq
@@ -208,8 +212,10 @@ class StreamingCore:
                             gen.id,
                             status,
                             text="".join(pieces) if keep else None,
-                            token_count=len(pieces),
+                            token_count=len(pieces) if end.token_count is None else end.token_count,
+                            chunk_count=len(pieces),
                             ttft_ms=ttft_ms,
+                            finish_reason=end.finish_reason if status is GenerationStatus.done else None,
                             error=error,
                         )
                     )
@@ -239,17 +245,33 @@ class StreamingCore:
                 await emit(Start, reply_to_id=gen.reply_to_id, agent_id=gen.agent_id)
                 if adapter is None:
                     raise AdapterError("unknown_adapter", f"this server has no adapter named {adapter_name!r}")
+                try:
+                    config = parse_config(adapter_name, settings)
+                except AdapterConfigError as exc:
+                    raise AdapterError("invalid_agent_config", f"the agent's config: {exc}") from None
                 history = await load_history(gen.conversation_id)
-                async for text in adapter.stream(history, settings):
-                    if not text:
-                        continue
-                    if ttft_ms is None:
-                        ttft_ms = round((time.monotonic() - started) * 1000)
-                    pieces.append(text)
-                    await emit(Token, text=text)
+                # aclosing: a cancel while the core awaits an emit still closes the adapter's
+                # stream (and its upstream connection) at once, not when garbage collected.
+                async with contextlib.aclosing(adapter.stream(history, config)) as answer:
+                    async for item in answer:
+                        if isinstance(item, AnswerEnd):
+                            end = item
+                            continue
+                        if not item:
+                            continue
+                        if ttft_ms is None:
+                            ttft_ms = round((time.monotonic() - started) * 1000)
+                        pieces.append(item)
+                        await emit(Token, text=item)
                 producer.finishing = True  # from here on, a cancel request only reports the outcome
                 status, keep, error = GenerationStatus.done, True, None
-                terminal = (Done, {"token_count": len(pieces)})
+                terminal = (
+                    Done,
+                    {
+                        "token_count": len(pieces) if end.token_count is None else end.token_count,
+                        "finish_reason": end.finish_reason,
+                    },
+                )
             except asyncio.CancelledError:
                 # The core cancelled its own task: the cancellation ends here, as an outcome.
                 reason = producer.cancel_reason or "cancelled"
@@ -262,7 +284,7 @@ class StreamingCore:
                     producer.policy.partial == "keep",
                     f"{exc.code}: {exc.message}",
                 )
-                terminal = (Error, {"code": exc.code, "message": exc.message})
+                terminal = (Error, {"code": exc.code, "message": exc.message, "retry_after": exc.retry_after})
             except Exception:
                 logger.exception("generation %s failed", gen.id)
             try:
@@ -330,7 +352,7 @@ class StreamingCore:
                 raise invalid_field(
                     cursor_field, "not a cursor of this conversation", source=cursor_source, code="invalid_cursor"
                 )
-            if generation.status is GenerationStatus.interrupted and generation.token_count == 0:
+            if generation.status is GenerationStatus.interrupted and generation.chunk_count == 0:
                 # Its length died with the process that produced it: any cursor may be right.
                 return generation.id, cursor.seq
             live = generation.status is GenerationStatus.running
@@ -435,7 +457,7 @@ class StreamingCore:
         if gen.status is GenerationStatus.running:
             message = "the answer's events are not available"
             return [Error(**ids, seq=after + 1, code="log_unavailable", message=message)]
-        if gen.status is GenerationStatus.interrupted and gen.token_count == 0 and after >= 2:
+        if gen.status is GenerationStatus.interrupted and gen.chunk_count == 0 and after >= 2:
             # The first reader back after a crash fixes where the interrupted answer ends.
             gen = await settle_interrupted_length(gen.id, after - 1) or gen
         end = terminal_seq(gen)
@@ -449,7 +471,13 @@ class StreamingCore:
         code, _, message = (gen.error or "").partition(": ")
         terminal: GenerationEvent
         if gen.status is GenerationStatus.done and gen.result_message_id is not None:
-            terminal = Done(**ids, seq=end, message_id=gen.result_message_id, token_count=gen.token_count)
+            terminal = Done(
+                **ids,
+                seq=end,
+                message_id=gen.result_message_id,
+                token_count=gen.token_count,
+                finish_reason=gen.finish_reason or "stop",
+            )
         elif gen.status is GenerationStatus.cancelled:
             terminal = Cancelled(**ids, seq=end, reason=gen.error or "cancelled", message_id=gen.result_message_id)
         elif gen.status is GenerationStatus.interrupted:

@@ -57,11 +57,13 @@ class Cancelled(_Event, tag="cancelled"):
 
 class Error(_Event, tag="error"):
     """The answer failed. Nothing is stored unless the partial policy keeps what was
-    produced, as message `messageId`."""
+    produced, as message `messageId`. `retryAfter`: seconds the agent's model server asked
+    to wait before trying again (rate limited, overloaded), when it said."""
 
     code: str
     message: str
     message_id: UUID | None = None
+    retry_after: float | None = None
 
 
 GenerationEvent = Start | Token | Snapshot | Done | Cancelled | Error

@@ -81,7 +81,12 @@ def test_plain_output_for_people(workdir: Path) -> None:
     ("args", "message"),
     [
         (["key", "create", "--company", "Nope"], "no company"),
-        (["agent", "create", "--company", "Acme", "--name", "B", "--adapter", "nope"], "invalid input"),
+        (["agent", "create", "--company", "Acme", "--name", "B", "--adapter", "nope"], "invalid choice: 'nope'"),
+        (["agent", "create", "--company", "Acme", "--name", "B", "--config", '{"pace": -1}'], "config.pace"),
+        (
+            ["agent", "create", "--company", "Acme", "--name", "B", "--adapter", "openai", "--config", "{}"],
+            "config.baseUrl: required",
+        ),
         (["agent", "create", "--company", "Acme", "--name", "B", "--config", "{bad"], "invalid input"),
         (["agent", "create", "--company", "Acme", "--name", "B", "--config", "[1]"], "invalid input"),
     ],

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import create_database, drop_database, piccolo_cli, postgres_env, sqlite_env
+from tests.conftest import ROOT, create_database, drop_database, piccolo_cli, postgres_env, sqlite_env
 
 TABLES = {"company", "agent", "api_key", "conversation", "message", "generation"}
 INDEXES = {
@@ -82,10 +82,12 @@ def test_forwards_check_backwards_forwards(fresh_db: tuple[str, dict[str, str], 
     assert {"edited_content", "edited_at", "client_message_id", "generation", "status"} <= columns["message"]
     assert {"token_hash", "token_prefix", "revoked_at", "last_used_at", "user_id", "role"} <= columns["api_key"]
     assert "token" not in columns["api_key"]
+    assert {"token_count", "chunk_count", "finish_reason", "ttft_ms"} <= columns["generation"]
 
     check = piccolo_cli("migrations", "check", env=env).stdout
     ran = [line for line in check.splitlines() if line.startswith("chatstream")]
-    assert len(ran) == 2 and all(line.rstrip().endswith("True") for line in ran), check
+    migrations = sorted(p for p in (ROOT / "piccolo_migrations").glob("chatstream_*.py"))
+    assert len(ran) == len(migrations) >= 4 and all(line.rstrip().endswith("True") for line in ran), check
 
     piccolo_cli("migrations", "backwards", "chatstream", "--migration_id=all", "--auto_agree", env=env)
     tables, indexes, _ = _schema(engine, where)

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 from uuid import UUID
 
+import msgspec
 import pytest
 
 from app.agents.schemas import AgentCreate
@@ -296,10 +297,13 @@ class FailingAdapter:
 
     name = "failing"
 
-    async def stream(self, history: Any, settings: Any) -> AsyncIterator[str]:
+    async def stream(self, history: Any, config: Any) -> AsyncIterator[str]:
         yield "half"
         yield " an answer"
-        raise AdapterError("upstream_unavailable", "the model server went away")
+        raise AdapterError("upstream_unavailable", "the model server went away", retry_after=3)
+
+    async def aclose(self) -> None:
+        pass
 
 
 @pytest.mark.parametrize("partial", ["keep", "discard"])
@@ -310,7 +314,7 @@ async def test_an_adapter_failure_is_an_error_event_with_the_kept_text(db: str, 
         gid = await ask(streaming, alice, cid)
         events = await read_all(streaming, gid)
         error = events[-1]
-        assert isinstance(error, Error) and error.code == "upstream_unavailable"
+        assert isinstance(error, Error) and error.code == "upstream_unavailable" and error.retry_after == 3
         generation = await load_generation(gid)
         assert generation is not None and generation.status is GenerationStatus.failed
         if partial == "keep":
@@ -319,9 +323,10 @@ async def test_an_adapter_failure_is_an_error_event_with_the_kept_text(db: str, 
         else:
             assert error.message_id is None
             assert await Message.count().where(Message.conversation == cid, Message.role == "agent") == 0
-        # Resumed after the log expired, the same error comes from the database.
+        # Resumed after the log expired, the same error comes from the database (retryAfter,
+        # relative to when it was said, only on the live event).
         stored_events = await streaming.stored_events(gid, 1)
-        assert stored_events[-1] == error
+        assert stored_events[-1] == msgspec.structs.replace(error, retry_after=None)
     finally:
         await streaming.shutdown()
 

@@ -1,14 +1,86 @@
 """Adapters turn a conversation's history into a stream of answer text.
 
-A generation asks the adapter named by its agent; `echo` is built in, real
-models come through further adapters registered here.
+A generation asks the adapter named by its agent, with the agent's `config` converted
+to that adapter's config struct. `echo` repeats the user; `openai` asks a model served
+over the OpenAI-compatible Chat Completions API.
 """
 
 from __future__ import annotations
 
-from app.streaming.adapters.base import Adapter, AdapterError
-from app.streaming.adapters.echo import EchoAdapter
+from collections.abc import Iterable, Mapping
+from typing import Any
 
-ADAPTERS: dict[str, Adapter] = {adapter.name: adapter for adapter in (EchoAdapter(),)}
+import msgspec
 
-__all__ = ["ADAPTERS", "Adapter", "AdapterError"]
+from app.streaming.adapters.base import Adapter, AdapterError, AnswerEnd
+from app.streaming.adapters.echo import EchoAdapter, EchoConfig
+from app.streaming.adapters.openai import OpenAIAdapter, OpenAIConfig
+
+# Each adapter's config struct, by adapter name (the names agents may use).
+CONFIG_TYPES: dict[str, type[msgspec.Struct]] = {"echo": EchoConfig, "openai": OpenAIConfig}
+
+# Keys that look like a secret: refused in any config, so a key never lands in the database.
+_SECRET_KEYS = frozenset({"apikey", "api_key", "key", "token", "secret", "password", "authorization"})
+
+# What a field's pattern means, said plainly.
+_PATTERN_HINTS = {
+    "baseUrl": "must be an http:// or https:// URL, such as http://127.0.0.1:11434/v1",
+    "apiKeyEnv": "must be the name of an environment variable, such as OPENAI_API_KEY",
+}
+
+
+class AdapterConfigError(ValueError):
+    """An agent `config` that its adapter cannot use; `field` is the config's own key ('' for all of it)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+        self.message = message
+
+
+def build_adapters(model_key_vars: Iterable[str] = ("OPENAI_API_KEY",)) -> dict[str, Adapter]:
+    """One instance of every adapter, for one streaming core (one per process)."""
+    return {"echo": EchoAdapter(), "openai": OpenAIAdapter(allowed_key_vars=model_key_vars)}
+
+
+def parse_config(adapter: str, raw: Mapping[str, Any]) -> Any:
+    """`raw` converted to the adapter's config struct, or :class:`AdapterConfigError`."""
+    config_type = CONFIG_TYPES.get(adapter)
+    if config_type is None:
+        raise AdapterConfigError("", f"no adapter named {adapter!r}")
+    for key in raw:
+        if key.lower() in _SECRET_KEYS:
+            raise AdapterConfigError(
+                key, "never put a secret in an agent; keep it in the server's environment and name the variable"
+            )
+    try:
+        return msgspec.convert(raw, config_type)
+    except msgspec.ValidationError as exc:
+        message, _, path = str(exc).partition(" - at `$.")
+        field = path.rstrip("`").split(".")[0].split("[")[0] if path else ""
+        if message.startswith("Object missing required field `"):
+            field, message = message.split("`")[1], "required"
+        elif message.startswith("Object contains unknown field `"):
+            known = ", ".join(config_type.__struct_encode_fields__)
+            field, message = message.split("`")[1], f"unknown field; {adapter!r} takes: {known}"
+        elif "matching regex" in message:
+            message = _PATTERN_HINTS.get(field, message)
+        raise AdapterConfigError(field, message) from exc
+
+
+def normalize_config(adapter: str, raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The config as stored: checked, with its defaults left out."""
+    normalized: dict[str, Any] = msgspec.to_builtins(parse_config(adapter, raw))
+    return normalized
+
+
+__all__ = [
+    "CONFIG_TYPES",
+    "Adapter",
+    "AdapterConfigError",
+    "AdapterError",
+    "AnswerEnd",
+    "build_adapters",
+    "normalize_config",
+    "parse_config",
+]

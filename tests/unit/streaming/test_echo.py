@@ -8,7 +8,8 @@ from datetime import UTC, datetime
 import pytest
 
 from app.chat.schemas import HistoryItem
-from app.streaming.adapters import ADAPTERS
+from app.streaming.adapters import parse_config
+from app.streaming.adapters.echo import EchoAdapter
 from app.tables import MessageRole
 
 pytestmark = pytest.mark.anyio
@@ -19,7 +20,7 @@ def item(role: MessageRole, text: str) -> HistoryItem:
 
 
 async def collect(history: list[HistoryItem], settings: dict[str, object]) -> list[str]:
-    return [piece async for piece in ADAPTERS["echo"].stream(history, settings)]
+    return [piece async for piece in EchoAdapter().stream(history, parse_config("echo", settings))]
 
 
 async def test_words_concatenate_to_the_last_user_message() -> None:

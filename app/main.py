@@ -42,6 +42,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         level=settings.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # httpx logs every request to a model server at INFO: one line per answer is noise.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLevelName(settings.log_level)))
     engine = Company._meta.db
     policy = StreamPolicy(
         disconnect_grace=settings.disconnect_grace, partial=settings.partial, if_busy=settings.if_busy

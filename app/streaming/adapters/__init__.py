@@ -70,7 +70,14 @@ def parse_config(adapter: str, raw: Mapping[str, Any]) -> Any:
 
 def normalize_config(adapter: str, raw: Mapping[str, Any]) -> dict[str, Any]:
     """The config as stored: checked, with its defaults left out."""
-    normalized: dict[str, Any] = msgspec.to_builtins(parse_config(adapter, raw))
+    config = parse_config(adapter, raw)
+    # By equality: msgspec's own `omit_defaults` keeps e.g. a float equal to its default.
+    kept = {
+        field.encode_name: getattr(config, field.name)
+        for field in msgspec.structs.fields(config)
+        if field.required or getattr(config, field.name) != field.default
+    }
+    normalized: dict[str, Any] = msgspec.to_builtins(kept)
     return normalized
 
 

@@ -16,7 +16,7 @@ from app.tables import MessageRole
 _WORD = re.compile(r"\s*\S+")
 
 
-class EchoConfig(msgspec.Struct, rename="camel", forbid_unknown_fields=True, omit_defaults=True):
+class EchoConfig(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
     # Seconds before each word; 0 answers as fast as the server can.
     pace: Annotated[float, msgspec.Meta(ge=0, le=60)] = 0.05
 

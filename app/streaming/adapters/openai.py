@@ -9,6 +9,8 @@ a client can act on (see `docs/protocol.md`, "Model errors").
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import email.utils
 import os
 import time
@@ -25,9 +27,11 @@ from app.tables import MessageRole
 # Bytes of an upstream error body read for its message (the rest is not needed).
 _ERROR_BODY_LIMIT = 16 * 1024
 _MESSAGE_LIMIT = 300
+# How long to wait for the end of a response after its `[DONE]`.
+_DRAIN_SECONDS = 0.5
 
 
-class OpenAIConfig(msgspec.Struct, rename="camel", forbid_unknown_fields=True, omit_defaults=True):
+class OpenAIConfig(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
     """An `openai` agent's `config`. The API key itself is never stored: `apiKeyEnv`
     names the server's environment variable that holds it."""
 
@@ -117,7 +121,7 @@ _json_decoder = msgspec.json.Decoder()
 
 
 async def sse_data(lines: AsyncIterator[str]) -> AsyncIterator[str]:
-    """The `data` of each Server-Sent Event in `lines` (comments and other fields skipped)."""
+    """The `data` of each complete Server-Sent Event in `lines` (comments and other fields skipped)."""
     data: list[str] = []
     async for line in lines:
         if not line:
@@ -128,8 +132,8 @@ async def sse_data(lines: AsyncIterator[str]) -> AsyncIterator[str]:
         field, _, value = line.partition(":")
         if field == "data":
             data.append(value.removeprefix(" "))
-    if data:
-        yield "\n".join(data)
+    # An event not ended by a blank line when the body ends is incomplete: dropped (as the
+    # SSE standard says), so a cut-off stream is reported as one, not as a malformed chunk.
 
 
 def _short(text: str) -> str:
@@ -241,8 +245,10 @@ class OpenAIAdapter:
             ) as response:
                 if response.status_code != 200:
                     raise status_error(response.status_code, await _head(response), response.headers, config)
-                async for item in _answer(sse_data(response.aiter_lines())):
+                lines = response.aiter_lines()
+                async for item in _answer(sse_data(lines)):
                     yield item
+                await _drain(lines)
         except httpx.ConnectError as exc:
             raise AdapterError("upstream_unreachable", f"cannot connect to the model server at {url}: {exc}") from exc
         except httpx.TimeoutException as exc:
@@ -259,6 +265,15 @@ class OpenAIAdapter:
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+
+
+async def _drain(lines: AsyncIterator[str]) -> None:
+    """Read what follows `[DONE]` (normally just the end of the body), briefly: a response
+    read to its end lets its connection serve the next answer instead of being closed."""
+    with contextlib.suppress(httpx.HTTPError, TimeoutError):
+        async with asyncio.timeout(_DRAIN_SECONDS):
+            async for _ in lines:
+                pass
 
 
 async def _head(response: httpx.Response) -> bytes:

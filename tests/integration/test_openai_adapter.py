@@ -1,0 +1,468 @@
+"""The `openai` adapter against a local fake OpenAI-compatible server, over real HTTP.
+
+The fake server (tests/fake_model_server.py) runs on the test's event loop: a test
+scripts each answer, holds chunks back with events, and sees what the adapter sent
+and when it hung up. The streaming core runs in-process here; one test reads over SSE
+from a real `chatstream serve`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shlex
+import time
+import uuid
+from asyncio.subprocess import PIPE
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+from uuid import UUID
+
+import anyio
+import httpx
+import pytest
+from httpx_sse import aconnect_sse
+
+from app.agents.schemas import AgentCreate
+from app.agents.service import create_agent
+from app.auth.principal import Principal
+from app.chat.conversations import create_conversation
+from app.chat.generations import load_generation
+from app.chat.messages import edit_message, post_message
+from app.chat.schemas import ConversationCreate, MessageCreate, MessageEdit
+from app.streaming.adapters.openai import OpenAIAdapter
+from app.streaming.core import StreamingCore
+from app.streaming.events import Done, Error, GenerationEvent, Token
+from app.tables import GenerationStatus, Message, MessageRole
+from tests.factories import Tenant, make_tenant
+from tests.fake_model_server import FakeModelServer, Reply, answer
+from tests.integration.live_server import LiveServer, free_port
+
+pytestmark = pytest.mark.anyio
+
+KEY_VAR = "OPENAI_API_KEY"
+KEY = "sk-test-not-a-real-key"
+STEP = 10.0  # the longest any wait may take before the test fails
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv(KEY_VAR, KEY)
+    yield
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeModelServer]:
+    server = await FakeModelServer().start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+def model_config(base_url: str, **extra: Any) -> dict[str, Any]:
+    return {"baseUrl": base_url, "model": "fake-model", "apiKeyEnv": KEY_VAR, **extra}
+
+
+async def openai_conversation(base_url: str, **config: Any) -> tuple[Tenant, Principal, UUID]:
+    tenant = await make_tenant()
+    agent = await create_agent(
+        tenant.company_id, AgentCreate(name="Model", adapter="openai", config=model_config(base_url, **config))
+    )
+    alice = tenant.principals["alice"]
+    conversation = await create_conversation(alice, ConversationCreate(agent_id=agent.id))
+    return tenant, alice, conversation.id
+
+
+async def ask(core: StreamingCore, who: Principal, cid: UUID, content: str = "Hi", **policy: Any) -> UUID:
+    posted, _ = await post_message(who, cid, MessageCreate(content=content, **policy), core)
+    assert posted.generation is not None
+    return posted.generation.id
+
+
+async def read_all(core: StreamingCore, gid: UUID) -> list[GenerationEvent]:
+    with anyio.fail_after(STEP):
+        return [event async for batch in core.follow(gid, 0, None) for event in batch]
+
+
+# -- 1. agent config -------------------------------------------------------------------
+
+
+BAD_CONFIGS = [
+    ({"model": "m"}, "config.baseUrl", "required"),
+    ({"baseUrl": "ftp://models.example/v1", "model": "m"}, "config.baseUrl", "http:// or https://"),
+    ({"baseUrl": "http://127.0.0.1:1/v1"}, "config.model", "required"),
+    ({"baseUrl": "http://127.0.0.1:1/v1", "model": ""}, "config.model", "length"),
+    ({"baseUrl": "http://127.0.0.1:1/v1", "model": "m", "temperature": 3}, "config.temperature", "<= 2"),
+    ({"baseUrl": "http://127.0.0.1:1/v1", "model": "m", "temperature": "hot"}, "config.temperature", "float"),
+    ({"baseUrl": "http://127.0.0.1:1/v1", "model": "m", "maxTokens": 0}, "config.maxTokens", ">= 1"),
+    ({"baseUrl": "http://127.0.0.1:1/v1", "model": "m", "timeout": 0}, "config.timeout", "> 0"),
+    ({"baseUrl": "http://127.0.0.1:1/v1", "model": "m", "historyBudgetChars": 0}, "config.historyBudgetChars", ">="),
+    ({"baseUrl": "http://127.0.0.1:1/v1", "model": "m", "systemPrompt": 5}, "config.systemPrompt", "str"),
+    ({"baseUrl": "http://127.0.0.1:1/v1", "model": "m", "mdoel": "x"}, "config.mdoel", "unknown field"),
+    ({"baseUrl": "http://127.0.0.1:1/v1", "model": "m", "apiKey": "sk-1"}, "config.apiKey", "never put a secret"),
+    ({"baseUrl": "http://127.0.0.1:1/v1", "model": "m", "apiKeyEnv": "not a name"}, "config.apiKeyEnv", "variable"),
+    ({"baseUrl": "http://127.0.0.1:1/v1", "model": "m", "apiKeyEnv": "DATABASE_URL"}, "config.apiKeyEnv", "only"),
+]
+
+
+@pytest.mark.parametrize(("config", "field", "says"), BAD_CONFIGS)
+async def test_a_bad_config_is_a_400_naming_the_field(
+    client: httpx.AsyncClient, acme: Tenant, config: dict[str, Any], field: str, says: str
+) -> None:
+    created = await client.post(
+        "/api/agents", json={"name": "M", "adapter": "openai", "config": config}, headers=acme.headers("admin")
+    )
+    assert created.status_code == 400, created.text
+    body = created.json()
+    assert body["code"] == "invalid_request" and body["details"][0]["field"] == field, body
+    assert says in body["error"], body
+
+    # The same config sent to an existing agent is refused too, and the agent is unchanged.
+    path = f"/api/agents/{acme.agent_id}"
+    before = (await client.get("/api/agents", headers=acme.headers("admin"))).json()
+    updated = await client.patch(path, json={"adapter": "openai", "config": config}, headers=acme.headers("admin"))
+    assert updated.status_code == 400 and updated.json()["details"][0]["field"] == field
+    assert (await client.get("/api/agents", headers=acme.headers("admin"))).json() == before
+
+
+async def test_a_config_must_suit_the_adapter_the_agent_ends_up_with(client: httpx.AsyncClient, acme: Tenant) -> None:
+    path = f"/api/agents/{acme.agent_id}"
+    # Switching an echo agent to openai without a model config is refused...
+    switched = await client.patch(path, json={"adapter": "openai"}, headers=acme.headers("admin"))
+    assert switched.status_code == 400 and switched.json()["details"][0]["field"] == "config.baseUrl"
+    # ...as is an echo setting given to an openai agent.
+    config = model_config("http://127.0.0.1:1/v1")
+    ok = await client.patch(path, json={"adapter": "openai", "config": config}, headers=acme.headers("admin"))
+    assert ok.status_code == 200, ok.text
+    wrong = await client.patch(path, json={"config": {"pace": 1}}, headers=acme.headers("admin"))
+    assert wrong.status_code == 400 and wrong.json()["details"][0]["field"] == "config.pace"
+
+
+async def test_the_key_itself_is_never_stored_or_shown(client: httpx.AsyncClient, acme: Tenant) -> None:
+    config = model_config("http://127.0.0.1:1/v1", systemPrompt="Be brief.", temperature=0.2, maxTokens=64)
+    created = await client.post(
+        "/api/agents", json={"name": "M", "adapter": "openai", "config": config}, headers=acme.headers("admin")
+    )
+    assert created.status_code == 201, created.text
+    assert created.json()["config"] == config  # defaults left out, the variable's name only
+    listed = await client.get("/api/agents", headers=acme.headers("alice"))
+    assert KEY not in created.text and KEY not in listed.text
+    from app.tables import Agent
+
+    stored = await Agent.select(Agent.config).where(Agent.id == created.json()["id"]).first()
+    assert KEY not in json.dumps(stored["config"])
+
+
+# -- 2. what is sent upstream ----------------------------------------------------------
+
+
+async def test_history_is_the_effective_content_with_roles_and_system_prompt(
+    fake: FakeModelServer, core: StreamingCore
+) -> None:
+    _, alice, cid = await openai_conversation(fake.url, systemPrompt="You are terse.", temperature=0.3, maxTokens=50)
+    fake.queue(Reply(steps=answer("Paris")))
+    first = await ask(core, alice, cid, "Capital of Frnace?")
+    await read_all(core, first)
+    question = await Message.select(Message.id).where(Message.role == "user", Message.conversation == cid).first()
+    await edit_message(alice, cid, question["id"], MessageEdit(content="Capital of France?"), core)
+    fake.queue(Reply(steps=answer("Berlin")))
+    await read_all(core, await ask(core, alice, cid, "And Germany?"))
+
+    sent = (await fake.next_request(2)).body
+    assert sent["messages"] == [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris"},
+        {"role": "user", "content": "And Germany?"},
+    ]
+    assert sent["model"] == "fake-model" and sent["stream"] is True
+    assert sent["temperature"] == 0.3 and sent["max_tokens"] == 50
+    assert sent["stream_options"] == {"include_usage": True}
+    assert fake.requests[1].headers["authorization"] == f"Bearer {KEY}"
+
+
+async def test_a_long_history_is_cut_from_the_oldest_side_whole_messages_only(
+    fake: FakeModelServer, core: StreamingCore
+) -> None:
+    _, alice, cid = await openai_conversation(fake.url, historyBudgetChars=25, includeUsage=False)
+    turns = [("a" * 10, "b" * 10), ("c" * 10, "d" * 10)]
+    for number, (question, reply) in enumerate(turns, start=1):
+        fake.queue(Reply(steps=answer(reply)))
+        await read_all(core, await ask(core, alice, cid, question))
+        await fake.next_request(number)
+    fake.queue(Reply(steps=answer("ok")))
+    await read_all(core, await ask(core, alice, cid, "e" * 10))
+
+    sent = (await fake.next_request(3)).body
+    # 25 characters hold the newest two messages (d, e); a third would cut into "c", which is
+    # left out whole, and the history then starts with the user turn, not the agent's "d".
+    assert sent["messages"] == [{"role": "user", "content": "e" * 10}]
+    assert "stream_options" not in sent and "temperature" not in sent and "max_tokens" not in sent
+
+
+async def test_the_newest_message_is_sent_even_over_the_budget(fake: FakeModelServer, core: StreamingCore) -> None:
+    _, alice, cid = await openai_conversation(fake.url, historyBudgetChars=5)
+    await read_all(core, await ask(core, alice, cid, "a much longer question"))
+    assert (await fake.next_request(1)).body["messages"] == [{"role": "user", "content": "a much longer question"}]
+
+
+# -- 3. streaming, usage and time to first token ---------------------------------------
+
+
+async def test_tokens_reach_an_sse_reader_before_the_model_has_finished(fake: FakeModelServer) -> None:
+    tenant, _, cid = await openai_conversation(fake.url)
+    release = asyncio.Event()
+    fake.queue(Reply(steps=[*answer("Hel")[:2], release, *answer("lo", " world", usage=42)[1:]]))
+    server = LiveServer({KEY_VAR: KEY}).start()
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=STEP) as http:
+            posted = await http.post(
+                f"/api/conversations/{cid}/messages", json={"content": "Hi"}, headers=tenant.headers("alice")
+            )
+            assert posted.status_code == 201, posted.text
+            gid = posted.json()["generation"]["id"]
+            seen: list[dict[str, Any]] = []
+            async with aconnect_sse(
+                http, "GET", f"/api/conversations/{cid}/stream", headers=tenant.headers("alice")
+            ) as source:
+                with anyio.fail_after(STEP):
+                    async for sse in source.aiter_sse():
+                        if not sse.data:
+                            continue
+                        event = json.loads(sse.data)
+                        seen.append(event)
+                        if event["type"] == "token" and not release.is_set():
+                            # The first piece is here while the model still holds back the rest.
+                            assert event["text"] == "Hel" and not fake.requests[0].finished.is_set()
+                            release.set()
+                        if event["type"] in ("done", "cancelled", "error"):
+                            break
+            assert [e["type"] for e in seen] == ["start", "token", "token", "token", "done"]
+            assert "".join(e["text"] for e in seen if e["type"] == "token") == "Hello world"
+            assert seen[-1]["tokenCount"] == 42 and seen[-1]["finishReason"] == "stop"
+            generation = (await http.get(f"/api/generations/{gid}", headers=tenant.headers("alice"))).json()
+            assert generation["tokenCount"] == 42 and generation["chunkCount"] == 3
+            assert generation["ttftMs"] is not None and generation["ttftMs"] >= 0
+            assert generation["finishReason"] == "stop"
+    finally:
+        server.stop()
+
+
+async def test_without_usage_the_pieces_are_counted_and_length_is_reported(
+    fake: FakeModelServer, core: StreamingCore
+) -> None:
+    _, alice, cid = await openai_conversation(fake.url)
+    fake.queue(Reply(steps=answer("one", " two", finish_reason="length")))
+    events = await read_all(core, await ask(core, alice, cid))
+    done = events[-1]
+    assert isinstance(done, Done) and done.token_count == 2 and done.finish_reason == "length"
+    generation = await load_generation(done.generation_id)
+    assert generation is not None and generation.finish_reason == "length" and generation.ttft_ms is not None
+    # Replayed from the database, the same `done`.
+    assert (await core.stored_events(done.generation_id, done.seq - 1)) == [done]
+
+
+# -- 4. cancel closes the upstream request ---------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["core", "rest"])
+async def test_cancelling_closes_the_upstream_request_within_a_second(
+    fake: FakeModelServer, core: StreamingCore, client: httpx.AsyncClient, how: str
+) -> None:
+    tenant, alice, cid = await openai_conversation(fake.url)
+    never = asyncio.Event()
+    fake.queue(Reply(steps=[*answer("Hel")[:2], never]))
+    if how == "core":
+        gid = await ask(core, alice, cid)
+    else:
+        posted = await client.post(
+            f"/api/conversations/{cid}/messages", json={"content": "Hi"}, headers=tenant.headers("alice")
+        )
+        gid = UUID(posted.json()["generation"]["id"])
+    seen = await fake.next_request(1)
+    app_core: StreamingCore = client._transport.app.state.core  # type: ignore[attr-defined]
+    producer_core = core if how == "core" else app_core
+    with anyio.fail_after(STEP):
+        async for batch in producer_core.follow(gid, 0, None):
+            if any(isinstance(e, Token) for e in batch):
+                break
+
+    asked = time.monotonic()
+    if how == "core":
+        await core.cancel(gid, "user")
+    else:
+        response = await client.post(f"/api/generations/{gid}/cancel", headers=tenant.headers("alice"))
+        assert response.status_code == 200, response.text
+    with anyio.fail_after(STEP):
+        await seen.disconnected.wait()
+    assert seen.disconnected_at is not None and seen.disconnected_at - asked < 1.0
+    generation = await load_generation(gid)
+    assert generation is not None and generation.status is GenerationStatus.cancelled
+
+
+# -- 5. upstream failures --------------------------------------------------------------
+
+OPENAI_ERROR = b'{"error": {"message": "%s", "type": "invalid_request_error"}}'
+
+FAILURES = {
+    "401": (Reply(status=401, body=OPENAI_ERROR % b"Incorrect API key provided"), "upstream_auth", "Incorrect API key"),
+    "403": (Reply(status=403, body=b"forbidden"), "upstream_auth", "403"),
+    "404 model": (
+        Reply(status=404, body=OPENAI_ERROR % b"The model `fake-model` does not exist"),
+        "upstream_not_found",
+        "fake-model",
+    ),
+    "429": (
+        Reply(status=429, body=OPENAI_ERROR % b"Rate limit reached", headers={"Retry-After": "7"}),
+        "upstream_rate_limited",
+        "retry after 7 s",
+    ),
+    "500": (Reply(status=500, body=b"<html>Internal Server Error</html>"), "upstream_unavailable", "500"),
+    "503": (Reply(status=503, body=OPENAI_ERROR % b"overloaded"), "upstream_unavailable", "overloaded"),
+    "malformed chunk": (Reply(steps=[*answer("Hel")[:2], "{not json"]), "upstream_malformed", "cannot read"),
+    "error chunk": (
+        Reply(steps=[*answer("Hel")[:2], '{"error": {"message": "model crashed"}}']),
+        "upstream_error",
+        "model crashed",
+    ),
+    "stall": (Reply(steps=answer("Hel")[:2], hang=True), "upstream_timeout", "sent nothing for 0.5 s"),
+    "no [DONE]": (Reply(steps=answer("Hel", "lo"), done=False), "upstream_incomplete", "without [DONE]"),
+    "cut off": (Reply(steps=[*answer("Hel")[:2], b'data: {"choi'], done=False), "upstream_incomplete", "[DONE]"),
+    "dropped": (Reply(steps=answer("Hel")[:2], abort=True), "upstream_incomplete", "broke off"),
+}
+
+
+@pytest.mark.parametrize("partial", ["discard", "keep"])
+@pytest.mark.parametrize("case", list(FAILURES))
+async def test_an_upstream_failure_is_an_error_event(
+    fake: FakeModelServer, core: StreamingCore, case: str, partial: str
+) -> None:
+    reply, code, says = FAILURES[case]
+    _, alice, cid = await openai_conversation(fake.url, timeout=0.5)
+    fake.queue(reply)
+    gid = await ask(core, alice, cid, partial=partial)
+    events = await read_all(core, gid)
+    error = events[-1]
+    assert isinstance(error, Error), events
+    assert error.code.startswith(code) and says in error.message, error
+    if case == "429":
+        assert error.retry_after == 7
+    produced = "".join(e.text for e in events if isinstance(e, Token))
+    agent_messages = await Message.select().where(Message.conversation == cid, Message.role == MessageRole.agent.value)
+    if partial == "keep" and produced:
+        assert [m["content"] for m in agent_messages] == [produced] and agent_messages[0]["status"] == "partial"
+        assert error.message_id == agent_messages[0]["id"]
+    else:
+        assert agent_messages == [] and error.message_id is None
+    generation = await load_generation(gid)
+    assert generation is not None and generation.status is GenerationStatus.failed
+    assert generation.error is not None and generation.error.startswith(error.code)
+
+
+async def test_a_refused_connection_is_an_error_event(core: StreamingCore) -> None:
+    _, alice, cid = await openai_conversation(f"http://127.0.0.1:{free_port()}/v1")
+    error = (await read_all(core, await ask(core, alice, cid)))[-1]
+    assert isinstance(error, Error) and error.code == "upstream_unreachable", error
+
+
+async def test_a_missing_key_variable_is_an_error_event(
+    fake: FakeModelServer, core: StreamingCore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, alice, cid = await openai_conversation(fake.url)
+    monkeypatch.delenv(KEY_VAR)
+    error = (await read_all(core, await ask(core, alice, cid)))[-1]
+    assert isinstance(error, Error) and error.code == "api_key_missing" and KEY_VAR in error.message
+    assert fake.requests == []  # nothing was sent without the key
+
+
+async def test_a_stored_config_the_adapter_cannot_use_is_an_error_event(core: StreamingCore) -> None:
+    _, alice, cid = await openai_conversation("http://127.0.0.1:1/v1")
+    from app.tables import Agent, Conversation
+
+    conversation = await Conversation.select(Conversation.agent).where(Conversation.id == cid).first()
+    await Agent.update({Agent.config: {"model": "m"}}).where(Agent.id == conversation["agent"])
+    error = (await read_all(core, await ask(core, alice, cid)))[-1]
+    assert isinstance(error, Error) and error.code == "invalid_agent_config" and "baseUrl" in error.message
+
+
+# -- 6. one pooled client per process, closed on shutdown ------------------------------
+
+
+async def test_answers_share_one_pooled_connection_and_shutdown_closes_it(fake: FakeModelServer) -> None:
+    from app.streaming.broker import InProcessBroker
+    from app.streaming.policy import StreamPolicy
+
+    core = StreamingCore(InProcessBroker(), StreamPolicy())
+    _, alice, cid = await openai_conversation(fake.url)
+    try:
+        for number in (1, 2):
+            events = await read_all(core, await ask(core, alice, cid, f"question {number}"))
+            assert isinstance(events[-1], Done)
+            await fake.next_request(number)
+        adapter = core.adapters["openai"]
+        assert isinstance(adapter, OpenAIAdapter)
+        client = adapter.client
+        # The second answer reused the first one's connection (same client port).
+        assert fake.requests[0].client_port == fake.requests[1].client_port
+    finally:
+        await core.shutdown()
+    assert client.is_closed
+
+
+async def test_the_app_closes_the_model_client_on_shutdown(fake: FakeModelServer) -> None:
+    from app.main import create_app
+
+    app = create_app()
+    async with app.lifespan():
+        adapter = app.state.core.adapters["openai"]
+        client = adapter.client
+        assert not client.is_closed
+    assert client.is_closed
+
+
+# -- 7. the README's example -----------------------------------------------------------
+
+
+async def test_the_readme_example_runs_against_a_local_model_server(fake: FakeModelServer) -> None:
+    """The README's Ollama command, pointed at the fake server, makes an agent that answers
+    in `chatstream chat`."""
+    from app.companies.service import create_company
+    from tests.conftest import ROOT
+    from tests.integration.live_server import CONSOLE_SCRIPT
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    line = next(li for li in readme.splitlines() if "agent create" in li and "11434" in li)
+    args = shlex.split(line)
+    assert args[0] == ".venv/bin/chatstream"
+    company = await create_company(f"readme-{uuid.uuid4().hex[:8]}")
+    args[0] = CONSOLE_SCRIPT
+    args[args.index("--company") + 1] = company.company.name
+    config = json.loads(args[args.index("--config") + 1])
+    args[args.index("--config") + 1] = json.dumps({**config, "baseUrl": fake.url})
+
+    made = await asyncio.create_subprocess_exec(*args, stdout=PIPE, stderr=PIPE)
+    out, err = await made.communicate()
+    assert made.returncode == 0, err.decode()
+
+    fake.queue(Reply(steps=answer("Hello", " from", " the", " model")))
+    server = LiveServer().start()
+    try:
+        chat = await asyncio.create_subprocess_exec(
+            CONSOLE_SCRIPT,
+            *("chat", "--url", server.url, "--key", company.admin_key.token, "--new", "--message", "Hi"),
+            stdout=PIPE,
+            stderr=PIPE,
+        )
+        with anyio.fail_after(STEP * 3):
+            out, err = await chat.communicate()
+    finally:
+        server.stop()
+    assert chat.returncode == 0, err.decode()
+    assert "Hello from the model" in out.decode()
+    sent = fake.requests[0].body
+    assert sent["model"] == config["model"]
+    assert sent["messages"] == [
+        {"role": "system", "content": config["systemPrompt"]},
+        {"role": "user", "content": "Hi"},
+    ]

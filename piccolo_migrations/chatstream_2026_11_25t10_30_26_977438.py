@@ -6,8 +6,7 @@ SQL before its column changes, so it cannot be done here).
 """
 
 from piccolo.apps.migrations.auto.migration_manager import MigrationManager
-from piccolo.columns.column_types import Integer
-from piccolo.columns.column_types import Varchar
+from piccolo.columns.column_types import Integer, Varchar
 from piccolo.columns.indexes import IndexMethod
 
 ID = "2026-11-25T10:30:26:977438"

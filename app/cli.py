@@ -57,17 +57,20 @@ async def _prepare_serve(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from app.server import run
 
-    if args.workers > 1:
-        # Answers live in the process that produces them (in-process broker): a reader or a
-        # cancel landing on another worker would not find them.
+    if args.workers < 1:
+        print("error: --workers must be at least 1", file=sys.stderr)
+        return 2
+    if args.workers > 1 and not get_settings().redis_url:
+        # With the in-process broker an answer lives in the process producing it: a reader,
+        # a resume or a cancel landing on another worker would not find it.
         print(
-            "error: --workers above 1 needs a broker shared by the workers (Redis), which this version "
-            "does not have yet; run one worker per server process.",
+            "error: --workers above 1 needs the workers to share their answers through Redis: "
+            "set REDIS_URL (e.g. REDIS_URL=redis://127.0.0.1:6379/0) or run one worker. See docs/deploy.md.",
             file=sys.stderr,
         )
         return 2
     asyncio.run(_prepare_serve(args))
-    run(args.host, args.port, get_settings().log_level.lower(), reload=args.reload)
+    run(args.host, args.port, get_settings().log_level.lower(), reload=args.reload, workers=args.workers)
     return 0
 
 
@@ -170,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1; more need a shared broker)")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1; more need REDIS_URL)")
     serve.add_argument("--reload", action="store_true", help="restart on code changes (development)")
     serve.add_argument(
         "--no-migrate",

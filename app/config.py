@@ -54,6 +54,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     tcp_user_timeout: float = 60.0
     # Extra origins allowed for cookie-authenticated sockets (the server's own is always allowed).
     ws_allowed_origins: str = ""
+    # Set: generations and conversation events go through this Redis, shared by every
+    # process and node using the same database (see docs/deploy.md). Unset: in-process.
+    redis_url: str | None = None
+    # Prefix of every Redis key and channel: lets several deployments share one Redis.
+    redis_prefix: str = "chatstream:"
     # Environment variables an `openai` agent may name as its API key (comma-separated).
     # Agents are configured by company admins: they may read no other variable.
     model_key_vars: str = "OPENAI_API_KEY"
@@ -94,6 +99,8 @@ ENV = {
     "ws_allowed_origins": "CHATSTREAM_WS_ALLOWED_ORIGINS",
     "tcp_user_timeout": "CHATSTREAM_TCP_USER_TIMEOUT",
     "model_key_vars": "CHATSTREAM_MODEL_KEY_VARS",
+    "redis_url": "REDIS_URL",
+    "redis_prefix": "CHATSTREAM_REDIS_PREFIX",
 }
 
 

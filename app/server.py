@@ -7,7 +7,7 @@ import socket
 from typing import Any
 
 import uvicorn
-from uvicorn.supervisors import ChangeReload
+from uvicorn.supervisors import ChangeReload, Multiprocess, multiprocess
 
 from app.config import get_settings
 from app.streaming.core import stop_all_answers
@@ -49,8 +49,20 @@ class Server(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def run(host: str, port: int, log_level: str, reload: bool = False) -> None:
-    """Serve `app.main:create_app` until stopped (restarting on code changes with `reload`)."""
+class Worker(multiprocess.Process):
+    """A worker process of `serve --workers N`: uvicorn's, running our :class:`Server`."""
+
+    @property
+    def server(self) -> uvicorn.Server:
+        if self._server is None:
+            self._server = Server(config=self.config)
+        return self._server
+
+
+def run(host: str, port: int, log_level: str, reload: bool = False, workers: int = 1) -> None:
+    """Serve `app.main:create_app` until stopped: restarting on code changes with `reload`,
+    or in `workers` processes sharing the listening socket (uvicorn's supervisor, which
+    also replaces a worker that dies)."""
     settings = get_settings()
     config = uvicorn.Config(
         "app.main:create_app",
@@ -70,6 +82,11 @@ def run(host: str, port: int, log_level: str, reload: bool = False) -> None:
     server = Server(config)
     if config.should_reload:  # the same server, run by uvicorn's reloader in a child process
         ChangeReload(config, target=server.run, sockets=[config.bind_socket()]).run()
+    elif workers > 1:
+        config.workers = workers
+        # The supervisor makes (and remakes) its workers with its module's `Process`.
+        multiprocess.Process = Worker  # type: ignore[misc]
+        Multiprocess(config, sockets=[config.bind_socket()]).run()
     else:
         server.run()
 

@@ -186,8 +186,11 @@ def test_help_lists_commands() -> None:
         assert flag in serve_help
 
 
-def test_serve_refuses_workers_without_a_shared_broker(tmp_path: Path) -> None:
-    """Several workers would each hold their own answers: refused, saying why."""
+def test_serve_refuses_workers_without_redis(tmp_path: Path) -> None:
+    """Several workers without Redis would each hold their own answers: refused, saying why
+    and what to set."""
     result = run(["serve", "--workers", "2", "--port", str(free_port())], tmp_path)
     assert result.returncode == 2
-    assert "broker" in result.stderr and "Traceback" not in result.stderr
+    assert "REDIS_URL" in result.stderr and "share" in result.stderr and "Traceback" not in result.stderr
+    result = run(["serve", "--workers", "0", "--port", str(free_port())], tmp_path)
+    assert result.returncode == 2 and "at least 1" in result.stderr

@@ -13,6 +13,7 @@ from litestar.types import ExceptionHandlersMap
 
 from app.config import get_settings
 from app.errors import ApiError, ErrorBody
+from app.streaming.broker import BrokerUnavailable
 from app.text_types import NO_NUL_PATTERN
 
 logger = logging.getLogger("chatstream.errors")
@@ -147,11 +148,28 @@ def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Respon
     )
 
 
+# Seconds a client is asked to wait when the broker (Redis) is down.
+BROKER_RETRY_AFTER = 5
+
+
+def handle_broker_unavailable(_: Request[Any, Any, Any], exc: BrokerUnavailable) -> Response[ErrorBody]:
+    """Redis is down: 503 with Retry-After. Nothing was stored (the broker is called before
+    the database in every path that needs both)."""
+    logger.warning("broker unavailable: %s", exc)
+    body = ErrorBody(
+        error="the server cannot reach its message broker (Redis); retry shortly",
+        code="broker_unavailable",
+        details={"retryAfter": BROKER_RETRY_AFTER},
+    )
+    return _response(503, body, {"Retry-After": str(BROKER_RETRY_AFTER)})
+
+
 EXCEPTION_HANDLERS: ExceptionHandlersMap = {
     # Raised while Litestar decodes a request body, before any of our code runs.
     UnicodeDecodeError: handle_undecodable_body,
     RecursionError: handle_undecodable_body,
     ApiError: handle_api_error,
+    BrokerUnavailable: handle_broker_unavailable,
     HTTPException: handle_http_exception,
     Exception: handle_unexpected,
 }

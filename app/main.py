@@ -23,9 +23,10 @@ from app.exception_handlers import EXCEPTION_HANDLERS
 from app.health import healthz, readyz
 from app.rate_limit import message_rate_limit
 from app.streaming.adapters import build_adapters
-from app.streaming.broker import InProcessBroker
+from app.streaming.broker import Broker, InProcessBroker
 from app.streaming.core import StreamingCore
 from app.streaming.policy import StreamPolicy
+from app.streaming.redis_broker import RedisBroker
 from app.streaming.sse import stream_conversation
 from app.streaming.ws import ws_endpoint
 from app.tables import Company
@@ -51,7 +52,13 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
     async def startup(app: Litestar) -> None:
         await open_pool(engine)
-        broker = InProcessBroker(retain=settings.log_retain, log_ttl=settings.log_ttl)
+        broker: Broker
+        if settings.redis_url:
+            broker = RedisBroker(
+                settings.redis_url, prefix=settings.redis_prefix, retain=settings.log_retain, log_ttl=settings.log_ttl
+            )
+        else:
+            broker = InProcessBroker(retain=settings.log_retain, log_ttl=settings.log_ttl)
         core = StreamingCore(
             broker,
             policy,

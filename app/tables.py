@@ -155,6 +155,9 @@ class Generation(Table):
     error = Text(null=True, default=None)
     started_at = Timestamptz(default=TimestamptzNow())
     finished_at = Timestamptz(null=True, default=None)
+    # The server process producing it (`<redis prefix><process id>`, or `local:<id>`):
+    # how the other processes find answers whose producer died.
+    producer = Varchar(length=200, null=True, default=None)
 
 
 TABLES: list[type[Table]] = [Company, Agent, ApiKey, Conversation, Message, Generation]

@@ -63,9 +63,14 @@ async def running_generation(conversation_id: UUID) -> dict[str, Any] | None:
 
 
 async def create_running(
-    conversation_id: UUID, reply_to_id: UUID | None, agent_id: UUID | None, generation_id: UUID
+    conversation_id: UUID,
+    reply_to_id: UUID | None,
+    agent_id: UUID | None,
+    generation_id: UUID,
+    producer: str | None = None,
 ) -> GenerationOut:
-    """Insert a `running` generation with the id the core reserved for it. Raises
+    """Insert a `running` generation with the id the core reserved for it, produced by
+    process `producer`. Raises
     :class:`GenerationBusy` if one is running already (the partial unique index decides,
     so concurrent requests cannot both win)."""
     generation = Generation(
@@ -75,6 +80,7 @@ async def create_running(
         agent=agent_id,
         status=GenerationStatus.running.value,
         started_at=datetime.now(UTC),
+        producer=producer,
     )
     try:
         await generation.save()
@@ -209,6 +215,33 @@ async def interrupt_orphans() -> int:
             }
         ).where(Generation.status == GenerationStatus.running.value)
     return len(rows)
+
+
+async def running_producers() -> list[tuple[UUID, str | None]]:
+    """(generation, producer) of every running generation."""
+    rows = await Generation.select(Generation.id, Generation.producer).where(
+        Generation.status == GenerationStatus.running.value
+    )
+    return [(r["id"], r["producer"]) for r in rows]
+
+
+async def interrupt(generation_id: UUID, chunk_count: int, error: str) -> bool:
+    """Mark a running generation whose producer died `interrupted`, with the number of
+    token events its log holds (0: unknown). False when it was no longer running."""
+    async with write_transaction(Generation._meta.db):
+        row = await Generation.select(Generation.status).where(Generation.id == generation_id).first()
+        if row is None or row["status"] != GenerationStatus.running.value:
+            return False
+        await Generation.update(
+            {
+                Generation.status: GenerationStatus.interrupted.value,
+                Generation.chunk_count: chunk_count,
+                Generation.token_count: chunk_count,
+                Generation.error: error,
+                Generation.finished_at: datetime.now(UTC),
+            }
+        ).where(Generation.id == generation_id)
+    return True
 
 
 async def unanswered_user_message(conversation_id: UUID) -> dict[str, Any] | None:

@@ -130,7 +130,9 @@ async def post_message(
             await message.save()
             await Conversation.update({Conversation.last_message_at: now}).where(Conversation.id == conversation_id)
             if agent is not None and reserved is not None:
-                generation = await create_running(conversation_id, message.id, agent.id, reserved)
+                generation = await create_running(
+                    conversation_id, message.id, agent.id, reserved, producer=core.broker.node
+                )
     except GenerationBusy:
         running = await running_generation(conversation_id)
         raise GenerationBusy(running["id"] if running else None) from None

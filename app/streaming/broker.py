@@ -1,24 +1,31 @@
 """Where generation logs live and who is reading them.
 
 The core talks to a :class:`Broker`; the in-process one keeps logs in memory for a
-single server process. A Redis broker fills the same interface so that several
-processes share generations.
+single server process. The Redis one (app/streaming/redis_broker.py) fills the same
+interface so that several processes share generations.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
+import uuid
+from collections import Counter, deque
+from collections.abc import Callable, Collection
 from typing import Protocol
 from uuid import UUID
 
+from app.streaming.control import ControlMessage
 from app.streaming.events import GenerationEvent
 from app.streaming.log import GenerationLog
 from app.streaming.protocol import ConversationEvent
 
 
 class FeedOverflow(Exception):
-    """A subscriber fell so far behind that its feed dropped events."""
+    """A subscriber fell so far behind that its feed dropped events (or the broker lost some)."""
+
+
+class BrokerUnavailable(Exception):
+    """The broker's backing service (Redis) cannot be reached; the call did not happen."""
 
 
 class ConversationFeed:
@@ -30,25 +37,63 @@ class ConversationFeed:
 
     def __init__(self, conversation_id: UUID, maxsize: int = 256) -> None:
         self.conversation_id = conversation_id
-        self._queue: asyncio.Queue[ConversationEvent] = asyncio.Queue(maxsize)
+        self._events: deque[ConversationEvent] = deque()
+        self._maxsize = maxsize
+        self._ready = asyncio.Event()
         self.overflowed = False
 
     def offer(self, event: ConversationEvent) -> None:
         """Deliver an event without ever waiting on the subscriber."""
-        try:
-            self._queue.put_nowait(event)
-        except asyncio.QueueFull:
+        if len(self._events) >= self._maxsize:
             self.overflowed = True
+        else:
+            self._events.append(event)
+        self._ready.set()
+
+    def lose(self) -> None:
+        """Events may have been missed (the broker lost its connection): the subscriber must
+        start over, so its reads raise :class:`FeedOverflow` from now on, a waiting one at once."""
+        self.overflowed = True
+        self._ready.set()
 
     async def get(self) -> ConversationEvent:
         """The next event; raises :class:`FeedOverflow` once events were dropped."""
-        if self.overflowed:
-            raise FeedOverflow(str(self.conversation_id))
-        return await self._queue.get()
+        while True:
+            if self.overflowed:
+                raise FeedOverflow(str(self.conversation_id))
+            if self._events:
+                return self._events.popleft()
+            self._ready.clear()
+            await self._ready.wait()
 
 
 class Broker(Protocol):
-    """Event logs of generations, the count of their readers, and conversation feeds."""
+    """Event logs of generations, the count of their readers, and conversation feeds.
+
+    Calls that need a backing service raise :class:`BrokerUnavailable` when it is down.
+    """
+
+    name: str  # "in-process" or "redis": for logs and the readiness probe
+    # True when several processes share the broker (each then runs the heartbeat, the watch
+    # for orphaned generations and the control messages).
+    shared: bool
+    # This process among the producers (stored in `generation.producer`).
+    node: str
+
+    def is_peer(self, node: str) -> bool:
+        """True when `node` is a process sharing this broker (same Redis and prefix)."""
+
+    async def heartbeat(self) -> None:
+        """Tell the other processes this one is alive (for the next few seconds)."""
+
+    async def live_nodes(self, nodes: Collection[str]) -> set[str]:
+        """Those of `nodes` whose heartbeat is current."""
+
+    def on_control(self, handler: Callable[[ControlMessage], None]) -> None:
+        """Have `handler` called with every control message sent by any process."""
+
+    async def send_control(self, message: ControlMessage) -> None:
+        """Send a control message to every process (this one included)."""
 
     async def open_log(self, generation_id: UUID, conversation_id: UUID) -> None:
         """Create the empty log of a new generation."""
@@ -57,8 +102,9 @@ class Broker(Protocol):
         """Append to the generation's log and wake its readers."""
 
     async def read(self, generation_id: UUID, after: int, max_wait: float | None) -> list[GenerationEvent] | None:
-        """Events after `after`, waiting up to `timeout` s for one. [] when nothing came in time
-        (or the reader has the whole ended log); None when the log is unknown or expired."""
+        """Events after `after`, waiting up to `max_wait` s for one (None: no limit); a `snapshot` first
+        when the cursor is older than the retained window, never a silent skip. [] when nothing came
+        in time (or the reader has the whole ended log); None when the log is unknown or expired."""
 
     async def close_log(self, generation_id: UUID) -> None:
         """The generation ended: keep its log for the retention time, then drop it."""
@@ -87,6 +133,9 @@ class Broker(Protocol):
     def close_feed(self, feed: ConversationFeed) -> None:
         """Stop receiving them."""
 
+    async def ping(self) -> None:
+        """Return when the broker works; raise :class:`BrokerUnavailable` when it does not (readiness)."""
+
     async def close(self) -> None:
         """Release everything (shutdown)."""
 
@@ -94,9 +143,14 @@ class Broker(Protocol):
 class InProcessBroker:
     """Logs in this process's memory: `retain` events per generation, kept `log_ttl` s after the end."""
 
+    name = "in-process"
+    shared = False
+
     def __init__(self, retain: int = 1000, log_ttl: float = 300.0) -> None:
         self.retain = retain
         self.log_ttl = log_ttl
+        self.node = f"local:{uuid.uuid4().hex}"
+        self._control: Callable[[ControlMessage], None] | None = None
         self._logs: dict[UUID, GenerationLog] = {}
         self._readers: Counter[UUID] = Counter()
         self._expiry: dict[UUID, asyncio.TimerHandle] = {}
@@ -162,6 +216,25 @@ class InProcessBroker:
             feeds.discard(feed)
             if not feeds:
                 del self._feeds[feed.conversation_id]
+
+    async def ping(self) -> None:
+        """Always up: nothing to reach."""
+
+    def is_peer(self, node: str) -> bool:
+        return False  # alone: nobody else produces
+
+    async def heartbeat(self) -> None:
+        pass
+
+    async def live_nodes(self, nodes: Collection[str]) -> set[str]:
+        return {node for node in nodes if node == self.node}
+
+    def on_control(self, handler: Callable[[ControlMessage], None]) -> None:
+        self._control = handler
+
+    async def send_control(self, message: ControlMessage) -> None:
+        if self._control is not None:
+            self._control(message)
 
     async def close(self) -> None:
         self._feeds.clear()

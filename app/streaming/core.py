@@ -5,6 +5,11 @@ adapter, appends numbered events to the generation's log in the broker, and writ
 the outcome to the database (message and generation row in one transaction) before
 announcing it. Readers follow the log from a cursor; when the last one leaves, the
 core waits `disconnect_grace` seconds for one to come back, then cancels.
+
+With a shared broker (Redis) several processes serve the same generations: any of them
+reads any log; a cancel, or the last reader leaving, reaches the producing process as a
+control message; each process keeps a heartbeat in the broker, and the others end the
+generations of a process whose heartbeat stopped (`producer_lost`).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import logging
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
@@ -27,9 +32,11 @@ from app.chat.generations import (
     agent_of,
     create_running,
     finish_generation,
+    interrupt,
     interrupt_orphans,
     load_generation,
     running_generation,
+    running_producers,
     settle_interrupted_length,
     stored_answer,
     unanswered_user_message,
@@ -38,7 +45,8 @@ from app.chat.messages import load_history, load_message
 from app.chat.schemas import GenerationOut
 from app.errors import invalid_field
 from app.streaming.adapters import Adapter, AdapterConfigError, AdapterError, AnswerEnd, build_adapters, parse_config
-from app.streaming.broker import Broker, ConversationFeed
+from app.streaming.broker import Broker, BrokerUnavailable, ConversationFeed
+from app.streaming.control import CancelRequest, ControlMessage, ReadersGone
 from app.streaming.events import (
     Cancelled,
     Cursor,
@@ -58,6 +66,14 @@ logger = logging.getLogger("chatstream.streaming")
 
 # Tries to store an answer's outcome before giving up (its readers then get `storage_failed`).
 STORE_ATTEMPTS = 4
+# Shared broker: how often a process renews its heartbeat, and looks for generations whose
+# producer's heartbeat expired (the broker keeps a heartbeat NODE_TTL seconds). A killed
+# producer's readers get `producer_lost` within about NODE_TTL + REAP_INTERVAL seconds.
+HEARTBEAT_INTERVAL = 0.5
+REAP_INTERVAL = 1.0
+# How long a cancel waits for another process's producer to report the outcome.
+REMOTE_CANCEL_WAIT = 10.0
+PRODUCER_LOST = "producer_lost"
 
 # Every core of this process, so that a server stopping can end their answers first.
 _cores: weakref.WeakSet[StreamingCore] = weakref.WeakSet()
@@ -106,16 +122,43 @@ class StreamingCore:
     # -- lifecycle ---------------------------------------------------------------------
 
     async def startup(self) -> None:
-        """A process that owns every producer (in-process broker) ends what a previous run left running."""
-        count = await interrupt_orphans()
-        if count:
-            logger.warning("marked %d generation(s) left running by a previous run as interrupted", count)
+        """Alone (in-process broker): end what a previous run left running. Shared: start the
+        heartbeat and the watch for generations of processes that died, and take control messages."""
+        self.broker.on_control(self._on_control)
+        if not self.broker.shared:
+            count = await interrupt_orphans()
+            if count:
+                logger.warning("marked %d generation(s) left running by a previous run as interrupted", count)
+            return
+        try:
+            await self.broker.heartbeat()
+        except BrokerUnavailable as exc:  # serve anyway: /readyz says not ready until it is back
+            logger.error("the broker is not reachable at startup: %s", exc)
+        self._spawn(self._every(HEARTBEAT_INTERVAL, self.broker.heartbeat, "heartbeat"))
+        self._spawn(self._every(REAP_INTERVAL, self.reap_orphans, "looking for orphaned generations"))
+
+    async def _every(self, interval: float, job: Callable[[], Awaitable[Any]], what: str) -> None:
+        """Run `job` every `interval` seconds until shutdown; a failure (broker or database
+        down) is logged once per outage and retried next time."""
+        failing = False
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await job()
+            except Exception as exc:  # noqa: BLE001 - retried next round; logged when it starts failing
+                if not failing:
+                    logger.warning("%s failed (retrying every %g s): %s", what, interval, exc)
+                failing = True
+            else:
+                if failing:
+                    logger.info("%s works again", what)
+                failing = False
 
     async def cancel_conversation(self, conversation_id: UUID, reason: str) -> None:
-        """Cancel the conversation's running answer, if this process produces it."""
-        for generation_id, producer in list(self._producers.items()):
-            if producer.generation.conversation_id == conversation_id:
-                await self.cancel(generation_id, reason)
+        """Cancel the conversation's running answer, wherever it is produced."""
+        running = await running_generation(conversation_id)
+        if running is not None:
+            await self.cancel(running["id"], reason)
 
     async def cancel_all(self, reason: str) -> None:
         """Cancel every generation this process produces and wait until their outcomes are stored."""
@@ -131,6 +174,57 @@ class StreamingCore:
         await asyncio.gather(*self._background, return_exceptions=True)
         await self.broker.close()
         await asyncio.gather(*(adapter.aclose() for adapter in self.adapters.values()))
+
+    # -- several processes -------------------------------------------------------------
+
+    def _on_control(self, message: ControlMessage) -> None:
+        """A control message from any process (this one included); only the producer acts."""
+        producer = self._producers.get(message.generation_id)
+        if producer is None or self._closing:
+            return
+        if isinstance(message, CancelRequest):
+            self._spawn(self.cancel(message.generation_id, message.reason))
+        elif isinstance(message, ReadersGone):
+            self._spawn(self._start_grace(message.generation_id))
+
+    async def reap_orphans(self) -> int:
+        """End the running generations whose producing process stopped (its heartbeat expired):
+        `interrupted` in the database, `error producer_lost` to their readers. Any process may
+        do it; the first one wins. Returns how many this call ended."""
+        candidates = {
+            gid: node
+            for gid, node in await running_producers()
+            if node is not None and gid not in self._producers and self.broker.is_peer(node)
+        }
+        if not candidates:
+            return 0
+        alive = await self.broker.live_nodes(set(candidates.values()))
+        ended = 0
+        for gid, node in candidates.items():
+            if node not in alive and await self._end_orphan(gid):
+                logger.warning("generation %s: its producer %s stopped; ended as interrupted", gid, node)
+                ended += 1
+        return ended
+
+    async def _end_orphan(self, generation_id: UUID) -> bool:
+        last = await self.broker.last_seq(generation_id)  # None: the log is gone too
+        chunks = max(last - 1, 0) if last else 0
+        message = "the server process producing this answer stopped"
+        if not await interrupt(generation_id, chunks, f"{PRODUCER_LOST}: {message}"):
+            return False
+        generation = await load_generation(generation_id)
+        if last is None or generation is None:
+            return True
+        ids: dict[str, Any] = {"generation_id": generation_id, "conversation_id": generation.conversation_id}
+        if last == 0:  # it died before `start`: the log still tells a whole story
+            await self.broker.append(
+                Start(**ids, seq=1, reply_to_id=generation.reply_to_id, agent_id=generation.agent_id)
+            )
+            last = 1
+        with contextlib.suppress(Exception):  # another process got there first (Redis refuses the seq)
+            await self.broker.append(Error(**ids, seq=last + 1, code=PRODUCER_LOST, message=message))
+            await self.broker.close_log(generation_id)
+        return True
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -185,7 +279,12 @@ class StreamingCore:
             self._produce(producer, adapter, adapter_name, dict(adapter_settings)),
             name=f"generation-{generation.id}",
         )
-        await self.publish(GenerationStarted(conversation_id=generation.conversation_id, generation_id=generation.id))
+        try:
+            await self.publish(
+                GenerationStarted(conversation_id=generation.conversation_id, generation_id=generation.id)
+            )
+        except BrokerUnavailable as exc:  # the answer runs (and fails on its own if the broker stays down)
+            logger.warning("generation %s: could not announce it: %s", generation.id, exc)
 
     async def _produce(
         self, producer: _Producer, adapter: Adapter | None, adapter_name: str, settings: dict[str, Any]
@@ -277,6 +376,17 @@ class StreamingCore:
                 reason = producer.cancel_reason or "cancelled"
                 status, keep, error = GenerationStatus.cancelled, producer.policy.partial == "keep", reason
                 terminal = (Cancelled, {"reason": reason})
+            except BrokerUnavailable as exc:
+                logger.warning("generation %s failed: its events cannot be delivered: %s", gen.id, exc)
+                status, keep, error = (
+                    GenerationStatus.failed,
+                    producer.policy.partial == "keep",
+                    f"broker_unavailable: {exc}",
+                )
+                terminal = (
+                    Error,
+                    {"code": "broker_unavailable", "message": "the answer's events could not be delivered"},
+                )
             except AdapterError as exc:
                 logger.warning("generation %s failed: %s: %s", gen.id, exc.code, exc.message)
                 status, keep, error = (
@@ -297,24 +407,46 @@ class StreamingCore:
                 )
             if terminal[0] is Done and message_id is None:
                 terminal = (Error, {"code": "generation_ended", "message": "the generation was ended elsewhere"})
-            await emit(terminal[0], message_id=message_id, **terminal[1])
+            try:
+                await emit(terminal[0], message_id=message_id, **terminal[1])
+            except BrokerUnavailable as exc:
+                # Stored already: readers that come back get the outcome from the database.
+                logger.warning("generation %s: its end could not be announced: %s", gen.id, exc)
         finally:
             self._producers.pop(gen.id, None)
             if producer.grace_timer is not None:
                 producer.grace_timer.cancel()
-            await asyncio.shield(self.broker.close_log(gen.id))
+            with contextlib.suppress(BrokerUnavailable):  # if so, the log expires on its own
+                await asyncio.shield(self.broker.close_log(gen.id))
             producer.done.set()
 
     async def cancel(self, generation_id: UUID, reason: str = "user") -> None:
-        """Stop a generation this process produces and wait until its outcome is stored.
-        A generation that is finishing, or not produced here, is left alone."""
+        """Stop a generation and wait until its outcome is stored (bounded, when another
+        process produces it). A generation that is finishing or over is left alone."""
         producer = self._producers.get(generation_id)
-        if producer is None or producer.task is None:
+        if producer is None:
+            if self.broker.shared:
+                await self._cancel_remote(generation_id, reason)
+            return
+        if producer.task is None:
             return
         if not producer.finishing and producer.cancel_reason is None:
             producer.cancel_reason = reason
             producer.task.cancel()
         await producer.done.wait()
+
+    async def _cancel_remote(self, generation_id: UUID, reason: str) -> None:
+        generation = await load_generation(generation_id)
+        if generation is None or generation.status is not GenerationStatus.running:
+            return
+        after = await self.broker.last_seq(generation_id) or 0
+        await self.broker.send_control(CancelRequest(generation_id=generation_id, reason=reason))
+        # The producer stores the outcome before it appends the terminal event: once that
+        # event is here, the database has the outcome.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(REMOTE_CANCEL_WAIT):
+                async for _ in self.follow(generation_id, after, REAP_INTERVAL):
+                    pass
 
     async def answer_unanswered(self, conversation: dict[str, Any]) -> GenerationOut | None:
         """Start answering the conversation's last message if it is an unanswered user
@@ -326,7 +458,9 @@ class StreamingCore:
             return None
         generation_id = await self.reserve(conversation["id"])
         try:
-            generation = await create_running(conversation["id"], message["id"], agent.id, generation_id)
+            generation = await create_running(
+                conversation["id"], message["id"], agent.id, generation_id, producer=self.broker.node
+            )
         except GenerationBusy:
             await self.release(generation_id)
             return None  # someone else started it: the caller will find it running
@@ -402,13 +536,25 @@ class StreamingCore:
         self._spawn(self._reader_left(generation_id))
 
     async def _reader_left(self, generation_id: UUID) -> None:
-        left = await self.broker.remove_reader(generation_id)
+        try:
+            left = await self.broker.remove_reader(generation_id)
+            if left > 0 or self._closing:
+                return
+            if generation_id in self._producers:
+                await self._start_grace(generation_id)
+            elif self.broker.shared:
+                await self.broker.send_control(ReadersGone(generation_id=generation_id))
+        except BrokerUnavailable as exc:
+            logger.warning("generation %s: a reader left but the broker is down: %s", generation_id, exc)
+
+    async def _start_grace(self, generation_id: UUID) -> None:
+        """No reader is left (on any process): wait `disconnect_grace` for one, then cancel."""
         producer = self._producers.get(generation_id)
-        if left > 0 or producer is None or self._closing:
+        if producer is None:
             return
         grace = producer.policy.disconnect_grace
         if grace <= 0:
-            await self.cancel(generation_id, "disconnected")
+            await self._cancel_if_unread(generation_id)  # a reader may have come in on another process
             return
         loop = asyncio.get_running_loop()
         if producer.grace_timer is not None:
@@ -419,7 +565,11 @@ class StreamingCore:
         self._spawn(self._cancel_if_unread(generation_id))
 
     async def _cancel_if_unread(self, generation_id: UUID) -> None:
-        if await self.broker.readers(generation_id) == 0:
+        try:
+            unread = await self.broker.readers(generation_id) == 0
+        except BrokerUnavailable:
+            unread = False  # cannot tell: let the answer finish
+        if unread:
             await self.cancel(generation_id, "disconnected")
 
     async def follow(
@@ -481,7 +631,13 @@ class StreamingCore:
         elif gen.status is GenerationStatus.cancelled:
             terminal = Cancelled(**ids, seq=end, reason=gen.error or "cancelled", message_id=gen.result_message_id)
         elif gen.status is GenerationStatus.interrupted:
-            terminal = Error(**ids, seq=end, code="interrupted", message=gen.error or "the answer was interrupted")
+            known = code if message and code.isidentifier() else None  # e.g. `producer_lost: ...`
+            terminal = Error(
+                **ids,
+                seq=end,
+                code=known or "interrupted",
+                message=(message if known else gen.error) or "the answer was interrupted",
+            )
         else:
             terminal = Error(
                 **ids,

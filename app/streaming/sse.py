@@ -21,6 +21,7 @@ from litestar.status_codes import HTTP_204_NO_CONTENT
 from app.auth.principal import Principal
 from app.chat.conversations import load_conversation
 from app.openapi import errors
+from app.streaming.broker import BrokerUnavailable
 from app.streaming.core import StreamingCore
 from app.streaming.events import Cursor, GenerationEvent, json_encoder
 
@@ -32,6 +33,13 @@ SSE_HEADERS = {
 }
 OK_COMMENT = b":ok\n\n"
 PING_COMMENT = b": ping\n\n"
+# The broker went down under a reader: say so (no `id:`, so the cursor stays on the last
+# real event) and end; `retry:` has a browser's EventSource reconnect and resume in 2 s.
+UNAVAILABLE = (
+    b"retry: 2000\nevent: unavailable\n"
+    b'data: {"code":"broker_unavailable","message":"the event stream was lost; '
+    b'reconnect with your last cursor","retryAfter":2}\n\n'
+)
 
 
 def encode_frame(event: GenerationEvent) -> bytes:
@@ -53,8 +61,11 @@ async def sse_frames(
     await core.attach(generation_id)
     try:
         yield OK_COMMENT
-        async for batch in core.follow(generation_id, after, ping_interval):
-            yield b"".join(encode_frame(event) for event in batch) if batch else PING_COMMENT
+        try:
+            async for batch in core.follow(generation_id, after, ping_interval):
+                yield b"".join(encode_frame(event) for event in batch) if batch else PING_COMMENT
+        except BrokerUnavailable:
+            yield UNAVAILABLE
     finally:
         core.detach(generation_id)
 

@@ -35,7 +35,7 @@ from app.chat.messages import post_message
 from app.chat.schemas import MessageCreate
 from app.config import Settings, get_settings
 from app.errors import ApiError, Unauthorized
-from app.streaming.broker import FeedOverflow
+from app.streaming.broker import BrokerUnavailable, FeedOverflow
 from app.streaming.core import StreamingCore
 from app.streaming.events import Cursor, json_encoder
 from app.streaming.protocol import (
@@ -251,6 +251,8 @@ class Session:
             await self._dispatch(frame)
         except ApiError as exc:
             await self.deliver([ErrorFrame(ref=frame.ref, code=exc.code, message=exc.message, details=exc.details)])
+        except BrokerUnavailable:
+            await self.deliver([broker_unavailable(frame.ref)])
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -348,6 +350,8 @@ class Session:
                     return
         except FeedOverflow:
             self.close_later(too_slow())
+        except BrokerUnavailable:
+            self.close_later(SocketClosing(CLOSE_TRY_AGAIN_LATER, "broker unavailable", broker_unavailable(None)))
         finally:
             self.core.close_feed(feed)
             for task in answers.values():
@@ -362,8 +366,17 @@ class Session:
             async for batch in self.core.follow(generation_id, after, None):
                 if batch:
                     await self.deliver(batch)
+        except BrokerUnavailable:
+            # Events may be lost from here: the client starts over from its cursors.
+            self.close_later(SocketClosing(CLOSE_TRY_AGAIN_LATER, "broker unavailable", broker_unavailable(None)))
         finally:
             self.core.detach(generation_id)
+
+
+def broker_unavailable(ref: str | None) -> ErrorFrame:
+    """The frame for a request the broker (Redis) being down kept from being done."""
+    message = "the server cannot reach its message broker; reconnect and subscribe with your last cursors"
+    return ErrorFrame(ref=ref, code="broker_unavailable", message=message, details={"retryAfter": 2})
 
 
 def too_slow() -> SocketClosing:

@@ -307,10 +307,11 @@ async def test_healthz(client: httpx.AsyncClient) -> None:
 
 
 async def test_readyz(client: httpx.AsyncClient) -> None:
-    """GET /readyz is 200 `{"status": "ready", "checks": {"database": "ok"}}` while the database answers."""
+    """GET /readyz is 200 `{"status": "ready", "checks": {"database": "ok", "broker": "in-process"}}`
+    while the database answers (the broker: see tests/integration/test_scale_out.py)."""
     for headers in ({}, {"Authorization": "Bearer garbage"}):
         r = await client.get("/readyz", headers=headers)
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["status"] == "ready", body
-        assert body["checks"]["database"] == "ok", body
+        assert body["checks"] == {"database": "ok", "broker": "in-process"}, body

@@ -1,47 +1,234 @@
-"""The in-process broker: logs by generation, reader counts, expiry of ended logs."""
+"""The broker contract: logs by generation, snapshots, reader counts, expiry of ended logs and
+conversation feeds, the same for every broker. Each test runs against the in-process broker
+and the Redis one (which needs the test Redis; see tests/redis_support.py). What only the
+Redis broker has (several processes, connections, outages) is in tests/integration/test_redis_broker.py.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 
-from app.streaming.broker import InProcessBroker
-from app.streaming.events import Done, Start
+from app.streaming.broker import Broker, FeedOverflow, InProcessBroker
+from app.streaming.events import Done, GenerationEvent, Snapshot, Start, Token
+from app.streaming.protocol import ConversationDeleted, GenerationStarted
+from tests.redis_support import eventually, redis_scope
 
 pytestmark = pytest.mark.anyio
 
-G, C, M = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+MakeBroker = Callable[..., Broker]
 
 
-async def test_append_read_and_unknown_log() -> None:
+@pytest.fixture(params=["in-process", "redis"])
+async def make_broker(request: pytest.FixtureRequest) -> AsyncIterator[MakeBroker]:
+    """Makes brokers of the parametrized kind: `make_broker(retain=…, log_ttl=…)`; all closed after the test."""
+    if request.param == "redis":
+        async with redis_scope() as scope:
+            yield scope.broker
+        return
+    brokers: list[InProcessBroker] = []
+
+    def make(**options: Any) -> Broker:
+        brokers.append(InProcessBroker(**options))
+        return brokers[-1]
+
+    yield make
+    for broker in brokers:
+        await broker.close()
+
+
+@pytest.fixture
+def ids() -> tuple[uuid.UUID, uuid.UUID, uuid.UUID]:
+    """A fresh (generation, conversation, message) for each test: Redis keys are shared by processes."""
+    return uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+
+
+def start(g: uuid.UUID, c: uuid.UUID) -> Start:
+    return Start(generation_id=g, conversation_id=c, seq=1)
+
+
+def token(g: uuid.UUID, c: uuid.UUID, seq: int, text: str) -> Token:
+    return Token(generation_id=g, conversation_id=c, seq=seq, text=text)
+
+
+def done(g: uuid.UUID, c: uuid.UUID, m: uuid.UUID, seq: int, tokens: int) -> Done:
+    return Done(generation_id=g, conversation_id=c, seq=seq, message_id=m, token_count=tokens)
+
+
+async def fill(broker: Broker, g: uuid.UUID, c: uuid.UUID, words: list[str]) -> None:
+    await broker.open_log(g, c)
+    await broker.append(start(g, c))
+    for i, word in enumerate(words):
+        await broker.append(token(g, c, i + 2, word))
+
+
+def seqs(events: list[GenerationEvent] | None) -> list[int]:
+    assert events is not None
+    return [e.seq for e in events]
+
+
+async def test_name_and_ping(make_broker: MakeBroker) -> None:
+    broker = make_broker()
+    assert broker.name in {"in-process", "redis"}
+    await broker.ping()
+
+
+async def test_append_read_and_unknown_log(make_broker: MakeBroker, ids: tuple[uuid.UUID, ...]) -> None:
+    g, c, _ = ids
+    broker = make_broker()
+    assert await broker.read(g, 0, 0) is None
+    assert await broker.last_seq(g) is None
+    await broker.open_log(g, c)
+    assert await broker.last_seq(g) == 0
+    assert await broker.read(g, 0, 0) == []
+    await broker.append(start(g, c))
+    assert await broker.read(g, 0, 0) == [start(g, c)]
+    assert await broker.last_seq(g) == 1
+
+
+async def test_read_gives_every_later_event_once(make_broker: MakeBroker, ids: tuple[uuid.UUID, ...]) -> None:
+    g, c, m = ids
+    broker = make_broker()
+    await fill(broker, g, c, ["a", " b", " c"])
+    await broker.append(done(g, c, m, 5, 3))
+    assert seqs(await broker.read(g, 0, 0)) == [1, 2, 3, 4, 5]
+    assert seqs(await broker.read(g, 3, 0)) == [4, 5]
+    events = await broker.read(g, 1, None)
+    assert events is not None and [e.text for e in events if isinstance(e, Token)] == ["a", " b", " c"]
+    # The reader has the whole ended log: nothing to wait for, even without a time limit.
+    assert await broker.read(g, 5, None) == []
+
+
+async def test_seq_must_follow_and_nothing_after_the_end(make_broker: MakeBroker, ids: tuple[uuid.UUID, ...]) -> None:
+    g, c, m = ids
+    broker = make_broker()
+    await fill(broker, g, c, ["a"])
+    with pytest.raises(ValueError, match="does not follow"):
+        await broker.append(token(g, c, 2, "again"))  # a duplicate
+    with pytest.raises(ValueError, match="does not follow"):
+        await broker.append(token(g, c, 4, "skipped one"))
+    assert seqs(await broker.read(g, 0, 0)) == [1, 2]
+    await broker.append(done(g, c, m, 3, 1))
+    with pytest.raises(RuntimeError):
+        await broker.append(token(g, c, 4, "late"))
+
+
+async def test_reader_older_than_the_window_gets_a_snapshot(
+    make_broker: MakeBroker, ids: tuple[uuid.UUID, ...]
+) -> None:
+    g, c, m = ids
+    broker = make_broker(retain=5)
+    words = [f" w{i}" for i in range(20)]
+    await fill(broker, g, c, words)
+    events = await broker.read(g, 3, 0)
+    assert events is not None and len(events) == 1
+    assert events[0] == Snapshot(generation_id=g, conversation_id=c, seq=21, text="".join(words))
+    await broker.append(done(g, c, m, 22, 20))
+    events = await broker.read(g, 3, 0)
+    assert events is not None
+    assert isinstance(events[0], Snapshot) and events[0].seq == 21 and isinstance(events[1], Done)
+    # A reader inside the window is not given a snapshot.
+    assert seqs(await broker.read(g, 19, 0)) == [20, 21, 22]
+
+
+async def test_waiting_read_wakes_on_append_and_times_out_when_idle(
+    make_broker: MakeBroker, ids: tuple[uuid.UUID, ...]
+) -> None:
+    g, c, _ = ids
+    broker = make_broker()
+    await broker.open_log(g, c)
+    assert await broker.read(g, 0, 0.05) == []
+    waiters = [asyncio.create_task(broker.read(g, 0, None)) for _ in range(20)]
+    await broker.append(start(g, c))
+    await broker.append(token(g, c, 2, "a"))
+    results = await asyncio.wait_for(asyncio.gather(*waiters), 5)
+    assert all(seqs(r) in ([1], [1, 2]) for r in results)
+    assert seqs(await broker.read(g, 0, 0)) == [1, 2]
+
+
+async def test_a_cursor_ahead_of_the_log_waits_for_its_next_event(
+    make_broker: MakeBroker, ids: tuple[uuid.UUID, ...]
+) -> None:
+    g, c, _ = ids
+    broker = make_broker()
+    await fill(broker, g, c, ["a"])
+    waiter = asyncio.create_task(broker.read(g, 3, None))
+    await broker.append(token(g, c, 3, "b"))
+    await broker.append(token(g, c, 4, "c"))
+    assert seqs(await asyncio.wait_for(waiter, 5)) == [4]
+
+
+async def test_reader_counts(make_broker: MakeBroker, ids: tuple[uuid.UUID, ...]) -> None:
+    g, c, _ = ids
+    broker = make_broker()
+    await broker.open_log(g, c)
+    assert await broker.add_reader(g) == 1
+    assert await broker.add_reader(g) == 2
+    assert await broker.readers(g) == 2
+    assert await broker.remove_reader(g) == 1
+    assert await broker.remove_reader(g) == 0
+    assert await broker.readers(g) == 0
+    assert await broker.remove_reader(g) == 0  # never negative
+    assert await broker.add_reader(g) == 1
+
+
+async def test_ended_log_is_kept_then_expires_after_ttl(make_broker: MakeBroker, ids: tuple[uuid.UUID, ...]) -> None:
+    g, c, m = ids
+    broker = make_broker(log_ttl=0.3)
+    await fill(broker, g, c, ["a"])
+    await broker.append(done(g, c, m, 3, 1))
+    await broker.close_log(g)
+    # A reader coming back before the ttl resumes from its cursor.
+    assert seqs(await broker.read(g, 1, 0)) == [2, 3]
+
+    async def expired() -> bool:
+        return await broker.last_seq(g) is None
+
+    await eventually(expired, what="the ended log expired")
+    assert await broker.read(g, 0, 0) is None
+
+
+async def test_discarded_log_is_gone(make_broker: MakeBroker, ids: tuple[uuid.UUID, ...]) -> None:
+    g, c, _ = ids
+    broker = make_broker()
+    await broker.open_log(g, c)
+    await broker.discard_log(g)
+    assert await broker.read(g, 0, 0) is None
+    assert await broker.last_seq(g) is None
+
+
+async def test_conversation_feed(make_broker: MakeBroker, ids: tuple[uuid.UUID, ...]) -> None:
+    g, c, _ = ids
+    broker = make_broker()
+    feed = broker.open_feed(c)
+    other = broker.open_feed(uuid.uuid4())
+    await broker.publish(GenerationStarted(conversation_id=c, generation_id=g))
+    await broker.publish(ConversationDeleted(conversation_id=c))
+    assert await asyncio.wait_for(feed.get(), 5) == GenerationStarted(conversation_id=c, generation_id=g)
+    assert await asyncio.wait_for(feed.get(), 5) == ConversationDeleted(conversation_id=c)
+    broker.close_feed(feed)
+    await broker.publish(ConversationDeleted(conversation_id=c))
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(feed.get(), 0.05)  # closed: nothing more comes
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(other.get(), 0.05)  # another conversation's feed never got any
+
+
+async def test_a_feed_that_fills_up_overflows_and_a_lost_one_wakes_its_reader(ids: tuple[uuid.UUID, ...]) -> None:
+    _, c, _ = ids
     broker = InProcessBroker()
-    assert await broker.read(G, 0, 0) is None
-    await broker.open_log(G, C)
-    await broker.append(Start(generation_id=G, conversation_id=C, seq=1))
-    assert [e.seq for e in await broker.read(G, 0, 0) or []] == [1]
-
-
-async def test_reader_counts() -> None:
-    broker = InProcessBroker()
-    assert await broker.add_reader(G) == 1
-    assert await broker.add_reader(G) == 2
-    assert await broker.remove_reader(G) == 1
-    assert await broker.remove_reader(G) == 0
-    assert await broker.readers(G) == 0
-    assert await broker.remove_reader(G) == 0  # never negative
-
-
-async def test_ended_log_expires_after_ttl() -> None:
-    broker = InProcessBroker(log_ttl=0)
-    await broker.open_log(G, C)
-    await broker.append(Start(generation_id=G, conversation_id=C, seq=1))
-    await broker.append(Done(generation_id=G, conversation_id=C, seq=2, message_id=M, token_count=0))
-    await broker.close_log(G)
-    for _ in range(10):  # call_later(0) runs within the next loop iterations
-        if broker.log(G) is None:
-            break
-        await asyncio.sleep(0)
-    assert await broker.read(G, 0, 0) is None
-    await broker.close()
+    feed = broker.open_feed(c)
+    for _ in range(300):
+        await broker.publish(ConversationDeleted(conversation_id=c))
+    with pytest.raises(FeedOverflow):
+        await feed.get()
+    lost = broker.open_feed(c)
+    waiter = asyncio.create_task(lost.get())
+    await asyncio.sleep(0)  # let it block on the empty feed
+    lost.lose()
+    with pytest.raises(FeedOverflow):
+        await asyncio.wait_for(waiter, 5)

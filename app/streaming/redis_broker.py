@@ -1,0 +1,641 @@
+"""The Redis broker: generation logs, reader counts and conversation feeds shared by every
+server process that uses the same Redis and key prefix.
+
+Key layout (P = the prefix, g = a generation id; the `{g}` hash tag keeps a generation's
+keys in one cluster slot, so that one script may touch them all):
+
+- ``P gen:{g}:log`` — stream: the generation's events, entry id ``0-<seq>``, field ``e`` =
+  the event as JSON; only the last `retain` entries are kept (``XADD … MAXLEN retain``).
+- ``P gen:{g}:meta`` — hash: ``conv`` (conversation id), ``last`` (seq of the last event),
+  ``tseq`` (seq of the last event the text covers), ``closed`` (1 once a terminal event is in).
+- ``P gen:{g}:text`` — string: the answer so far (every token APPENDed), for `snapshot`s.
+- ``P gen:{g}:readers`` — hash: broker id -> how many of that process's readers read `g`.
+- ``P conv:<c>`` — pub/sub channel of conversation `c`'s events.
+- ``P wake:<broker id>`` — stream that wakes this broker's reading loop (see `_wake_reader`).
+- ``P node:<broker id>`` — a process's heartbeat, kept NODE_TTL seconds (the core renews it).
+- ``P control`` — pub/sub channel of control messages between processes (app/streaming/control.py).
+
+Expiry: a generation's keys get ORPHAN_TTL at open, pushed back by every append (a producer
+that dies leaves nothing forever); :meth:`RedisBroker.close_log` sets `log_ttl` on all of them.
+
+Connections per process do not depend on the number of readers: `pool_size` for commands,
+one for the reading loop (a single blocking ``XREAD`` over every stream a local reader waits
+on) and one for the pub/sub loop (one pattern subscription for every conversation). Waiting
+readers hold an asyncio event, never a connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import Counter
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, get_args
+from uuid import UUID
+
+import msgspec
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.typing import EncodableT, FieldT, KeyT, StreamIdT
+
+from app.streaming.broker import BrokerUnavailable, ConversationFeed
+from app.streaming.control import ControlMessage, control_decoder, control_encoder
+from app.streaming.events import GenerationEvent, Snapshot, Token, is_terminal, json_decoder, json_encoder
+from app.streaming.protocol import ConversationEvent
+
+logger = logging.getLogger("chatstream.streaming.redis")
+
+# A log whose producer died without closing it is dropped this long after its last event:
+# longer than any pause inside an answer (every append pushes it back), short enough that
+# the logs of crashed processes do not pile up. Never shorter than `log_ttl`.
+ORPHAN_TTL = 6 * 3600.0
+# A Redis that takes longer than this to accept a connection or answer a command counts as
+# down: calls raise BrokerUnavailable instead of hanging (every command here is O(retain) at worst).
+CONNECT_TIMEOUT = 2.0
+COMMAND_TIMEOUT = 5.0
+# The reading loop's XREAD BLOCK. It only bounds how long a silently dead connection can go
+# unnoticed: the loop is woken at once when it must follow a new stream.
+BLOCK_MS = 5_000
+# Reconnection backoff of the background loops (the first retry after a working period is immediate).
+BACKOFF_MIN = 0.05
+BACKOFF_MAX = 2.0
+# A process whose heartbeat is older than this is taken for dead: the other processes end the
+# generations it was producing. Renewed several times within it (core.HEARTBEAT_INTERVAL).
+NODE_TTL = 2.0
+
+# Conversation events travel as `<origin broker id> <struct name> <JSON>`: the union mixes tagged and
+# untagged structs, so the name picks the decoder. One decoder per struct, made once.
+_CONVERSATION_DECODERS: dict[str, msgspec.json.Decoder[Any]] = {
+    cls.__name__: msgspec.json.Decoder(cls) for cls in get_args(ConversationEvent)
+}
+
+# KEYS: meta, log, text, readers. ARGV: seq, event JSON, token text ('' for other events), terminal (1/0),
+# retain, ttl ms. Every append pushes back the expiry of every key of the generation.
+_APPEND = """
+local last = redis.call('HGET', KEYS[1], 'last')
+if not last then return redis.error_reply('UNKNOWN no such generation log') end
+if redis.call('HGET', KEYS[1], 'closed') == '1' then return redis.error_reply('ENDED the generation ended') end
+if tonumber(ARGV[1]) > tonumber(last) + 1 then return redis.error_reply('ORDER a seq is missing') end
+-- The explicit id makes Redis itself refuse a duplicated or reordered event (seq <= last).
+redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[5], '0-' .. ARGV[1], 'e', ARGV[2])
+redis.call('APPEND', KEYS[3], ARGV[3])
+if ARGV[4] == '1' then
+  redis.call('HSET', KEYS[1], 'last', ARGV[1], 'closed', '1')
+else
+  redis.call('HSET', KEYS[1], 'last', ARGV[1], 'tseq', ARGV[1])
+end
+for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], ARGV[6]) end
+return 1
+"""
+
+# KEYS: meta, log, text. ARGV: after. Returns nil for an unknown log, else
+# {last, closed, snapshot seq (-1: none), snapshot text, conversation id, event JSON...}.
+_READ = """
+local m = redis.call('HMGET', KEYS[1], 'last', 'tseq', 'closed', 'conv')
+if not m[1] then return false end
+local out = {tonumber(m[1]), tonumber(m[3]), -1, '', ''}
+if tonumber(ARGV[1]) >= out[1] then return out end
+local entries = redis.call('XRANGE', KEYS[2], '(0-' .. ARGV[1], '+')
+if entries[1] == nil or entries[1][1] ~= '0-' .. (tonumber(ARGV[1]) + 1) then
+  -- The cursor is in a gap (trimmed or lost entries): the answer so far, then what follows it.
+  out[3], out[4], out[5] = tonumber(m[2]), redis.call('GET', KEYS[3]) or '', m[4]
+  entries = redis.call('XRANGE', KEYS[2], '(0-' .. m[2], '+')
+end
+for _, entry in ipairs(entries) do out[#out + 1] = entry[2][2] end
+return out
+"""
+
+# KEYS: readers, meta. ARGV: broker id, +1/-1, ttl ms when the log is gone. Returns the total.
+# The counts live as long as the log (PTTL of meta) and a process's count never goes below 0.
+_COUNT = """
+if redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2]) <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
+local total = 0
+for _, n in ipairs(redis.call('HVALS', KEYS[1])) do total = total + tonumber(n) end
+if total > 0 then
+  local ttl = redis.call('PTTL', KEYS[2])
+  if ttl <= 0 then ttl = tonumber(ARGV[3]) end
+  redis.call('PEXPIRE', KEYS[1], ttl)
+end
+return total
+"""
+
+
+@contextmanager
+def _unavailable() -> Iterator[None]:
+    """Redis being unreachable, as the broker's own exception (callers need not know redis-py)."""
+    try:
+        yield
+    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        raise BrokerUnavailable(f"Redis is not reachable: {exc}") from exc
+
+
+@dataclass(eq=False)
+class _Watch:
+    """This process's readers waiting on one generation, and what the reading loop last read of it."""
+
+    pos: int  # seq up to which the reading loop has read the stream
+    waiters: int = 0
+    batch: list[GenerationEvent] = field(default_factory=list)
+    batch_from: int | None = None  # `batch` is every event after this seq; None: it follows a gap
+    error: BrokerUnavailable | None = None
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def wake(self) -> None:
+        changed, self.changed = self.changed, asyncio.Event()
+        changed.set()
+
+
+class RedisBroker:
+    """Generation logs in Redis Streams, reader counts in Redis hashes, conversation feeds over
+    Redis pub/sub: what one process appends, every process reads (same `url` and `prefix`).
+
+    Same semantics as :class:`~app.streaming.broker.InProcessBroker`: `retain` events per
+    generation plus the answer's text, kept `log_ttl` seconds after :meth:`close_log`.
+    `pool_size` bounds the connections used for commands; the process holds at most
+    `pool_size + 2` connections whatever the number of readers.
+    """
+
+    name = "redis"
+    shared = True
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "chatstream:",
+        retain: int = 1000,
+        log_ttl: float = 300.0,
+        pool_size: int = 8,
+    ) -> None:
+        if retain < 1:
+            raise ValueError("retain must be at least 1")
+        self.prefix = prefix
+        self.retain = retain
+        self.log_ttl = log_ttl
+        # This broker's (this process's) id: its field in reader counts, part of its connections' names.
+        self.id = uuid.uuid4().hex
+        self._ttl_ms = max(int(log_ttl * 1000), 0)
+        self._orphan_ms = int(max(log_ttl, ORPHAN_TTL) * 1000)
+        common: dict[str, Any] = {"socket_connect_timeout": CONNECT_TIMEOUT, "socket_keepalive": True}
+        # Commands: a bounded pool (callers queue for a connection rather than opening more);
+        # one quick retry, so that a pooled connection that was dropped is simply reopened.
+        self._pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=pool_size,
+            timeout=COMMAND_TIMEOUT,
+            client_name=self.client_name("commands"),
+            socket_timeout=COMMAND_TIMEOUT,
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1),
+            **common,
+        )
+        self._redis = Redis(connection_pool=self._pool)
+        # The loops' own connections, without retries: the loops handle errors (and reconnect) themselves.
+        self._reader = Redis.from_url(
+            url,
+            single_connection_client=True,
+            client_name=self.client_name("reader"),
+            socket_timeout=BLOCK_MS / 1000 + COMMAND_TIMEOUT,
+            retry=Retry(NoBackoff(), 0),
+            **common,
+        )
+        self._feeds_redis = Redis.from_url(
+            url,
+            max_connections=1,
+            client_name=self.client_name("feeds"),
+            socket_timeout=COMMAND_TIMEOUT,
+            retry=Retry(NoBackoff(), 0),
+            **common,
+        )
+        self._append_script = self._redis.register_script(_APPEND)
+        self._read_script = self._redis.register_script(_READ)
+        self._count_script = self._redis.register_script(_COUNT)
+        self._watches: dict[UUID, _Watch] = {}
+        self._wake_key = f"{prefix}wake:{self.id}"
+        self._wake_id = "0-0"
+        self._reading: asyncio.Task[None] | None = None
+        self._feeds: dict[UUID, set[ConversationFeed]] = {}
+        self._feeding: asyncio.Task[None] | None = None
+        self._feeds_down = False
+        self._counted: Counter[UUID] = Counter()  # this process's readers, to count out at close
+        self._closed = False
+        self.node = f"{prefix}{self.id}"
+        self._control_channel = f"{prefix}control"
+        self._control: Callable[[ControlMessage], None] | None = None
+
+    def client_name(self, role: str) -> str:
+        """The name (CLIENT SETNAME) of this broker's connections for `role`: commands, reader, feeds."""
+        return f"{self.prefix}{self.id}:{role}"
+
+    def _keys(self, generation_id: UUID) -> list[str]:
+        base = f"{self.prefix}gen:{{{generation_id}}}"
+        return [f"{base}:meta", f"{base}:log", f"{base}:text"]
+
+    def _readers_key(self, generation_id: UUID) -> str:
+        return f"{self.prefix}gen:{{{generation_id}}}:readers"
+
+    # -- logs ----------------------------------------------------------------------------
+
+    async def open_log(self, generation_id: UUID, conversation_id: UUID) -> None:
+        """Create the empty log of a new generation (it expires on its own if never appended to or closed)."""
+        meta, log, text = self._keys(generation_id)
+        fields: dict[FieldT, EncodableT] = {"conv": str(conversation_id), "last": 0, "tseq": 0, "closed": 0}
+        with _unavailable():
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.delete(meta, log, text)
+                pipe.hset(meta, mapping=fields)
+                pipe.pexpire(meta, self._orphan_ms)
+                await pipe.execute()
+
+    async def append(self, event: GenerationEvent) -> None:
+        """Append to the generation's log (its readers in every process wake up).
+
+        Raises ValueError when the seq does not follow the last one (Redis refuses a duplicate),
+        RuntimeError after the terminal event, KeyError for an unknown log."""
+        keys = [*self._keys(event.generation_id), self._readers_key(event.generation_id)]
+        text = event.text if isinstance(event, Token) else ""
+        args: list[EncodableT] = [
+            event.seq,
+            json_encoder.encode(event),
+            text,
+            int(is_terminal(event)),
+            self.retain,
+            self._orphan_ms,
+        ]
+        try:
+            with _unavailable():
+                await self._append_script(keys=keys, args=args)
+        except ResponseError as exc:
+            reason = str(exc)
+            if reason.startswith("UNKNOWN"):
+                raise KeyError(event.generation_id) from None
+            if reason.startswith("ENDED"):
+                raise RuntimeError(f"generation {event.generation_id} already ended") from None
+            if reason.startswith("ORDER") or "equal or smaller" in reason:
+                raise ValueError(f"event seq {event.seq} does not follow the log's last event") from None
+            raise
+
+    async def _read_now(self, generation_id: UUID, after: int) -> tuple[list[GenerationEvent], int, bool] | None:
+        """(events after `after`, last seq, closed) in one round trip; None for an unknown log."""
+        with _unavailable():
+            reply = await self._read_script(keys=self._keys(generation_id), args=[after])
+        if reply is None:
+            return None
+        last, closed, snapshot_seq, text, conversation = reply[:5]
+        events: list[GenerationEvent] = [json_decoder.decode(raw) for raw in reply[5:]]
+        if snapshot_seq >= 0:
+            snapshot = Snapshot(
+                generation_id=generation_id,
+                conversation_id=UUID(conversation.decode()),
+                seq=snapshot_seq,
+                text=text.decode(),
+            )
+            events.insert(0, snapshot)
+        return events, last, bool(closed)
+
+    async def read(self, generation_id: UUID, after: int, max_wait: float | None) -> list[GenerationEvent] | None:
+        """Events after `after`, waiting up to `max_wait` s for one (None: no limit). A cursor older
+        than the retained window gets a `snapshot` first. [] when nothing came in time (or the reader
+        has the whole ended log); None when the log is unknown or expired."""
+        state = await self._read_now(generation_id, after)
+        if state is None:
+            return None
+        events, last, closed = state
+        if events or closed or (max_wait is not None and max_wait <= 0):
+            return events
+        loop = asyncio.get_running_loop()
+        deadline = None if max_wait is None else loop.time() + max_wait
+        watch = self._watches.get(generation_id)
+        new = watch is None
+        if watch is None:
+            watch = self._watches[generation_id] = _Watch(pos=last)
+        watch.waiters += 1
+        try:
+            self._start_reading()
+            if new:
+                await self._wake_reader()
+            return await self._wait(generation_id, watch, after, deadline)
+        finally:
+            watch.waiters -= 1
+            if watch.waiters == 0 and self._watches.get(generation_id) is watch:
+                del self._watches[generation_id]
+
+    async def _wait(
+        self, generation_id: UUID, watch: _Watch, after: int, deadline: float | None
+    ) -> list[GenerationEvent] | None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if watch.error is not None:
+                raise BrokerUnavailable(str(watch.error))
+            if watch.pos > after:
+                if watch.batch_from is not None and watch.batch_from <= after:
+                    # What the reading loop brought covers this reader: no command of its own.
+                    return [event for event in watch.batch if event.seq > after]
+                # Woken late (the batch moved on) or after a gap: read it all, snapshot included.
+                state = await self._read_now(generation_id, after)
+                if state is None:
+                    return None
+                events, _, closed = state
+                if events or closed:
+                    return events
+            changed = watch.changed
+            timeout = None if deadline is None else deadline - loop.time()
+            if timeout is not None and timeout <= 0:
+                return []
+            try:
+                await asyncio.wait_for(changed.wait(), timeout)
+            except TimeoutError:
+                return []
+
+    async def close_log(self, generation_id: UUID) -> None:
+        """The generation ended: every key of it expires `log_ttl` seconds from now."""
+        with _unavailable():
+            async with self._redis.pipeline(transaction=True) as pipe:
+                for key in [*self._keys(generation_id), self._readers_key(generation_id)]:
+                    pipe.pexpire(key, self._ttl_ms)
+                await pipe.execute()
+
+    async def discard_log(self, generation_id: UUID) -> None:
+        """Drop a log at once (a reserved generation that never started)."""
+        with _unavailable():
+            await self._redis.unlink(*self._keys(generation_id))
+
+    async def last_seq(self, generation_id: UUID) -> int | None:
+        """Seq of the log's last event (0 when empty); None when the log is unknown or expired."""
+        with _unavailable():
+            last = await self._redis.hget(self._keys(generation_id)[0], "last")
+        return None if last is None else int(last)
+
+    def waiting(self, generation_id: UUID) -> int:
+        """How many :meth:`read` calls of this process wait on the generation (diagnostics, tests)."""
+        watch = self._watches.get(generation_id)
+        return 0 if watch is None else watch.waiters
+
+    # -- the reading loop ----------------------------------------------------------------
+
+    def _start_reading(self) -> None:
+        if not self._closed and (self._reading is None or self._reading.done()):
+            self._reading = asyncio.create_task(self._read_forever(), name=f"redis-broker-reader-{self.id}")
+
+    async def _wake_reader(self) -> None:
+        """Make the reading loop start a new XREAD, now over a new stream. An entry in its own wake
+        stream rather than cancelling its blocked XREAD: a wake-up sent before that XREAD reaches
+        Redis is not lost (the XREAD then returns at once)."""
+        with _unavailable():
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.xadd(self._wake_key, {"w": 1}, maxlen=1)
+                pipe.pexpire(self._wake_key, self._orphan_ms)
+                await pipe.execute()
+
+    async def _read_forever(self) -> None:
+        """One blocking XREAD over every stream this process's readers wait on; wakes them with what it read.
+
+        A dropped connection is reopened at once and loses nothing (streams keep their entries,
+        the loop resumes from its positions); when Redis stays unreachable, the waiting readers
+        get BrokerUnavailable and the loop retries with backoff until it is back."""
+        failures = 0
+        while True:
+            try:
+                await self._read_once()
+                if failures > 1:
+                    logger.warning("redis broker: reading loop reaches Redis again")
+                failures = 0
+            except (RedisError, OSError) as exc:
+                failures += 1
+                if failures == 1:
+                    continue
+                if failures == 2:  # once per outage, not at every retry
+                    logger.warning("redis broker: reading loop cannot reach Redis (%s); retrying", exc)
+                self._fail_watches(f"lost the connection to Redis: {exc}")
+                await asyncio.sleep(min(BACKOFF_MIN * 2 ** (failures - 2), BACKOFF_MAX))
+            except Exception as exc:
+                failures += 1
+                logger.exception("redis broker: reading loop failed; retrying")
+                self._fail_watches(f"the reading loop failed: {exc!r}")
+                await asyncio.sleep(min(BACKOFF_MIN * 2 ** (failures - 1), BACKOFF_MAX))
+
+    async def _read_once(self) -> None:
+        watches = dict(self._watches)
+        streams: dict[KeyT, StreamIdT] = {self._wake_key: self._wake_id}
+        generations: dict[str, UUID] = {}
+        for generation_id, watch in watches.items():
+            key = self._keys(generation_id)[1]
+            streams[key] = f"0-{watch.pos}"
+            generations[key] = generation_id
+        response = await self._reader.xread(streams, block=BLOCK_MS)
+        items: list[Any] = list(response.items()) if isinstance(response, dict) else list(response or [])
+        for name, entries in items:
+            key = name.decode() if isinstance(name, bytes) else name
+            if not entries:
+                continue
+            if key == self._wake_key:
+                last_id = entries[-1][0]
+                self._wake_id = last_id.decode() if isinstance(last_id, bytes) else last_id
+                continue
+            generation_id = generations[key]
+            watch = watches[generation_id]
+            if self._watches.get(generation_id) is not watch:
+                continue  # its readers left (a new watch, if any, is read from its own position)
+            batch: list[GenerationEvent] = [json_decoder.decode(fields[b"e"]) for _, fields in entries]
+            watch.batch_from = watch.pos if batch[0].seq == watch.pos + 1 else None
+            watch.batch = batch
+            watch.pos = batch[-1].seq
+            watch.wake()
+
+    def _fail_watches(self, reason: str) -> None:
+        """End every waiting read: they raise BrokerUnavailable(`reason`)."""
+        error = BrokerUnavailable(reason)
+        for watch in self._watches.values():
+            watch.error = error
+            watch.wake()
+        self._watches.clear()
+
+    # -- readers -------------------------------------------------------------------------
+
+    async def _count(self, generation_id: UUID, delta: int) -> int:
+        keys = [self._readers_key(generation_id), self._keys(generation_id)[0]]
+        with _unavailable():
+            total = await self._count_script(keys=keys, args=[self.id, delta, self._orphan_ms])
+        return int(total)
+
+    async def add_reader(self, generation_id: UUID) -> int:
+        """Count a reader in; returns how many read the generation now, in every process."""
+        total = await self._count(generation_id, 1)
+        self._counted[generation_id] += 1
+        return total
+
+    async def remove_reader(self, generation_id: UUID) -> int:
+        """Count a reader out; returns how many are left, in every process."""
+        total = await self._count(generation_id, -1)
+        self._counted[generation_id] -= 1
+        if self._counted[generation_id] <= 0:
+            del self._counted[generation_id]
+        return total
+
+    async def readers(self, generation_id: UUID) -> int:
+        """How many read the generation now, in every process."""
+        with _unavailable():
+            counts = await self._redis.hvals(self._readers_key(generation_id))
+        return sum(max(int(count), 0) for count in counts)
+
+    # -- conversation feeds --------------------------------------------------------------
+
+    async def publish(self, event: ConversationEvent) -> None:
+        """Deliver a conversation event to every feed of its conversation, in every process."""
+        # This process's feeds get it at once, like the in-process broker's (the pub/sub loop skips it).
+        for feed in list(self._feeds.get(event.conversation_id, ())):
+            feed.offer(event)
+        payload = b" ".join([self.id.encode(), type(event).__name__.encode(), json_encoder.encode(event)])
+        with _unavailable():
+            await self._redis.publish(f"{self.prefix}conv:{event.conversation_id}", payload)
+
+    def open_feed(self, conversation_id: UUID) -> ConversationFeed:
+        """Start receiving a conversation's events (from any process). A feed opened while Redis is
+        unreachable is lost at once: it could not tell what it missed."""
+        feed = ConversationFeed(conversation_id)
+        self._feeds.setdefault(conversation_id, set()).add(feed)
+        self._start_feeding()
+        if self._feeds_down:
+            feed.lose()
+        return feed
+
+    def _start_feeding(self) -> None:
+        if not self._closed and (self._feeding is None or self._feeding.done()):
+            self._feeding = asyncio.create_task(self._feed_forever(), name=f"redis-broker-feeds-{self.id}")
+
+    def close_feed(self, feed: ConversationFeed) -> None:
+        """Stop receiving them."""
+        feeds = self._feeds.get(feed.conversation_id)
+        if feeds is not None:
+            feeds.discard(feed)
+            if not feeds:
+                del self._feeds[feed.conversation_id]
+
+    async def _feed_forever(self) -> None:
+        """One pattern subscription to every conversation channel; hands events to this process's feeds.
+
+        Pub/sub does not replay: after a lost connection every open feed is lost (its subscriber
+        starts over), then the loop resubscribes, at once the first time, then with backoff."""
+        pattern = f"{self.prefix}conv:*"
+        failures = 0
+        while True:
+            try:
+                async with self._feeds_redis.pubsub() as pubsub:
+                    await pubsub.psubscribe(pattern)
+                    await pubsub.subscribe(self._control_channel)
+                    while True:
+                        message = await pubsub.get_message(timeout=None)
+                        if message is None:
+                            continue
+                        if message["type"] == "psubscribe":
+                            failures = 0
+                            self._feeds_down = False
+                        elif message["type"] == "pmessage":
+                            self._dispatch(message["channel"], message["data"])
+                        elif message["type"] == "message":
+                            self._dispatch_control(message["data"])
+            except (RedisError, OSError) as exc:
+                if not self._feeds_down:
+                    logger.warning("redis broker: lost the conversation feeds' subscription (%s)", exc)
+            except Exception:
+                logger.exception("redis broker: conversation feeds loop failed")
+            self._feeds_down = True
+            for feeds in self._feeds.values():
+                for feed in feeds:
+                    feed.lose()
+            failures += 1
+            await asyncio.sleep(0 if failures == 1 else min(BACKOFF_MIN * 2 ** (failures - 2), BACKOFF_MAX))
+
+    def _dispatch_control(self, data: bytes) -> None:
+        try:
+            message = control_decoder.decode(data)
+        except msgspec.DecodeError:
+            logger.warning("redis broker: ignored a malformed control message")
+            return
+        if self._control is not None:
+            self._control(message)
+
+    def _dispatch(self, channel: bytes, data: bytes) -> None:
+        try:
+            conversation_id = UUID(channel.decode().rpartition(":")[2])
+            feeds = self._feeds.get(conversation_id)
+            if not feeds:
+                return  # no feed of it here: not even decoded
+            origin, kind, body = data.split(b" ", 2)
+            if origin == self.id.encode():
+                return  # published here: this process's feeds have it already
+            event = _CONVERSATION_DECODERS[kind.decode()].decode(body)
+        except (ValueError, KeyError, msgspec.DecodeError):
+            logger.warning("redis broker: ignored a malformed message on %r", channel)
+            return
+        for feed in list(feeds):
+            feed.offer(event)
+
+    # -- processes -----------------------------------------------------------------------
+
+    def is_peer(self, node: str) -> bool:
+        """True for the node names of processes on this Redis prefix."""
+        return node.startswith(self.prefix)
+
+    async def heartbeat(self) -> None:
+        """This process is alive for the next NODE_TTL seconds."""
+        with _unavailable():
+            await self._redis.set(f"{self.prefix}node:{self.id}", 1, px=int(NODE_TTL * 1000))
+
+    async def live_nodes(self, nodes: Collection[str]) -> set[str]:
+        """Those of `nodes` whose heartbeat has not expired."""
+        ordered = [node for node in nodes if self.is_peer(node)]
+        if not ordered:
+            return set()
+        with _unavailable():
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for node in ordered:
+                    pipe.exists(f"{self.prefix}node:{node.removeprefix(self.prefix)}")
+                found = await pipe.execute()
+        return {node for node, exists in zip(ordered, found, strict=True) if exists}
+
+    def on_control(self, handler: Callable[[ControlMessage], None]) -> None:
+        """Have `handler` called with every control message (the subscription starts now)."""
+        self._control = handler
+        self._start_feeding()
+
+    async def send_control(self, message: ControlMessage) -> None:
+        """Publish a control message to every process on the prefix (this one included)."""
+        with _unavailable():
+            await self._redis.publish(self._control_channel, control_encoder.encode(message))
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        """Return when Redis answers; raise BrokerUnavailable when it does not (readiness)."""
+        with _unavailable():
+            await self._redis.ping()
+
+    async def close(self) -> None:
+        """Stop the loops, end waiting reads, count this process's readers out, close every connection."""
+        self._closed = True
+        tasks = [task for task in (self._reading, self._feeding) if task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._fail_watches("the broker was closed")
+        self._feeds.clear()
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for generation_id in self._counted:
+                    pipe.hdel(self._readers_key(generation_id), self.id)
+                pipe.unlink(self._wake_key, f"{self.prefix}node:{self.id}")
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            logger.warning("redis broker: could not count this process's readers out at close (%s)", exc)
+        self._counted.clear()
+        await self._reader.aclose()
+        await self._feeds_redis.aclose()
+        await self._redis.aclose()
+        await self._pool.aclose()

@@ -161,13 +161,20 @@ async def globex() -> object:
     return await make_tenant()
 
 
+@pytest.fixture(params=["in-process", "redis"])
+def broker_kind(request: pytest.FixtureRequest) -> str:
+    """Run the test with each broker: in-process, and Redis (a key prefix of its own)."""
+    return str(request.param)
+
+
 @pytest.fixture
-async def core() -> AsyncIterator[object]:
-    """A streaming core with the in-process broker, shut down (answers cancelled) after the test."""
-    from app.streaming.broker import InProcessBroker
+async def core(broker_kind: str) -> AsyncIterator[object]:
+    """A streaming core on each broker, shut down (answers cancelled) after the test."""
     from app.streaming.core import StreamingCore
     from app.streaming.policy import StreamPolicy
+    from tests.redis_support import any_broker
 
-    streaming = StreamingCore(InProcessBroker(), StreamPolicy())
-    yield streaming
-    await streaming.shutdown()
+    async with any_broker(broker_kind) as broker:
+        streaming = StreamingCore(broker, StreamPolicy())
+        yield streaming
+        await streaming.shutdown()

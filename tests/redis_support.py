@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 import redis.asyncio as aredis
 
+from app.streaming.broker import Broker, InProcessBroker
 from app.streaming.redis_broker import RedisBroker
 
 REDIS_URL = os.environ.get("CHATSTREAM_TEST_REDIS", "redis://127.0.0.1:6379")
@@ -84,6 +85,20 @@ async def redis_scope(url: str = REDIS_URL) -> AsyncIterator[RedisScope]:
         yield scope
     finally:
         await scope.cleanup()
+
+
+BROKERS = ["in-process", "redis"]
+
+
+@contextlib.asynccontextmanager
+async def any_broker(kind: str, **options: Any) -> AsyncIterator[Broker]:
+    """A broker of `kind` (one of BROKERS) with `options` (retain, log_ttl); a Redis one on a
+    prefix of its own, its keys deleted on the way out."""
+    if kind == "in-process":
+        yield InProcessBroker(**options)
+        return
+    async with redis_scope() as scope:
+        yield scope.broker(**options)
 
 
 class TcpProxy:

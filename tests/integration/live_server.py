@@ -38,7 +38,8 @@ class LiveServer:
     # Every server started and not yet stopped (for checks over all of their output).
     running: ClassVar[list[LiveServer]] = []
 
-    def __init__(self, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(self, extra_env: dict[str, str] | None = None, extra_args: list[str] | None = None) -> None:
+        self.extra_args = extra_args or []
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
@@ -48,7 +49,7 @@ class LiveServer:
 
     def start(self) -> LiveServer:
         self.proc = subprocess.Popen(
-            [CONSOLE_SCRIPT, "serve", "--port", str(self.port), "--no-demo", "--no-migrate"],
+            [CONSOLE_SCRIPT, "serve", "--port", str(self.port), "--no-demo", "--no-migrate", *self.extra_args],
             cwd=ROOT,
             env=self.env,
             stdout=subprocess.PIPE,

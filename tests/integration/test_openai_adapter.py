@@ -40,6 +40,13 @@ from tests.integration.live_server import LiveServer, free_port
 
 pytestmark = pytest.mark.anyio
 
+
+@pytest.fixture
+def broker_kind() -> str:
+    """Nothing here depends on the broker: the in-process one only (the core's own tests run both)."""
+    return "in-process"
+
+
 KEY_VAR = "OPENAI_API_KEY"
 KEY = "sk-test-not-a-real-key"
 STEP = 10.0  # the longest any wait may take before the test fails

@@ -40,6 +40,13 @@ from tests.factories import make_tenant
 
 pytestmark = pytest.mark.anyio
 
+
+@pytest.fixture
+def broker_kind() -> str:
+    """Nothing here depends on the broker: the in-process one only (the core's own tests run both)."""
+    return "in-process"
+
+
 # A fixed moment in the past: activity set relative to it sorts before anything "now".
 T0 = datetime(2020, 1, 1, 12, 0, 0, tzinfo=UTC)
 

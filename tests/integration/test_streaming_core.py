@@ -27,6 +27,7 @@ from app.streaming.events import Cancelled, Cursor, Done, Error, GenerationEvent
 from app.streaming.policy import StreamPolicy
 from app.tables import Generation, GenerationStatus, Message
 from tests.factories import make_tenant
+from tests.redis_support import any_broker
 
 pytestmark = pytest.mark.anyio
 
@@ -214,19 +215,21 @@ async def test_a_generation_without_readers_runs_to_the_end(streaming: Streaming
     assert isinstance((await read_all(streaming, gid))[-1], Done)
 
 
-async def test_resume_from_the_database_after_the_log_expired(db: str) -> None:
-    streaming = StreamingCore(InProcessBroker(log_ttl=0), StreamPolicy())
+async def test_resume_from_the_database_after_the_log_expired(db: str, broker_kind: str) -> None:
+    async with any_broker(broker_kind, log_ttl=0) as broker:
+        await _resume_from_the_database(StreamingCore(broker, StreamPolicy()))
+
+
+async def _resume_from_the_database(streaming: StreamingCore) -> None:
     try:
         alice, cid = await conversation_with_agent()
         gid = await ask(streaming, alice, cid)
         live = await read_all(streaming, gid)
-        broker = streaming.broker
-        assert isinstance(broker, InProcessBroker)
-        for _ in range(10):
-            if broker.log(gid) is None:
+        for _ in range(100):
+            if await streaming.broker.last_seq(gid) is None:
                 break
             await asyncio.sleep(0)
-        assert broker.log(gid) is None
+        assert await streaming.broker.last_seq(gid) is None
 
         stored = await read_all(streaming, gid, 3)  # mid-stream cursor
         assert isinstance(stored[0], Snapshot) and stored[0].seq == live[-1].seq - 1
@@ -238,8 +241,12 @@ async def test_resume_from_the_database_after_the_log_expired(db: str) -> None:
         await streaming.shutdown()
 
 
-async def test_a_reader_older_than_the_window_gets_a_snapshot(db: str) -> None:
-    streaming = StreamingCore(InProcessBroker(retain=3), StreamPolicy())
+async def test_a_reader_older_than_the_window_gets_a_snapshot(db: str, broker_kind: str) -> None:
+    async with any_broker(broker_kind, retain=3) as broker:
+        await _snapshot_for_an_old_reader(StreamingCore(broker, StreamPolicy()))
+
+
+async def _snapshot_for_an_old_reader(streaming: StreamingCore) -> None:
     try:
         alice, cid = await conversation_with_agent()
         gid = await ask(streaming, alice, cid)
@@ -261,29 +268,41 @@ async def test_shutdown_cancels_running_answers(db: str) -> None:
     assert generation.error == "shutdown"
 
 
-async def test_startup_marks_leftover_running_generations_interrupted(streaming: StreamingCore) -> None:
-    _, cid = await conversation_with_agent()
-    stale = Generation(conversation=cid, status="running")
+async def leftover_running(streaming: StreamingCore, cid: UUID) -> Generation:
+    """A `running` row nobody produces: left by a run that crashed (alone), or produced by a
+    process whose heartbeat is gone (shared broker); the core then ends it."""
+    stale = Generation(conversation=cid, status="running", producer=f"{streaming.broker.node}-dead")
+    if streaming.broker.shared:
+        assert streaming.broker.is_peer(stale.producer)
     await stale.save()
-    await streaming.startup()
+    if streaming.broker.shared:
+        assert await streaming.reap_orphans() == 1
+    else:
+        await streaming.startup()
+    return stale
+
+
+async def test_leftover_running_generations_end_interrupted(streaming: StreamingCore) -> None:
+    _, cid = await conversation_with_agent()
+    stale = await leftover_running(streaming, cid)
     generation = await load_generation(stale.id)
     assert generation is not None and generation.status is GenerationStatus.interrupted
     events = await read_all(streaming, stale.id)
-    assert events[-1].seq == 2 and getattr(events[-1], "code", None) == "interrupted"
+    code = "producer_lost" if streaming.broker.shared else "interrupted"
+    assert events[-1].seq == 2 and getattr(events[-1], "code", None) == code
 
 
 async def test_a_reader_back_after_a_crash_fixes_where_the_interrupted_answer_ends(streaming: StreamingCore) -> None:
     """The process that knew the answer's length died: the first cursor back decides it,
     the terminal `error interrupted` takes the next seq, and that cursor then has the end."""
     _, cid = await conversation_with_agent()
-    stale = Generation(conversation=cid, status="running")
-    await stale.save()
-    await streaming.startup()
+    stale = await leftover_running(streaming, cid)
     conversation = {"id": cid}
     target = await streaming.resolve_stream(conversation, Cursor(generation_id=stale.id, seq=7))
     assert target == (stale.id, 7)
     events = await read_all(streaming, stale.id, 7)
-    assert [(e.seq, getattr(e, "code", None)) for e in events] == [(8, "interrupted")]
+    code = "producer_lost" if streaming.broker.shared else "interrupted"
+    assert [(e.seq, getattr(e, "code", None)) for e in events] == [(8, code)]
     generation = await load_generation(stale.id)
     assert generation is not None and terminal_seq(generation) == 8
     # The end is now known: that cursor has everything; one beyond it is refused.

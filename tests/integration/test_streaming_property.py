@@ -18,12 +18,12 @@ from app.auth.principal import Principal
 from app.chat.conversations import create_conversation
 from app.chat.messages import post_message
 from app.chat.schemas import ConversationCreate, MessageCreate
-from app.streaming.broker import InProcessBroker
 from app.streaming.core import StreamingCore
 from app.streaming.events import Done, GenerationEvent, Snapshot, Token
 from app.streaming.policy import StreamPolicy
 from app.tables import Message
 from tests.factories import make_tenant
+from tests.redis_support import any_broker
 
 
 async def _tenant() -> tuple[Principal, UUID, UUID]:
@@ -33,8 +33,16 @@ async def _tenant() -> tuple[Principal, UUID, UUID]:
     return tenant.principals["alice"], fast.id, paced.id
 
 
-async def _run(who: Principal, agent: UUID, words: int, retain: int, drop_after: int, ttl: float) -> None:
-    core = StreamingCore(InProcessBroker(retain=retain, log_ttl=ttl), StreamPolicy(disconnect_grace=60))
+async def _run(who: Principal, agent: UUID, words: int, retain: int, drop_after: int, ttl: float, kind: str) -> None:
+    async with any_broker(kind, retain=retain, log_ttl=ttl) as broker:
+        await _drop_and_resume(
+            who, agent, words, drop_after, ttl, StreamingCore(broker, StreamPolicy(disconnect_grace=60))
+        )
+
+
+async def _drop_and_resume(
+    who: Principal, agent: UUID, words: int, drop_after: int, ttl: float, core: StreamingCore
+) -> None:
     try:
         conversation = await create_conversation(who, ConversationCreate(agent_id=agent))
         content = " ".join(f"w{i}" for i in range(words))
@@ -71,7 +79,7 @@ async def _run(who: Principal, agent: UUID, words: int, retain: int, drop_after:
 
 
 @pytest.mark.parametrize("db", ["postgres", "sqlite"], indirect=True)
-def test_resume_reconstructs_the_stored_answer(db: str) -> None:
+def test_resume_reconstructs_the_stored_answer(db: str, broker_kind: str) -> None:
     who, fast, paced = asyncio.run(_tenant())
 
     @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -83,6 +91,7 @@ def test_resume_reconstructs_the_stored_answer(db: str) -> None:
         expire=st.booleans(),
     )
     def check(words: int, retain: int, drop_after: int, paced_agent: bool, expire: bool) -> None:
-        asyncio.run(_run(who, paced if paced_agent else fast, words, retain, drop_after, 0 if expire else 300))
+        agent = paced if paced_agent else fast
+        asyncio.run(_run(who, agent, words, retain, drop_after, 0 if expire else 300, broker_kind))
 
     check()

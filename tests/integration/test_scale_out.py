@@ -551,6 +551,9 @@ async def test_redis_stopped_and_started_under_load(tenant: Tenant, own_redis: R
         assert refused.json()["code"] == "broker_unavailable" and int(refused.headers["Retry-After"]) > 0
         async with httpx.AsyncClient(base_url=b.url, timeout=STEP) as http:
             assert (await http.get("/readyz")).status_code == 503
+        # Reading over HTTP does not need Redis.
+        items = (await get(a.url, tenant, f"/api/conversations/{cid}/messages"))["items"]
+        assert items[0]["content"] == words(100)
 
         # Redis back (empty: it keeps nothing on disk): everything works again, no restart.
         own_redis.start()

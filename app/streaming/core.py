@@ -378,15 +378,13 @@ class StreamingCore:
                 terminal = (Cancelled, {"reason": reason})
             except BrokerUnavailable as exc:
                 logger.warning("generation %s failed: its events cannot be delivered: %s", gen.id, exc)
+                lost = "the answer's events could not be delivered"  # (the broker's address stays in the log)
                 status, keep, error = (
                     GenerationStatus.failed,
                     producer.policy.partial == "keep",
-                    f"broker_unavailable: {exc}",
+                    f"broker_unavailable: {lost}",
                 )
-                terminal = (
-                    Error,
-                    {"code": "broker_unavailable", "message": "the answer's events could not be delivered"},
-                )
+                terminal = (Error, {"code": "broker_unavailable", "message": lost})
             except AdapterError as exc:
                 logger.warning("generation %s failed: %s: %s", gen.id, exc.code, exc.message)
                 status, keep, error = (

@@ -1,7 +1,7 @@
 """The chatstream benchmark: `python -m bench.run [options]` from the repository root.
 
-Starts two servers on 127.0.0.1, each in its own process so that CPU is attributable:
-`chatstream serve --no-demo` on a fresh database (a SQLite file in a temporary
+Starts its servers on 127.0.0.1, each in its own process so that CPU is attributable:
+`chatstream serve --no-demo --no-migrate` on a fresh database (a SQLite file in a temporary
 directory, or a temporary PostgreSQL database with `--database-url`) and the bare peers
 of bench/peers.py under the same uvicorn options. Then, for each scenario (`llm`: the
 echo agent paced at `--pace-ms`; `burst`: pace 0) and each transport, N concurrent
@@ -10,7 +10,11 @@ streams each receive one answer of T tokens:
 - `sse`: its own httpx client: POST /api/conversations/{id}/messages (the answer
   starts), then GET …/stream?after=<generationId>.0, read as a stream;
 - `ws`: its own socket on /api/ws (`websockets` client): `subscribe`, its ack, `send`;
-- `peer-sse`, `peer-ws`: the same answers from the bare peers (GET /sse, /ws).
+- `peer-sse`, `peer-ws`: the same answers from the bare peers (GET /sse, /ws);
+- `redis-sse`, `redis-ws` (with `--redis-url`): scale-out through Redis. Two more
+  `chatstream serve` processes on the same database, Redis and key prefix: the message is
+  POSTed to A (which produces the answer) and the answer read from B, over SSE
+  (GET …/stream?after=<generationId>.0) or over a socket on B subscribed before the POST.
 
 Every stream has its own conversation (one conversation runs one answer at a time),
 created before the measured window. Figures per run: delivered tokens per second;
@@ -21,9 +25,12 @@ includes its TCP connect) to the first token; server CPU seconds per 1,000 deliv
 tokens (utime+stime of the server process from /proc/<pid>/stat, before and after the
 run) and, for each chatstream transport, its ratio to the bare peer's. With PostgreSQL
 the CPU of the database backends serving chatstream's pool is reported beside it (on
-SQLite that work is inside the server process). The load generator is this process, one
-asyncio event loop; its CPU, and the server's, are sampled every 0.25 s so that a
-saturated client (or server) shows as a peak near 1 core.
+SQLite that work is inside the server process); each server names its connections
+(`application_name`), so that backends are attributed to the right one. A scale-out run
+reports A's, B's and Redis's CPU (Redis's pid from INFO) and the sum of everything
+server-side, as a ratio to the in-process run of the same transport (`sse`, `ws`). The
+load generator is this process, one asyncio event loop; its CPU, and the servers', are
+sampled every 0.25 s so that a saturated client (or server) shows as a peak near 1 core.
 
 Everything is bounded: every stream has a timeout, servers are stopped at the end (and
 die with this process if it is killed), temporary files and databases are removed.
@@ -53,7 +60,8 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,8 +74,13 @@ from bench.peers import token_words, tokens_of
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = ("llm", "burst")
-TRANSPORTS = ("sse", "peer-sse", "ws", "peer-ws")
+TRANSPORTS = ("sse", "peer-sse", "redis-sse", "ws", "peer-ws", "redis-ws")  # in the order they run
+DEFAULT_TRANSPORTS = ("sse", "peer-sse", "ws", "peer-ws")
+SCALEOUT_TRANSPORTS = ("sse", "redis-sse", "ws", "redis-ws")  # the default with --redis-url
 PEER_OF = {"sse": "peer-sse", "ws": "peer-ws"}
+# A scale-out transport and the in-process one it is compared with.
+IN_PROCESS_OF = {"redis-sse": "sse", "redis-ws": "ws"}
+CHATSTREAM_TRANSPORTS = frozenset({"sse", "ws", *IN_PROCESS_OF})
 MAX_STREAMS = 1000
 STARTUP_TIMEOUT = 60.0
 STOP_TIMEOUT = 20.0
@@ -76,6 +89,8 @@ CLIENT_SATURATED = 0.9
 SSE_ACCEPT = {"Accept": "text/event-stream"}
 _TLS_CONTEXT = ssl.create_default_context()  # never used (plain HTTP) but httpx wants one
 _LOGGED_ERROR = re.compile(r"\bERROR\b|^Traceback")
+# Each server's PostgreSQL connections carry application_name = this + its role.
+APP_NAME_PREFIX = "chatstream-bench-"
 
 
 class BenchError(Exception):
@@ -177,7 +192,9 @@ async def read_sse(response: httpx.Response, recorder: Recorder) -> None:
     parser = SSEParser()
     async for chunk in response.aiter_raw():
         now = time.perf_counter()
-        for _event, data in parser.feed(chunk):
+        for event, data in parser.feed(chunk):
+            if event == "unavailable":  # the server lost its broker: `data` is not an event (it has no `type`)
+                raise StreamFailed(f"unavailable: {msgspec.json.decode(data).get('code', '')}")
             if recorder.handle(_wire.decode(data), now):
                 return
     raise StreamFailed(f"the stream ended after {len(recorder.texts)} tokens without a terminal event")
@@ -275,6 +292,47 @@ async def chatstream_ws(target: Target, conversation: str, rec: Recorder) -> Non
         }
         rec.ask()
         await ws.send(msgspec.json.encode(send).decode())
+        await read_ws(ws, rec)
+
+
+async def post_message(target: Target, conversation: str) -> str:
+    """POST the message to the producing server (its own client, closed after); the answer's generation id."""
+    body = {"content": token_words(target.tokens), "clientMessageId": uuid.uuid4().hex}
+    async with target.http_client() as client:
+        posted = await client.post(f"/api/conversations/{conversation}/messages", json=body)
+    if posted.status_code != 201:
+        raise StreamFailed(f"POST message: {posted.status_code} {posted.text[:200]}")
+    generation = posted.json()["generation"]
+    if generation is None:
+        raise StreamFailed("POST message started no answer")
+    return str(generation["id"])
+
+
+async def scaleout_sse(producer: Target, reader: Target, conversation: str, rec: Recorder) -> None:
+    """POST the message to A (it produces the answer), then read GET …/stream from its start on B."""
+    async with reader.http_client() as client:
+        rec.ask()
+        generation = await post_message(producer, conversation)
+        url = f"/api/conversations/{conversation}/stream?after={generation}.0"
+        async with client.stream("GET", url, headers=SSE_ACCEPT) as response:
+            if response.status_code != 200:
+                await response.aread()
+                raise StreamFailed(f"GET stream: {response.status_code} {response.text[:200]}")
+            await read_sse(response, rec)
+
+
+async def scaleout_ws(producer: Target, reader: Target, conversation: str, rec: Recorder) -> None:
+    """A socket on B: `subscribe`, its ack; then POST the message to A; read B's frames until `done`."""
+    async with connect(f"{reader.ws_url}/api/ws", **reader.ws_options()) as ws:
+        await ws.send(msgspec.json.encode({"type": "subscribe", "conversationId": conversation, "ref": "sub"}).decode())
+        async for frame in ws:
+            event = _wire.decode(frame)
+            if event.type == "ack" and event.ref == "sub":
+                break
+            if event.type == "error":
+                raise StreamFailed(f"subscribe: {event.code}")
+        rec.ask()
+        await post_message(producer, conversation)
         await read_ws(ws, rec)
 
 
@@ -408,8 +466,9 @@ def run_cli(env: dict[str, str], *args: str) -> Any:
 
 
 def server_env(database_url: str | None, sqlite_path: Path) -> dict[str, str]:
-    """The server's environment: this one without chatstream settings, plus the database."""
-    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL" and not k.startswith("CHATSTREAM_")}
+    """The server's environment: this one without chatstream settings (nor Redis), plus the database."""
+    unset = {"DATABASE_URL", "REDIS_URL"}
+    env = {k: v for k, v in os.environ.items() if k not in unset and not k.startswith("CHATSTREAM_")}
     env["PYTHONUNBUFFERED"] = "1"
     # One key posts every stream's message: lift the per-key message limit for the load.
     env["CHATSTREAM_MESSAGES_PER_MINUTE"] = "1000000"
@@ -417,6 +476,17 @@ def server_env(database_url: str | None, sqlite_path: Path) -> dict[str, str]:
         env["DATABASE_URL"] = database_url
     else:
         env["CHATSTREAM_SQLITE_PATH"] = str(sqlite_path)
+    return env
+
+
+def serving_env(env: dict[str, str], role: str, redis: RedisServer | None = None) -> dict[str, str]:
+    """A server's environment: its PostgreSQL connections named after its `role` (so that their
+    backends' CPU is attributed to it), and Redis with the run's prefix for a scale-out server."""
+    env = dict(env)
+    if "DATABASE_URL" in env:  # asyncpg passes query parameters on as session settings
+        env["DATABASE_URL"] += f"?application_name={APP_NAME_PREFIX}{role}"
+    if redis is not None:
+        env["REDIS_URL"], env["CHATSTREAM_REDIS_PREFIX"] = redis.url, redis.prefix
     return env
 
 
@@ -440,9 +510,14 @@ class PostgresDatabase:
         finally:
             await conn.close()
 
-    async def backend_cpu(self) -> dict[int, float]:
-        """CPU seconds of each backend process connected to the database now (the server's pool)."""
-        rows = await self._admin("SELECT pid FROM pg_stat_activity WHERE datname = $1", self.name)
+    async def backend_cpu(self, roles: Collection[str]) -> dict[int, float]:
+        """CPU seconds of each backend process connected to the database now by the servers of these roles."""
+        names = [f"{APP_NAME_PREFIX}{role}" for role in roles]
+        rows = await self._admin(
+            "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND application_name = ANY($2::text[])",
+            self.name,
+            names,
+        )
         usage: dict[int, float] = {}
         for row in rows:
             with contextlib.suppress(OSError, ValueError):  # a backend that just ended
@@ -459,6 +534,51 @@ def temporary_postgres(server_url: str) -> Iterator[PostgresDatabase]:
         yield database
     finally:
         asyncio.run(database._admin(f'DROP DATABASE IF EXISTS "{database.name}" WITH (FORCE)'))
+
+
+class RedisServer:
+    """The Redis of the scale-out runs, seen from here: its process's CPU (pid from INFO, when
+    it runs on this machine), the commands it processed, and the run's keys (one fresh prefix)."""
+
+    def __init__(self, url: str) -> None:
+        import redis
+
+        self.url = url
+        self.prefix = f"chatstream-bench-{uuid.uuid4().hex}:"
+        self.client = redis.Redis.from_url(url, socket_timeout=10, client_name=f"{self.prefix}bench")
+        try:
+            info = self.client.info("server")
+        except (redis.RedisError, OSError) as exc:
+            raise BenchError(f"Redis at {url} does not answer: {exc}") from exc
+        self.version = str(info.get("redis_version"))
+        pid = int(info.get("process_id", 0))
+        try:
+            cpu_seconds(pid)
+            self.pid: int | None = pid
+        except (OSError, ValueError, IndexError):  # another machine (or container): not measurable from here
+            self.pid = None
+
+    def commands(self) -> int:
+        """Commands processed since Redis started (every client's)."""
+        return int(self.client.info("stats")["total_commands_processed"])
+
+    def other_clients(self) -> int:
+        """Connections that are not this benchmark's (their work would count in Redis's CPU)."""
+        return sum(1 for c in self.client.client_list() if not str(c.get("name", "")).startswith(self.prefix))
+
+    def cleanup(self) -> int:
+        """Unlink every key of the run's prefix; how many there were."""
+        removed = 0
+        batch: list[bytes] = []
+        for key in self.client.scan_iter(match=f"{self.prefix}*", count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                removed += int(self.client.unlink(*batch))
+                batch.clear()
+        if batch:
+            removed += int(self.client.unlink(*batch))
+        self.client.close()
+        return removed
 
 
 # -- runs --------------------------------------------------------------------------------------
@@ -495,6 +615,18 @@ class RunResult(msgspec.Struct, kw_only=True):
     client_core_peak: float
     client_saturated: bool
     server_log_errors: int
+    # Scale-out runs (None otherwise): A's and B's share of server_cpu_s, Redis's own CPU,
+    # the Redis commands processed per delivered token, and Redis's connections that were
+    # not the run's (their work would be in Redis's CPU too).
+    producer_cpu_s_per_1k_tokens: float | None
+    reader_cpu_s_per_1k_tokens: float | None
+    redis_cpu_s_per_1k_tokens: float | None
+    redis_commands_per_token: float | None
+    redis_other_clients: int | None
+    # Everything server-side: the server processes, their PostgreSQL backends, Redis.
+    total_cpu_s_per_1k_tokens: float | None
+    # The busiest 0.25 s of each server-side process, in cores: `server`, or `producer`, `reader`, `redis`.
+    core_peaks: dict[str, float]
 
 
 class Ratio(msgspec.Struct, kw_only=True):
@@ -504,6 +636,16 @@ class Ratio(msgspec.Struct, kw_only=True):
     transport: str
     peer: str
     cpu_per_token_ratio: float | None
+
+
+class ScaleoutRatio(msgspec.Struct, kw_only=True):
+    """A scale-out run's CPU per token over the in-process run's of the same transport."""
+
+    scenario: str
+    transport: str  # redis-sse, redis-ws
+    in_process: str  # sse, ws
+    total_cpu_ratio: float | None  # servers + PostgreSQL (+ Redis): the figure with a target
+    server_cpu_ratio: float | None  # the chatstream processes only
 
 
 class Report(msgspec.Struct, kw_only=True):
@@ -516,6 +658,7 @@ class Report(msgspec.Struct, kw_only=True):
     config: dict[str, Any]
     runs: list[RunResult]
     ratios: list[Ratio]
+    scaleout_ratios: list[ScaleoutRatio]
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -540,10 +683,14 @@ class Bench:
 
     args: argparse.Namespace
     chatstream: ServerProcess
-    peers: ServerProcess
+    peers: ServerProcess | None  # None when no peer transport runs
     api_token: str
     agents: dict[float, str]  # pace → agent id
     database: PostgresDatabase | None = None  # None: SQLite, whose work is in the server process
+    # Scale-out (`--redis-url`): A produces, B reads, through this Redis.
+    producer: ServerProcess | None = None
+    reader: ServerProcess | None = None
+    redis: RedisServer | None = None
 
     def pace_of(self, scenario: str) -> float:
         """Seconds before each token in this scenario."""
@@ -554,6 +701,16 @@ class Bench:
         if self.args.stream_timeout is not None:
             return float(self.args.stream_timeout)
         return 60.0 + float(self.args.ramp) + int(self.args.tokens) * pace * 5
+
+    def servers_of(self, transport: str) -> dict[str, ServerProcess]:
+        """The server processes a transport's run uses, by role (`server`; or `producer`, `reader`)."""
+        if transport in IN_PROCESS_OF:
+            assert self.producer is not None and self.reader is not None
+            return {"producer": self.producer, "reader": self.reader}
+        if transport in PEER_OF:
+            return {"server": self.chatstream}
+        assert self.peers is not None
+        return {"server": self.peers}
 
     async def create_conversations(self, count: int, pace: float) -> list[str]:
         """`count` new conversations with the agent of this pace (through the API, 8 at a time)."""
@@ -572,19 +729,30 @@ class Bench:
 
             return list(await asyncio.gather(*(one(i) for i in range(count))))
 
+    async def db_cpu(self, roles: Collection[str]) -> dict[int, float]:
+        """CPU seconds of the PostgreSQL backends of these servers, by backend pid (none on SQLite)."""
+        return await self.database.backend_cpu(roles) if self.database is not None and roles else {}
+
     async def run(self, scenario: str, transport: str, streams: int) -> RunResult:
         """N concurrent streams of one answer each; the figures of the run."""
         pace = self.pace_of(scenario)
-        chat = transport in PEER_OF
-        server = self.chatstream if chat else self.peers
-        target = Target(
-            base_url=server.url,
-            token=self.api_token if chat else None,
-            tokens=self.args.tokens,
-            pace=pace,
-            ws_deflate=not self.args.no_ws_deflate,
-            timeout=self.stream_timeout(pace),
-        )
+        chat = transport in CHATSTREAM_TRANSPORTS
+        servers = self.servers_of(transport)
+        scaleout = transport in IN_PROCESS_OF
+        redis = self.redis if scaleout else None
+
+        def target(server: ServerProcess) -> Target:
+            return Target(
+                base_url=server.url,
+                token=self.api_token if chat else None,
+                tokens=self.args.tokens,
+                pace=pace,
+                ws_deflate=not self.args.no_ws_deflate,
+                timeout=self.stream_timeout(pace),
+            )
+
+        first = target(next(iter(servers.values())))  # the server, or A
+        second = target(servers["reader"]) if scaleout else first
         conversations = await self.create_conversations(streams, pace) if chat else []
         expected = tokens_of(token_words(self.args.tokens))
         recorders = [Recorder(expected=expected) for _ in range(streams)]
@@ -592,44 +760,54 @@ class Bench:
         def stream_of(i: int) -> Callable[[], Awaitable[None]]:
             rec = recorders[i]
             if transport == "sse":
-                return lambda: chatstream_sse(target, conversations[i], rec)
+                return lambda: chatstream_sse(first, conversations[i], rec)
             if transport == "ws":
-                return lambda: chatstream_ws(target, conversations[i], rec)
+                return lambda: chatstream_ws(first, conversations[i], rec)
+            if transport == "redis-sse":
+                return lambda: scaleout_sse(first, second, conversations[i], rec)
+            if transport == "redis-ws":
+                return lambda: scaleout_ws(first, second, conversations[i], rec)
             if transport == "peer-sse":
-                return lambda: peer_sse(target, rec)
-            return lambda: peer_ws(target, rec)
+                return lambda: peer_sse(first, rec)
+            return lambda: peer_ws(first, rec)
 
         async def guarded(i: int) -> None:
             rec = recorders[i]
             try:
                 if self.args.ramp > 0:
                     await asyncio.sleep(self.args.ramp * i / streams)
-                async with asyncio.timeout(target.timeout):
+                async with asyncio.timeout(first.timeout):
                     await stream_of(i)()
             except Exception as exc:  # noqa: BLE001 — a failed stream is counted and reported, not raised
                 rec.error = f"{type(exc).__name__}: {exc}"[:300]
 
         await asyncio.sleep(self.args.settle)  # let the previous run's connections close
-        log_offset = server.log_size()
-        sampler = CpuSampler(server.pid)
+        log_offsets = {role: server.log_size() for role, server in servers.items()}
+        pids = {role: server.pid for role, server in servers.items()}
+        if redis is not None and redis.pid is not None:
+            pids["redis"] = redis.pid
+        sampler = CpuSampler(pids)
         sampling = asyncio.create_task(sampler.run())
-        database = self.database if chat else None
+        db_roles = servers if chat else {}
         try:
-            db_cpu0 = await database.backend_cpu() if database else {}
-            server_cpu0, client_cpu0 = cpu_seconds(server.pid), own_cpu_seconds()
+            other_clients = redis.other_clients() if redis is not None else None
+            commands0 = redis.commands() if redis is not None else 0
+            db_cpu0 = await self.db_cpu(db_roles)
+            cpu0, client_cpu0 = {role: cpu_seconds(pid) for role, pid in pids.items()}, own_cpu_seconds()
             started = time.perf_counter()
             await asyncio.gather(*(guarded(i) for i in range(streams)))
             wall = time.perf_counter() - started
             await asyncio.sleep(0.2)  # the server's last writes and closes belong to this run
-            server_cpu = cpu_seconds(server.pid) - server_cpu0
+            cpu = {role: cpu_seconds(pid) - cpu0[role] for role, pid in pids.items()}
             client_cpu = own_cpu_seconds() - client_cpu0
-            db_cpu1 = await database.backend_cpu() if database else {}
-            db_cpu = sum(used - db_cpu0.get(pid, 0.0) for pid, used in db_cpu1.items()) if database else None
+            db_cpu1 = await self.db_cpu(db_roles)
+            commands = redis.commands() - commands0 if redis is not None else None
         finally:
             sampling.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sampling
-        log = server.log_since(log_offset)
+        db_cpu = sum(used - db_cpu0.get(pid, 0.0) for pid, used in db_cpu1.items()) if self.database else None
+        logs = "".join(server.log_since(log_offsets[role]) for role, server in servers.items())
         return summarize(
             scenario,
             transport,
@@ -638,33 +816,39 @@ class Bench:
             recorders,
             Usage(
                 wall=wall,
-                server_cpu=server_cpu,
+                cpu=cpu,
                 client_cpu=client_cpu,
-                db_cpu=db_cpu,
-                server_peak=sampler.server_peak,
+                db_cpu=db_cpu if chat else None,
+                peaks=sampler.peaks,
                 client_peak=sampler.client_peak,
-                log_errors=sum(1 for line in log.splitlines() if _LOGGED_ERROR.search(line)),
+                log_errors=sum(1 for line in logs.splitlines() if _LOGGED_ERROR.search(line)),
+                redis_commands=commands,
+                redis_other_clients=other_clients,
             ),
         )
 
 
 class CpuSampler:
-    """The busiest `interval` of the server process and of this one, in cores, while it runs."""
+    """The busiest `interval` of each server-side process and of this one, in cores, while it runs."""
 
-    def __init__(self, pid: int, interval: float = 0.25) -> None:
-        self.pid = pid
+    def __init__(self, pids: Mapping[str, int], interval: float = 0.25) -> None:
+        self.pids = dict(pids)
         self.interval = interval
-        self.server_peak = 0.0
+        self.peaks = dict.fromkeys(self.pids, 0.0)
         self.client_peak = 0.0
 
+    def _now(self) -> tuple[float, dict[str, float], float]:
+        return time.perf_counter(), {role: cpu_seconds(pid) for role, pid in self.pids.items()}, own_cpu_seconds()
+
     async def run(self) -> None:
-        then, server, client = time.perf_counter(), cpu_seconds(self.pid), own_cpu_seconds()
+        then, servers, client = self._now()
         while True:
             await asyncio.sleep(self.interval)
-            now, server_now, client_now = time.perf_counter(), cpu_seconds(self.pid), own_cpu_seconds()
-            self.server_peak = max(self.server_peak, (server_now - server) / (now - then))
+            now, servers_now, client_now = self._now()
+            for role, used in servers_now.items():
+                self.peaks[role] = max(self.peaks[role], (used - servers[role]) / (now - then))
             self.client_peak = max(self.client_peak, (client_now - client) / (now - then))
-            then, server, client = now, server_now, client_now
+            then, servers, client = now, servers_now, client_now
 
 
 @dataclass
@@ -672,12 +856,14 @@ class Usage:
     """What a run cost: wall time, CPU seconds, the busiest moments, errors the server logged."""
 
     wall: float
-    server_cpu: float
+    cpu: dict[str, float]  # CPU seconds of each server-side process by role: `server`, or `producer`, `reader`, `redis`
     client_cpu: float
-    db_cpu: float | None  # PostgreSQL backends of the server's pool; None on SQLite (in-process)
-    server_peak: float
+    db_cpu: float | None  # PostgreSQL backends of the servers' pools; None on SQLite (in-process) and for peers
+    peaks: dict[str, float]
     client_peak: float
     log_errors: int
+    redis_commands: int | None = None
+    redis_other_clients: int | None = None
 
 
 def summarize(
@@ -688,9 +874,19 @@ def summarize(
     gaps = [g for r in recorders for g in r.gaps]
     ttfts = [t for r in recorders if (t := r.ttft) is not None]
     itl50, itl99 = percentile(gaps, 0.5), percentile(gaps, 0.99)
-    errors = sorted({r.error for r in recorders if r.error})
+    # The failures by message, the most frequent first, each with how many streams it ended.
+    counted = Counter(r.error for r in recorders if r.error).most_common()
+    errors = [error if n == 1 else f"{error} (x{n})" for error, n in counted]
     ok = sum(1 for r in recorders if r.ok and not r.error)
     wall = max(usage.wall, 1e-9)
+
+    def per_1k(seconds: float | None) -> float | None:
+        return round(seconds / delivered * 1000, 4) if seconds is not None and delivered else None
+
+    server_cpu = sum(used for role, used in usage.cpu.items() if role != "redis")
+    server_peak = max((peak for role, peak in usage.peaks.items() if role != "redis"), default=0.0)
+    redis_cpu = usage.cpu.get("redis")
+    total_cpu = server_cpu + (usage.db_cpu or 0.0) + (redis_cpu or 0.0)
     return RunResult(
         scenario=scenario,
         transport=transport,
@@ -709,20 +905,27 @@ def summarize(
         itl_p99_over_pace=_over(itl99, pace),
         ttft_p50_ms=_ms(percentile(ttfts, 0.5)),
         ttft_p99_ms=_ms(percentile(ttfts, 0.99)),
-        server_cpu_s=round(usage.server_cpu, 3),
-        server_cpu_s_per_1k_tokens=round(usage.server_cpu / delivered * 1000, 4) if delivered else None,
-        server_core_use=round(usage.server_cpu / wall, 3),
+        server_cpu_s=round(server_cpu, 3),
+        server_cpu_s_per_1k_tokens=per_1k(server_cpu),
+        server_core_use=round(server_cpu / wall, 3),
         # A run shorter than one sampling window has no sample: its average is its peak.
-        server_core_peak=round(max(usage.server_peak, usage.server_cpu / wall), 2),
+        server_core_peak=round(max(server_peak, server_cpu / wall), 2),
         db_cpu_s=None if usage.db_cpu is None else round(usage.db_cpu, 3),
-        db_cpu_s_per_1k_tokens=round(usage.db_cpu / delivered * 1000, 4)
-        if usage.db_cpu is not None and delivered
-        else None,
+        db_cpu_s_per_1k_tokens=per_1k(usage.db_cpu),
         client_cpu_s=round(usage.client_cpu, 3),
         client_core_use=round(usage.client_cpu / wall, 3),
         client_core_peak=round(max(usage.client_peak, usage.client_cpu / wall), 2),
         client_saturated=max(usage.client_peak, usage.client_cpu / wall) >= CLIENT_SATURATED,
         server_log_errors=usage.log_errors,
+        producer_cpu_s_per_1k_tokens=per_1k(usage.cpu.get("producer")),
+        reader_cpu_s_per_1k_tokens=per_1k(usage.cpu.get("reader")),
+        redis_cpu_s_per_1k_tokens=per_1k(redis_cpu),
+        redis_commands_per_token=round(usage.redis_commands / delivered, 2)
+        if usage.redis_commands is not None and delivered
+        else None,
+        redis_other_clients=usage.redis_other_clients,
+        total_cpu_s_per_1k_tokens=per_1k(total_cpu),
+        core_peaks={role: round(max(peak, usage.cpu.get(role, 0.0) / wall), 2) for role, peak in usage.peaks.items()},
     )
 
 
@@ -741,6 +944,31 @@ def ratios(runs: Sequence[RunResult]) -> list[Ratio]:
     return found
 
 
+def scaleout_ratios(runs: Sequence[RunResult]) -> list[ScaleoutRatio]:
+    """Each scale-out run's CPU per token over the in-process run's, per scenario, when both ran."""
+    by_key = {(r.scenario, r.transport): r for r in runs}
+
+    def ratio(mine: float | None, theirs: float | None) -> float | None:
+        return round(mine / theirs, 2) if mine is not None and theirs else None
+
+    found: list[ScaleoutRatio] = []
+    for (scenario, transport), run in by_key.items():
+        base = IN_PROCESS_OF.get(transport)
+        other = by_key.get((scenario, base)) if base else None
+        if base is None or other is None:
+            continue
+        found.append(
+            ScaleoutRatio(
+                scenario=scenario,
+                transport=transport,
+                in_process=base,
+                total_cpu_ratio=ratio(run.total_cpu_s_per_1k_tokens, other.total_cpu_s_per_1k_tokens),
+                server_cpu_ratio=ratio(run.server_cpu_s_per_1k_tokens, other.server_cpu_s_per_1k_tokens),
+            )
+        )
+    return found
+
+
 # -- reporting ---------------------------------------------------------------------------------
 
 
@@ -753,7 +981,7 @@ def machine_info() -> dict[str, Any]:
             (line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), None
         )
     versions = {}
-    for package in ("litestar", "uvicorn", "msgspec", "websockets", "httpx", "piccolo"):
+    for package in ("litestar", "uvicorn", "msgspec", "websockets", "httpx", "piccolo", "asyncpg", "redis", "hiredis"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[package] = importlib.metadata.version(package)
     return {
@@ -813,6 +1041,42 @@ def markdown_table(report: Report) -> str:
         rows += [
             f"| {x.scenario} | {x.transport} / {x.peer} | {_fmt(x.cpu_per_token_ratio, 2)} |" for x in report.ratios
         ]
+    if any(r.transport in IN_PROCESS_OF for r in report.runs):
+        rows += ["", scaleout_table(report)]
+    return "\n".join(rows)
+
+
+def scaleout_table(report: Report) -> str:
+    """The in-process and scale-out runs side by side: CPU per 1k tokens of every server-side process."""
+    ratio_of = {(x.scenario, x.transport): x for x in report.scaleout_ratios}
+    rows = [
+        "| scenario | transport | processes | ok | tokens/s | ITL p50 / p99 ms | TTFT p50 / p99 ms "
+        "| CPU s per 1k tokens: A / B / Redis / PostgreSQL = sum | sum ÷ in-process | Redis commands per token "
+        "| busiest 0.25 s, cores: A / B / Redis |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report.runs:
+        scaleout = r.transport in IN_PROCESS_OF
+        if r.transport not in CHATSTREAM_TRANSPORTS:
+            continue
+        first = r.producer_cpu_s_per_1k_tokens if scaleout else r.server_cpu_s_per_1k_tokens
+        cpu = " / ".join(
+            _fmt(x, 3) if x is not None else "—"
+            for x in (first, r.reader_cpu_s_per_1k_tokens, r.redis_cpu_s_per_1k_tokens, r.db_cpu_s_per_1k_tokens)
+        )
+        ratio = ratio_of.get((r.scenario, r.transport))
+        peaks = " / ".join(
+            _fmt(r.core_peaks.get(role), 2) if role in r.core_peaks else "—"
+            for role in (("producer", "reader", "redis") if scaleout else ("server",))
+        )
+        rows.append(
+            f"| {r.scenario} | {r.transport} | {'A → Redis → B' if scaleout else 'one'} "
+            f"| {r.ok_streams}/{r.streams} | {r.tokens_per_s:.0f} | {_fmt(r.itl_p50_ms)} / {_fmt(r.itl_p99_ms)} "
+            f"| {_fmt(r.ttft_p50_ms)} / {_fmt(r.ttft_p99_ms)} | {cpu} = {_fmt(r.total_cpu_s_per_1k_tokens, 3)} "
+            f"| {_fmt(ratio.total_cpu_ratio, 2) if ratio else '—'} "
+            f"| {_fmt(r.redis_commands_per_token, 1) if scaleout else '—'} "
+            f"| {peaks} |"
+        )
     return "\n".join(rows)
 
 
@@ -828,13 +1092,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--scenarios", default=",".join(SCENARIOS), help=f"comma-separated, of {', '.join(SCENARIOS)} (default all)"
     )
     parser.add_argument(
-        "--transports", default=",".join(TRANSPORTS), help=f"comma-separated, of {', '.join(TRANSPORTS)} (default all)"
+        "--transports",
+        default=None,
+        help=f"comma-separated, of {', '.join(TRANSPORTS)} (default {','.join(DEFAULT_TRANSPORTS)}; "
+        f"with --redis-url: {','.join(SCALEOUT_TRANSPORTS)})",
     )
     parser.add_argument(
         "--database-url",
         default=None,
         help="a PostgreSQL server (e.g. postgresql://postgres@127.0.0.1:5432): a temporary database is made "
         "there and dropped after; default: a SQLite file in a temporary directory",
+    )
+    parser.add_argument(
+        "--redis-url",
+        default=None,
+        help="a Redis server (e.g. redis://127.0.0.1:6379/0) for the scale-out transports redis-sse and redis-ws: "
+        "two more servers, A producing and B reading, share it under a fresh key prefix (removed after); "
+        "needs --database-url",
     )
     parser.add_argument("--ramp", type=float, default=0.0, help="spread stream starts over this many seconds")
     parser.add_argument("--warmup", type=int, default=10, help="streams of an unmeasured run per transport first")
@@ -857,12 +1131,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.tokens < 1 or args.pace_ms < 0 or args.ramp < 0 or args.warmup < 0 or args.settle < 0:
         parser.error("--tokens must be at least 1; --pace-ms, --ramp, --warmup and --settle not negative")
     args.scenarios = list(dict.fromkeys(s.strip() for s in args.scenarios.split(",") if s.strip()))
+    if args.transports is None:
+        args.transports = ",".join(SCALEOUT_TRANSPORTS if args.redis_url else DEFAULT_TRANSPORTS)
     args.transports = list(dict.fromkeys(t.strip() for t in args.transports.split(",") if t.strip()))
     if any("=" not in item for item in args.server_env):
         parser.error("--server-env takes NAME=VALUE")
     bad = [s for s in args.scenarios if s not in SCENARIOS] + [t for t in args.transports if t not in TRANSPORTS]
     if bad or not args.scenarios or not args.transports:
         parser.error(f"unknown or missing scenarios/transports: {', '.join(bad) or 'none given'}")
+    scaleout = [t for t in args.transports if t in IN_PROCESS_OF]
+    if scaleout and not args.redis_url:
+        parser.error(f"--transports {','.join(scaleout)} needs --redis-url")
+    if args.redis_url and not args.database_url:
+        parser.error("--redis-url needs --database-url: the servers of a scale-out run share a PostgreSQL database")
     return args
 
 
@@ -888,8 +1169,13 @@ async def measure(bench: Bench) -> list[RunResult]:
             runs.append(result)
             note = f" — {result.failed_streams} failed: {result.errors[:1]}" if result.failed_streams else ""
             per_1k = _fmt(result.server_cpu_s_per_1k_tokens, 3)
+            if transport in IN_PROCESS_OF:
+                a, b = result.producer_cpu_s_per_1k_tokens, result.reader_cpu_s_per_1k_tokens
+                per_1k += f": A {_fmt(a, 3)}, B {_fmt(b, 3)}; Redis {_fmt(result.redis_cpu_s_per_1k_tokens, 3)}"
+            if result.redis_other_clients:
+                note += f" — Redis had {result.redis_other_clients} other client(s): its CPU includes their work"
             print(
-                f"{scenario:5} {transport:8} {result.ok_streams}/{result.streams} ok, "
+                f"{scenario:5} {transport:9} {result.ok_streams}/{result.streams} ok, "
                 f"{result.tokens_per_s:.0f} tokens/s, server {result.server_cpu_s:.2f} CPU s ({per_1k} per 1k tokens), "
                 f"client cores avg {result.client_core_use:.2f} peak {result.client_core_peak:.2f}{note}",
                 flush=True,
@@ -900,7 +1186,7 @@ async def measure(bench: Bench) -> list[RunResult]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; exit status 1 if any stream failed."""
     args = parse_args(argv)
-    raise_open_files_limit(4 * args.streams + 256)
+    raise_open_files_limit(6 * args.streams + 256)
     command = shlex.join(["python", "-m", "bench.run", *(sys.argv[1:] if argv is None else argv)])
     workdir = Path(tempfile.mkdtemp(prefix="chatstream-bench-"))
     try:
@@ -919,24 +1205,47 @@ def main(argv: Sequence[str] | None = None) -> int:
                     env, "agent", "create", "--company", company_id, "--name", f"echo {pace}", "--config", config
                 )
                 agents[pace] = agent["id"]
-            chat_port, peer_port = free_port(), free_port()
-            chatstream = ServerProcess(
-                "chatstream", console_command("serve", "--no-demo", "--port", str(chat_port)), env, chat_port,
-                workdir / "chatstream.log",
-            )  # fmt: skip
-            stack.callback(chatstream.stop)
-            chatstream.start()
-            peer_command = [sys.executable, "-m", "bench.peers", "--port", str(peer_port)]
-            peers = ServerProcess("peers", peer_command, env, peer_port, workdir / "peers.log")
-            stack.callback(peers.stop)
-            peers.start()
-            print(
-                f"chatstream pid {chatstream.pid} at {chatstream.url} ({'PostgreSQL' if database else 'SQLite'}), "
-                f"peers pid {peers.pid} at {peers.url}",
-                flush=True,
-            )
+
+            def server(name: str, role: str, redis: RedisServer | None = None) -> ServerProcess:
+                port = free_port()
+                command = console_command("serve", "--no-demo", "--no-migrate", "--port", str(port))
+                process = ServerProcess(name, command, serving_env(env, role, redis), port, workdir / f"{name}.log")
+                stack.callback(process.stop)
+                return process.start()
+
+            chatstream = server("chatstream", "server")
+            where = "PostgreSQL" if database else "SQLite"
+            print(f"chatstream pid {chatstream.pid} at {chatstream.url} ({where})", flush=True)
+            peers = None
+            if any(t not in CHATSTREAM_TRANSPORTS for t in args.transports):
+                peer_port = free_port()
+                peer_command = [sys.executable, "-m", "bench.peers", "--port", str(peer_port)]
+                peers = ServerProcess("peers", peer_command, env, peer_port, workdir / "peers.log")
+                stack.callback(peers.stop)
+                peers.start()
+                print(f"peers pid {peers.pid} at {peers.url}", flush=True)
+            redis = producer = reader = None
+            if args.redis_url:
+                redis = RedisServer(args.redis_url)
+                stack.callback(redis.cleanup)  # after A and B stop (the stack unwinds in reverse)
+                producer = server("chatstream-a", "producer", redis)
+                reader = server("chatstream-b", "reader", redis)
+                pid_note = f"pid {redis.pid}" if redis.pid is not None else "pid unknown: its CPU is not measured"
+                print(
+                    f"scale-out: A (producer) pid {producer.pid} at {producer.url}, B (reader) pid {reader.pid} "
+                    f"at {reader.url}, Redis {redis.version} ({pid_note}), key prefix {redis.prefix}",
+                    flush=True,
+                )
             bench = Bench(
-                args=args, chatstream=chatstream, peers=peers, api_token=token, agents=agents, database=database
+                args=args,
+                chatstream=chatstream,
+                peers=peers,
+                api_token=token,
+                agents=agents,
+                database=database,
+                producer=producer,
+                reader=reader,
+                redis=redis,
             )
             runs = asyncio.run(measure(bench))
     except BenchError as exc:
@@ -963,9 +1272,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "warmup_streams": args.warmup,
             "ws_deflate": not args.no_ws_deflate,
             "server_env": args.server_env,
+            "redis": bool(args.redis_url),
         },
         runs=runs,
         ratios=ratios(runs),
+        scaleout_ratios=scaleout_ratios(runs),
     )
     print()
     print(markdown_table(report))

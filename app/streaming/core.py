@@ -297,9 +297,14 @@ class StreamingCore:
 
         async def emit(event_type: type[GenerationEvent], **fields: Any) -> None:
             nonlocal seq
-            seq += 1
-            event = event_type(generation_id=gen.id, conversation_id=gen.conversation_id, seq=seq, **fields)
-            await self.broker.append(event)
+            event = event_type(generation_id=gen.id, conversation_id=gen.conversation_id, seq=seq + 1, **fields)
+            try:
+                await self.broker.append(event)
+            except (KeyError, ValueError, RuntimeError) as exc:
+                # The log is gone (Redis restarted empty) or was ended by another process (which
+                # took this one for dead): nobody can read what comes next.
+                raise BrokerUnavailable(f"the answer's log no longer takes events: {exc!r}") from exc
+            seq = event.seq  # only once it is in the log: the next event must follow it
 
         async def finish(status: GenerationStatus, keep: bool, error: str | None) -> UUID | None:
             """Store the outcome (retrying a failed write a few times), then tell subscribers."""

@@ -20,7 +20,8 @@ that dies leaves nothing forever); :meth:`RedisBroker.close_log` sets `log_ttl` 
 
 Connections per process do not depend on the number of readers: `pool_size` for commands,
 one for the reading loop (a single blocking ``XREAD`` over every stream a local reader waits
-on) and one for the pub/sub loop (one pattern subscription for every conversation). Waiting
+on), one for heartbeats and one for the pub/sub loop (one pattern subscription for every
+conversation and the control channel). Waiting
 readers hold an asyncio event, never a connection.
 """
 
@@ -68,7 +69,7 @@ BACKOFF_MIN = 0.05
 BACKOFF_MAX = 2.0
 # A process whose heartbeat is older than this is taken for dead: the other processes end the
 # generations it was producing. Renewed several times within it (core.HEARTBEAT_INTERVAL).
-NODE_TTL = 2.0
+NODE_TTL = 3.0
 
 # Conversation events travel as `<origin broker id> <struct name> <JSON>`: the union mixes tagged and
 # untagged structs, so the name picks the decoder. One decoder per struct, made once.
@@ -77,7 +78,9 @@ _CONVERSATION_DECODERS: dict[str, msgspec.json.Decoder[Any]] = {
 }
 
 # KEYS: meta, log, text, readers. ARGV: seq, event JSON, token text ('' for other events), terminal (1/0),
-# retain, ttl ms. Every append pushes back the expiry of every key of the generation.
+# retain, ttl ms. The expiry of the generation's keys is pushed back every EXPIRY_EVERY events (not
+# at every token: that was the largest part of Redis's cost per token), and set on the text key
+# when its first token creates it.
 _APPEND = """
 local last = redis.call('HGET', KEYS[1], 'last')
 if not last then return redis.error_reply('UNKNOWN no such generation log') end
@@ -85,13 +88,17 @@ if redis.call('HGET', KEYS[1], 'closed') == '1' then return redis.error_reply('E
 if tonumber(ARGV[1]) > tonumber(last) + 1 then return redis.error_reply('ORDER a seq is missing') end
 -- The explicit id makes Redis itself refuse a duplicated or reordered event (seq <= last).
 redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[5], '0-' .. ARGV[1], 'e', ARGV[2])
-redis.call('APPEND', KEYS[3], ARGV[3])
+if redis.call('APPEND', KEYS[3], ARGV[3]) == string.len(ARGV[3]) and ARGV[3] ~= '' then
+  redis.call('PEXPIRE', KEYS[3], ARGV[6])
+end
 if ARGV[4] == '1' then
   redis.call('HSET', KEYS[1], 'last', ARGV[1], 'closed', '1')
 else
   redis.call('HSET', KEYS[1], 'last', ARGV[1], 'tseq', ARGV[1])
 end
-for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], ARGV[6]) end
+if tonumber(ARGV[1]) % 64 == 1 then
+  for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], ARGV[6]) end
+end
 return 1
 """
 
@@ -159,7 +166,7 @@ class RedisBroker:
     Same semantics as :class:`~app.streaming.broker.InProcessBroker`: `retain` events per
     generation plus the answer's text, kept `log_ttl` seconds after :meth:`close_log`.
     `pool_size` bounds the connections used for commands; the process holds at most
-    `pool_size + 2` connections whatever the number of readers.
+    `pool_size + 3` connections whatever the number of readers.
     """
 
     name = "redis"
@@ -172,7 +179,7 @@ class RedisBroker:
         prefix: str = "chatstream:",
         retain: int = 1000,
         log_ttl: float = 300.0,
-        pool_size: int = 8,
+        pool_size: int = 16,
     ) -> None:
         if retain < 1:
             raise ValueError("retain must be at least 1")
@@ -203,6 +210,16 @@ class RedisBroker:
             client_name=self.client_name("reader"),
             socket_timeout=BLOCK_MS / 1000 + COMMAND_TIMEOUT,
             retry=Retry(NoBackoff(), 0),
+            **common,
+        )
+        # Heartbeats on a connection of their own: a process whose command pool is busy (under
+        # load) must not look dead to the others.
+        self._heartbeat_redis = Redis.from_url(
+            url,
+            single_connection_client=True,
+            client_name=self.client_name("heartbeat"),
+            socket_timeout=COMMAND_TIMEOUT,
+            retry=Retry(NoBackoff(), 1),
             **common,
         )
         self._feeds_redis = Redis.from_url(
@@ -586,7 +603,7 @@ class RedisBroker:
     async def heartbeat(self) -> None:
         """This process is alive for the next NODE_TTL seconds."""
         with _unavailable():
-            await self._redis.set(f"{self.prefix}node:{self.id}", 1, px=int(NODE_TTL * 1000))
+            await self._heartbeat_redis.set(f"{self.prefix}node:{self.id}", 1, px=int(NODE_TTL * 1000))
 
     async def live_nodes(self, nodes: Collection[str]) -> set[str]:
         """Those of `nodes` whose heartbeat has not expired."""
@@ -636,6 +653,7 @@ class RedisBroker:
             logger.warning("redis broker: could not count this process's readers out at close (%s)", exc)
         self._counted.clear()
         await self._reader.aclose()
+        await self._heartbeat_redis.aclose()
         await self._feeds_redis.aclose()
         await self._redis.aclose()
         await self._pool.aclose()

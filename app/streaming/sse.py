@@ -58,16 +58,19 @@ async def sse_frames(
 ) -> AsyncIterator[bytes]:
     """The response body: `:ok` at once, then every event after `after` (a backlog as one
     write), `: ping` when idle, and the end after the terminal event."""
-    await core.attach(generation_id)
+    attached = False
     try:
-        yield OK_COMMENT
         try:
+            await core.attach(generation_id)
+            attached = True
+            yield OK_COMMENT
             async for batch in core.follow(generation_id, after, ping_interval):
                 yield b"".join(encode_frame(event) for event in batch) if batch else PING_COMMENT
         except BrokerUnavailable:
             yield UNAVAILABLE
     finally:
-        core.detach(generation_id)
+        if attached:
+            core.detach(generation_id)
 
 
 @get(

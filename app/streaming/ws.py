@@ -361,8 +361,10 @@ class Session:
                 del self.subscriptions[conversation_id]
 
     async def _follow_answer(self, generation_id: UUID, after: int) -> None:
-        await self.core.attach(generation_id)
+        attached = False
         try:
+            await self.core.attach(generation_id)
+            attached = True
             async for batch in self.core.follow(generation_id, after, None):
                 if batch:
                     await self.deliver(batch)
@@ -370,7 +372,8 @@ class Session:
             # Events may be lost from here: the client starts over from its cursors.
             self.close_later(SocketClosing(CLOSE_TRY_AGAIN_LATER, "broker unavailable", broker_unavailable(None)))
         finally:
-            self.core.detach(generation_id)
+            if attached:
+                self.core.detach(generation_id)
 
 
 def broker_unavailable(ref: str | None) -> ErrorFrame:

@@ -38,8 +38,8 @@ pytestmark = pytest.mark.anyio
 STEP = 15.0  # the longest any single wait may take before the test fails
 TERMINAL = ("done", "cancelled", "error")
 # Redis connections a server process may hold: its command pool (RedisBroker's default
-# pool_size), one for the reading loop, one for pub/sub.
-MAX_CONNECTIONS = 8 + 2
+# pool_size), one each for the reading loop, heartbeats and pub/sub.
+MAX_CONNECTIONS = 16 + 3
 
 
 # -- clusters ----------------------------------------------------------------------------------

@@ -70,6 +70,10 @@ BACKOFF_MAX = 2.0
 # A process whose heartbeat is older than this is taken for dead: the other processes end the
 # generations it was producing. Renewed several times within it (core.HEARTBEAT_INTERVAL).
 NODE_TTL = 3.0
+# A watch outlives its last waiter this long: a reader that follows an answer is back
+# within a moment, and then reads what the reading loop brought, with no command of its own
+# (no read script, no wake-up, no restart of the XREAD).
+WATCH_LINGER = 5.0
 
 # Conversation events travel as `<origin broker id> <struct name> <JSON>`: the union mixes tagged and
 # untagged structs, so the name picks the decoder. One decoder per struct, made once.
@@ -149,6 +153,8 @@ class _Watch:
 
     pos: int  # seq up to which the reading loop has read the stream
     waiters: int = 0
+    closed: bool = False  # the reading loop has seen the terminal event
+    idle_since: float = 0.0  # when its last waiter returned (it lingers WATCH_LINGER s)
     batch: list[GenerationEvent] = field(default_factory=list)
     batch_from: int | None = None  # `batch` is every event after this seq; None: it follows a gap
     error: BrokerUnavailable | None = None
@@ -320,12 +326,19 @@ class RedisBroker:
         """Events after `after`, waiting up to `max_wait` s for one (None: no limit). A cursor older
         than the retained window gets a `snapshot` first. [] when nothing came in time (or the reader
         has the whole ended log); None when the log is unknown or expired."""
-        state = await self._read_now(generation_id, after)
-        if state is None:
-            return None
-        events, last, closed = state
-        if events or closed or (max_wait is not None and max_wait <= 0):
-            return events
+        watch = self._watches.get(generation_id)
+        if watch is not None and watch.pos > after and watch.batch_from is not None and watch.batch_from <= after:
+            return [event for event in watch.batch if event.seq > after]  # what the loop brought
+        last = watch.pos if watch is not None else 0
+        if watch is None or watch.pos != after:
+            state = await self._read_now(generation_id, after)
+            if state is None:
+                return None
+            events, last, closed = state
+            if events or closed or (max_wait is not None and max_wait <= 0):
+                return events
+        elif watch.closed or (max_wait is not None and max_wait <= 0):
+            return []  # the reader has everything the reading loop read, up to the end
         loop = asyncio.get_running_loop()
         deadline = None if max_wait is None else loop.time() + max_wait
         watch = self._watches.get(generation_id)
@@ -340,8 +353,8 @@ class RedisBroker:
             return await self._wait(generation_id, watch, after, deadline)
         finally:
             watch.waiters -= 1
-            if watch.waiters == 0 and self._watches.get(generation_id) is watch:
-                del self._watches[generation_id]
+            if watch.waiters == 0:
+                watch.idle_since = loop.time()  # dropped by the reading loop if nobody comes back
 
     async def _wait(
         self, generation_id: UUID, watch: _Watch, after: int, deadline: float | None
@@ -438,7 +451,11 @@ class RedisBroker:
                 await asyncio.sleep(min(BACKOFF_MIN * 2 ** (failures - 1), BACKOFF_MAX))
 
     async def _read_once(self) -> None:
-        watches = dict(self._watches)
+        now = asyncio.get_running_loop().time()
+        for generation_id, watch in list(self._watches.items()):
+            if watch.waiters == 0 and (watch.closed or now - watch.idle_since > WATCH_LINGER):
+                del self._watches[generation_id]
+        watches = {gid: watch for gid, watch in self._watches.items() if not watch.closed}
         streams: dict[KeyT, StreamIdT] = {self._wake_key: self._wake_id}
         generations: dict[str, UUID] = {}
         for generation_id, watch in watches.items():
@@ -463,6 +480,7 @@ class RedisBroker:
             watch.batch_from = watch.pos if batch[0].seq == watch.pos + 1 else None
             watch.batch = batch
             watch.pos = batch[-1].seq
+            watch.closed = is_terminal(batch[-1])
             watch.wake()
 
     def _fail_watches(self, reason: str) -> None:

@@ -298,8 +298,17 @@ class StreamingCore:
         async def emit(event_type: type[GenerationEvent], **fields: Any) -> None:
             nonlocal seq
             event = event_type(generation_id=gen.id, conversation_id=gen.conversation_id, seq=seq + 1, **fields)
+            append = asyncio.ensure_future(self.broker.append(event))
             try:
-                await self.broker.append(event)
+                await asyncio.shield(append)
+            except asyncio.CancelledError:
+                # Cancelled mid-append: the event may be in the log already. Let the append
+                # settle and count it if it landed, so the terminal event takes the next seq.
+                with contextlib.suppress(Exception):
+                    await append
+                if not append.cancelled() and append.exception() is None:
+                    seq = event.seq
+                raise
             except (KeyError, ValueError, RuntimeError) as exc:
                 # The log is gone (Redis restarted empty) or was ended by another process (which
                 # took this one for dead): nobody can read what comes next.

@@ -138,6 +138,24 @@ return total
 """
 
 
+def _append_keys(broker: RedisBroker, event: GenerationEvent) -> list[KeyT]:
+    return [*broker._keys(event.generation_id), broker._readers_key(event.generation_id)]
+
+
+def _append_error(event: GenerationEvent, error: Exception) -> Exception:
+    """The exception an append raises, from what Redis answered to its script."""
+    if not isinstance(error, ResponseError):
+        return error
+    reason = str(error)
+    if reason.startswith("UNKNOWN"):
+        return KeyError(event.generation_id)
+    if reason.startswith("ENDED"):
+        return RuntimeError(f"generation {event.generation_id} already ended")
+    if reason.startswith("ORDER") or "equal or smaller" in reason:
+        return ValueError(f"event seq {event.seq} does not follow the log's last event")
+    return error
+
+
 @contextmanager
 def _unavailable() -> Iterator[None]:
     """Redis being unreachable, as the broker's own exception (callers need not know redis-py)."""
@@ -240,6 +258,8 @@ class RedisBroker:
         self._read_script = self._redis.register_script(_READ)
         self._count_script = self._redis.register_script(_COUNT)
         self._watches: dict[UUID, _Watch] = {}
+        self._appends: list[tuple[GenerationEvent, asyncio.Future[None]]] = []
+        self._flushing: asyncio.Task[None] | None = None
         self._wake_key = f"{prefix}wake:{self.id}"
         self._wake_id = "0-0"
         self._reading: asyncio.Task[None] | None = None
@@ -279,30 +299,44 @@ class RedisBroker:
     async def append(self, event: GenerationEvent) -> None:
         """Append to the generation's log (its readers in every process wake up).
 
+        The appends of every producer of this process that come in the same turn of the
+        event loop go to Redis in one pipeline (one write, one read): one round trip per
+        token each was the largest cost of a producing process.
+
         Raises ValueError when the seq does not follow the last one (Redis refuses a duplicate),
         RuntimeError after the terminal event, KeyError for an unknown log."""
-        keys = [*self._keys(event.generation_id), self._readers_key(event.generation_id)]
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._appends.append((event, done))
+        if self._flushing is None or self._flushing.done():
+            self._flushing = asyncio.create_task(self._flush_appends())
+        await done
+
+    async def _flush_appends(self) -> None:
+        await asyncio.sleep(0)  # let the other producers of this turn queue theirs
+        while self._appends:
+            batch, self._appends = self._appends, []
+            results: list[Any]
+            try:
+                with _unavailable():
+                    async with self._redis.pipeline(transaction=False) as pipe:
+                        for event, _ in batch:
+                            await self._append_script(
+                                keys=_append_keys(self, event), args=self._append_args(event), client=pipe
+                            )
+                        results = await pipe.execute(raise_on_error=False)
+            except Exception as exc:  # noqa: BLE001 - every waiting producer gets it
+                results = [exc] * len(batch)
+            for (event, done), result in zip(batch, results, strict=True):
+                if done.done():
+                    continue
+                if isinstance(result, Exception):
+                    done.set_exception(_append_error(event, result))
+                else:
+                    done.set_result(None)
+
+    def _append_args(self, event: GenerationEvent) -> list[EncodableT]:
         text = event.text if isinstance(event, Token) else ""
-        args: list[EncodableT] = [
-            event.seq,
-            json_encoder.encode(event),
-            text,
-            int(is_terminal(event)),
-            self.retain,
-            self._orphan_ms,
-        ]
-        try:
-            with _unavailable():
-                await self._append_script(keys=keys, args=args)
-        except ResponseError as exc:
-            reason = str(exc)
-            if reason.startswith("UNKNOWN"):
-                raise KeyError(event.generation_id) from None
-            if reason.startswith("ENDED"):
-                raise RuntimeError(f"generation {event.generation_id} already ended") from None
-            if reason.startswith("ORDER") or "equal or smaller" in reason:
-                raise ValueError(f"event seq {event.seq} does not follow the log's last event") from None
-            raise
+        return [event.seq, json_encoder.encode(event), text, int(is_terminal(event)), self.retain, self._orphan_ms]
 
     async def _read_now(self, generation_id: UUID, after: int) -> tuple[list[GenerationEvent], int, bool] | None:
         """(events after `after`, last seq, closed) in one round trip; None for an unknown log."""

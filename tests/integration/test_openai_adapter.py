@@ -275,7 +275,7 @@ async def test_without_usage_the_pieces_are_counted_and_length_is_reported(
 
 @pytest.mark.parametrize("how", ["core", "rest"])
 async def test_cancelling_closes_the_upstream_request_within_a_second(
-    fake: FakeModelServer, core: StreamingCore, client: httpx.AsyncClient, how: str
+    fake: FakeModelServer, core: StreamingCore, app: Any, client: httpx.AsyncClient, how: str
 ) -> None:
     tenant, alice, cid = await openai_conversation(fake.url)
     never = asyncio.Event()
@@ -288,8 +288,7 @@ async def test_cancelling_closes_the_upstream_request_within_a_second(
         )
         gid = UUID(posted.json()["generation"]["id"])
     seen = await fake.next_request(1)
-    app_core: StreamingCore = client._transport.app.state.core  # type: ignore[attr-defined]
-    producer_core = core if how == "core" else app_core
+    producer_core: StreamingCore = core if how == "core" else app.state.core
     with anyio.fail_after(STEP):
         async for batch in producer_core.follow(gid, 0, None):
             if any(isinstance(e, Token) for e in batch):

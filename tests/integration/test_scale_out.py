@@ -17,7 +17,7 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +185,19 @@ async def until(condition: Callable[[], bool], interval: float = 0.1) -> None:
             await anyio.sleep(interval)
 
 
+async def readers_with_a_token(
+    *reads: Callable[[asyncio.Event], Coroutine[Any, Any, list[dict[str, Any]]]],
+) -> list[asyncio.Task[list[dict[str, Any]]]]:
+    """Start each reader (given the event it sets on its first token); their tasks, once
+    every one of them has a token."""
+    started = [asyncio.Event() for _ in reads]
+    tasks = [asyncio.create_task(read(event)) for read, event in zip(reads, started, strict=True)]
+    with anyio.fail_after(STEP):
+        for event in started:
+            await event.wait()
+    return tasks
+
+
 def ws_url(server: LiveServer) -> str:
     return server.url.replace("http://", "ws://", 1) + "/api/ws"
 
@@ -338,15 +351,11 @@ async def test_cancel_on_b_stops_the_producer_on_a_for_every_reader(cluster: Clu
     cid = await conversation(tenant, a, pace=0.2)
     gid = await start_answer(a.url, tenant, cid, words(100))
     cursor = f"{gid}.0"
-    started = [asyncio.Event() for _ in range(3)]
-    readers = [
-        asyncio.create_task(read_sse(a.url, tenant, cid, cursor=cursor, first_token=started[0])),
-        asyncio.create_task(read_sse(b.url, tenant, cid, cursor=cursor, first_token=started[1])),
-        asyncio.create_task(read_ws(c, tenant, cid, after=cursor, first_token=started[2])),
-    ]
-    with anyio.fail_after(STEP):
-        for event in started:
-            await event.wait()
+    readers = await readers_with_a_token(
+        lambda e: read_sse(a.url, tenant, cid, cursor=cursor, first_token=e),
+        lambda e: read_sse(b.url, tenant, cid, cursor=cursor, first_token=e),
+        lambda e: read_ws(c, tenant, cid, after=cursor, first_token=e),
+    )
 
     asked = time.monotonic()
     async with httpx.AsyncClient(base_url=b.url, timeout=STEP) as http:
@@ -431,14 +440,10 @@ async def test_a_killed_producer_ends_its_answers_everywhere(tenant: Tenant) -> 
         cid = await conversation(tenant, a, pace=0.2)
         gid = await start_answer(a.url, tenant, cid, words(100))
         cursor = f"{gid}.0"
-        started = [asyncio.Event(), asyncio.Event()]
-        readers = [
-            asyncio.create_task(read_sse(b.url, tenant, cid, cursor=cursor, first_token=started[0])),
-            asyncio.create_task(read_ws(c, tenant, cid, after=cursor, first_token=started[1])),
-        ]
-        with anyio.fail_after(STEP):
-            for event in started:
-                await event.wait()
+        readers = await readers_with_a_token(
+            lambda e: read_sse(b.url, tenant, cid, cursor=cursor, first_token=e),
+            lambda e: read_ws(c, tenant, cid, after=cursor, first_token=e),
+        )
         assert a.proc is not None
         a.proc.kill()  # SIGKILL: no cleanup of any kind
         killed = time.monotonic()
@@ -460,14 +465,10 @@ async def test_a_stopping_node_cancels_its_answers_for_readers_everywhere(tenant
         cid = await conversation(tenant, a, pace=0.2)
         gid = await start_answer(a.url, tenant, cid, words(100))
         cursor = f"{gid}.0"
-        started = [asyncio.Event(), asyncio.Event()]
-        readers = [
-            asyncio.create_task(read_sse(b.url, tenant, cid, cursor=cursor, first_token=started[0])),
-            asyncio.create_task(read_ws(c, tenant, cid, after=cursor, first_token=started[1])),
-        ]
-        with anyio.fail_after(STEP):
-            for event in started:
-                await event.wait()
+        readers = await readers_with_a_token(
+            lambda e: read_sse(b.url, tenant, cid, cursor=cursor, first_token=e),
+            lambda e: read_ws(c, tenant, cid, after=cursor, first_token=e),
+        )
         assert a.proc is not None
         a.proc.send_signal(signal.SIGTERM)
         for events in await asyncio.gather(*readers):
@@ -524,14 +525,10 @@ async def test_redis_stopped_and_started_under_load(tenant: Tenant, own_redis: R
         cid = await conversation(tenant, a, pace=0.2)
         gid = await start_answer(a.url, tenant, cid, words(100))
         cursor = f"{gid}.0"
-        started = [asyncio.Event(), asyncio.Event()]
-        readers = [
-            asyncio.create_task(read_sse(b.url, tenant, cid, cursor=cursor, first_token=started[0])),
-            asyncio.create_task(read_ws(b, tenant, cid, after=cursor, first_token=started[1])),
-        ]
-        with anyio.fail_after(STEP):
-            for event in started:
-                await event.wait()
+        readers = await readers_with_a_token(
+            lambda e: read_sse(b.url, tenant, cid, cursor=cursor, first_token=e),
+            lambda e: read_ws(b, tenant, cid, after=cursor, first_token=e),
+        )
 
         own_redis.stop()
         sse, ws = await asyncio.gather(*readers)

@@ -18,6 +18,10 @@ keys in one cluster slot, so that one script may touch them all):
 Expiry: a generation's keys get ORPHAN_TTL at open, pushed back by every append (a producer
 that dies leaves nothing forever); :meth:`RedisBroker.close_log` sets `log_ttl` on all of them.
 
+Commands: every command of every task of the process that comes in the same turn of the event
+loop goes to Redis in one pipeline (:meth:`RedisBroker._execute`): on a busy loop, a pooled
+connection and a round trip per command made commands queue for seconds for a connection.
+
 Connections per process do not depend on the number of readers: `pool_size` for commands,
 one for the reading loop (a single blocking ``XREAD`` over every stream a local reader waits
 on), one for heartbeats and one for the pub/sub loop (one pattern subscription for every
@@ -41,10 +45,11 @@ import msgspec
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.typing import EncodableT, FieldT, KeyT, StreamIdT
+from redis.typing import EncodableT, KeyT, StreamIdT
 
 from app.streaming.broker import BrokerUnavailable, ConversationFeed
 from app.streaming.control import ControlMessage, control_decoder, control_encoder
@@ -138,10 +143,6 @@ return total
 """
 
 
-def _append_keys(broker: RedisBroker, event: GenerationEvent) -> list[KeyT]:
-    return [*broker._keys(event.generation_id), broker._readers_key(event.generation_id)]
-
-
 def _append_error(event: GenerationEvent, error: Exception) -> Exception:
     """The exception an append raises, from what Redis answered to its script."""
     if not isinstance(error, ResponseError):
@@ -163,6 +164,15 @@ def _unavailable() -> Iterator[None]:
         yield
     except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
         raise BrokerUnavailable(f"Redis is not reachable: {exc}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class _Command:
+    """One Redis command for the next pipeline: its arguments, or a script's keys and arguments."""
+
+    args: tuple[EncodableT, ...]
+    script: AsyncScript | None = None
+    keys: tuple[KeyT, ...] = ()
 
 
 @dataclass(eq=False)
@@ -215,15 +225,16 @@ class RedisBroker:
         self._ttl_ms = max(int(log_ttl * 1000), 0)
         self._orphan_ms = int(max(log_ttl, ORPHAN_TTL) * 1000)
         common: dict[str, Any] = {"socket_connect_timeout": CONNECT_TIMEOUT, "socket_keepalive": True}
-        # Commands: a bounded pool (callers queue for a connection rather than opening more);
-        # one quick retry, so that a pooled connection that was dropped is simply reopened.
+        # Commands: a bounded pool. One quick retry, so that a pooled connection that was dropped
+        # is simply reopened; not after a timeout, when the commands may have run (a reader
+        # counted twice, an event appended twice).
         self._pool = BlockingConnectionPool.from_url(
             url,
             max_connections=pool_size,
             timeout=COMMAND_TIMEOUT,
             client_name=self.client_name("commands"),
             socket_timeout=COMMAND_TIMEOUT,
-            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1),
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1, supported_errors=(RedisConnectionError,)),
             **common,
         )
         self._redis = Redis(connection_pool=self._pool)
@@ -258,8 +269,13 @@ class RedisBroker:
         self._read_script = self._redis.register_script(_READ)
         self._count_script = self._redis.register_script(_COUNT)
         self._watches: dict[UUID, _Watch] = {}
-        self._appends: list[tuple[GenerationEvent, asyncio.Future[None]]] = []
-        self._flushing: asyncio.Task[None] | None = None
+        # Commands waiting for the next pipeline, and the pipelines under way (one connection each:
+        # at most `pool_size - 1`, one connection is left for ping and close).
+        self._queued: list[tuple[list[_Command], asyncio.Future[list[Any]]]] = []
+        self._flush_pending = False
+        self._flushes: set[asyncio.Task[None]] = set()
+        self._max_flushes = max(pool_size - 1, 1)
+        self.round_trips = 0  # pipelines sent (diagnostics, benchmarks)
         self._wake_key = f"{prefix}wake:{self.id}"
         self._wake_id = "0-0"
         self._reading: asyncio.Task[None] | None = None
@@ -288,60 +304,120 @@ class RedisBroker:
     async def open_log(self, generation_id: UUID, conversation_id: UUID) -> None:
         """Create the empty log of a new generation (it expires on its own if never appended to or closed)."""
         meta, log, text = self._keys(generation_id)
-        fields: dict[FieldT, EncodableT] = {"conv": str(conversation_id), "last": 0, "tseq": 0, "closed": 0}
-        with _unavailable():
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.delete(meta, log, text)
-                pipe.hset(meta, mapping=fields)
-                pipe.pexpire(meta, self._orphan_ms)
-                await pipe.execute()
+        # Not a transaction: no other process knows the generation's id yet.
+        await self._execute(
+            _Command(("DEL", meta, log, text)),
+            _Command(("HSET", meta, "conv", str(conversation_id), "last", 0, "tseq", 0, "closed", 0)),
+            _Command(("PEXPIRE", meta, self._orphan_ms)),
+        )
 
     async def append(self, event: GenerationEvent) -> None:
         """Append to the generation's log (its readers in every process wake up).
 
-        The appends of every producer of this process that come in the same turn of the
-        event loop go to Redis in one pipeline (one write, one read): one round trip per
-        token each was the largest cost of a producing process.
-
         Raises ValueError when the seq does not follow the last one (Redis refuses a duplicate),
         RuntimeError after the terminal event, KeyError for an unknown log."""
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._appends.append((event, done))
-        if self._flushing is None or self._flushing.done():
-            self._flushing = asyncio.create_task(self._flush_appends())
-        await done
+        keys = (*self._keys(event.generation_id), self._readers_key(event.generation_id))
+        try:
+            await self._execute(_Command(self._append_args(event), self._append_script, keys))
+        except ResponseError as exc:
+            raise _append_error(event, exc) from exc
 
-    async def _flush_appends(self) -> None:
-        await asyncio.sleep(0)  # let the other producers of this turn queue theirs
-        while self._appends:
-            batch, self._appends = self._appends, []
-            results: list[Any]
-            try:
+    async def _execute(self, *commands: _Command) -> list[Any]:
+        """Run `commands` (in this order, nothing of this process between them) and return their
+        replies; raise the first error a command got, as BrokerUnavailable when Redis is unreachable.
+
+        Every command of every task of this process that comes in the same turn of the event
+        loop goes to Redis in one pipeline: one write and one read. With a pooled connection
+        and a round trip each, commands queued for seconds for a connection on a busy loop,
+        and that looked like an outage."""
+        done: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self._queued.append((list(commands), done))
+        self._schedule_flush()
+        with _unavailable():
+            replies = await done
+        for reply in replies:
+            if isinstance(reply, Exception):
                 with _unavailable():
-                    async with self._redis.pipeline(transaction=False) as pipe:
-                        for event, _ in batch:
-                            await self._append_script(
-                                keys=_append_keys(self, event), args=self._append_args(event), client=pipe
-                            )
-                        results = await pipe.execute(raise_on_error=False)
-            except Exception as exc:  # noqa: BLE001 - every waiting producer gets it
-                results = [exc] * len(batch)
-            for (event, done), result in zip(batch, results, strict=True):
-                if done.done():
-                    continue
-                if isinstance(result, Exception):
-                    done.set_exception(_append_error(event, result))
-                else:
-                    done.set_result(None)
+                    raise reply
+        return replies
 
-    def _append_args(self, event: GenerationEvent) -> list[EncodableT]:
+    def _schedule_flush(self) -> None:
+        if self._closed:
+            batch, self._queued = self._queued, []
+            for _, done in batch:
+                if not done.done():
+                    done.set_exception(BrokerUnavailable("the broker was closed"))
+            return
+        if self._flush_pending or len(self._flushes) >= self._max_flushes or not self._queued:
+            return  # the pending pipeline takes them, or the next one once a pipeline is back
+        self._flush_pending = True
+        task = asyncio.create_task(self._flush())
+        self._flushes.add(task)
+        task.add_done_callback(self._flush_done)
+
+    def _flush_done(self, task: asyncio.Task[None]) -> None:
+        self._flushes.discard(task)
+        self._schedule_flush()
+
+    async def _flush(self) -> None:
+        """Send what is queued as one pipeline; hand each caller its replies (or the pipeline's error)."""
+        try:
+            await asyncio.sleep(0)  # let the other tasks of this turn queue theirs
+        finally:
+            self._flush_pending = False
+        batch, self._queued = self._queued, []
+        commands = [command for group, _ in batch for command in group]
+        replies: list[Any] = []
+        error: Exception = BrokerUnavailable("the broker was closed")
+        try:
+            replies = await self._send(commands)
+            # Scripts are loaded when Redis first lacks them (first use, or Redis restarted):
+            # redis-py's own way costs a SCRIPT EXISTS round trip per pipeline.
+            missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+            if missing:
+                await self._retry_without_script(commands, missing, replies)
+        except Exception as exc:  # noqa: BLE001 - every caller of the batch gets it
+            error = exc
+        finally:  # also when cancelled (at close): no caller is left waiting
+            at = 0
+            for group, done in batch:
+                if not done.done():  # else its caller was cancelled
+                    if len(replies) >= at + len(group):
+                        done.set_result(replies[at : at + len(group)])
+                    else:
+                        done.set_exception(error)
+                at += len(group)
+
+    async def _retry_without_script(self, commands: list[_Command], missing: list[int], replies: list[Any]) -> None:
+        """Load the scripts Redis lacked and send their commands again (a NOSCRIPT command did not run)."""
+        try:
+            for script in {commands[i].script for i in missing}:
+                if script is not None:
+                    await self._redis.script_load(script.script)
+            retried = await self._send([commands[i] for i in missing])
+        except (RedisError, OSError) as exc:
+            retried = [exc] * len(missing)
+        for i, reply in zip(missing, retried, strict=True):
+            replies[i] = reply
+
+    async def _send(self, commands: list[_Command]) -> list[Any]:
+        """One pipeline: the replies of `commands`, an error reply as its exception."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for command in commands:
+                if command.script is None:
+                    pipe.execute_command(*command.args)
+                else:
+                    pipe.execute_command("EVALSHA", command.script.sha, len(command.keys), *command.keys, *command.args)
+            self.round_trips += 1
+            return await pipe.execute(raise_on_error=False)
+
+    def _append_args(self, event: GenerationEvent) -> tuple[EncodableT, ...]:
         text = event.text if isinstance(event, Token) else ""
-        return [event.seq, json_encoder.encode(event), text, int(is_terminal(event)), self.retain, self._orphan_ms]
+        return (event.seq, json_encoder.encode(event), text, int(is_terminal(event)), self.retain, self._orphan_ms)
 
     async def _read_now(self, generation_id: UUID, after: int) -> tuple[list[GenerationEvent], int, bool] | None:
         """(events after `after`, last seq, closed) in one round trip; None for an unknown log."""
-        with _unavailable():
-            reply = await self._read_script(keys=self._keys(generation_id), args=[after])
+        [reply] = await self._execute(_Command((after,), self._read_script, tuple(self._keys(generation_id))))
         if reply is None:
             return None
         last, closed, snapshot_seq, text, conversation = reply[:5]
@@ -419,21 +495,16 @@ class RedisBroker:
 
     async def close_log(self, generation_id: UUID) -> None:
         """The generation ended: every key of it expires `log_ttl` seconds from now."""
-        with _unavailable():
-            async with self._redis.pipeline(transaction=True) as pipe:
-                for key in [*self._keys(generation_id), self._readers_key(generation_id)]:
-                    pipe.pexpire(key, self._ttl_ms)
-                await pipe.execute()
+        keys = [*self._keys(generation_id), self._readers_key(generation_id)]
+        await self._execute(*(_Command(("PEXPIRE", key, self._ttl_ms)) for key in keys))
 
     async def discard_log(self, generation_id: UUID) -> None:
         """Drop a log at once (a reserved generation that never started)."""
-        with _unavailable():
-            await self._redis.unlink(*self._keys(generation_id))
+        await self._execute(_Command(("UNLINK", *self._keys(generation_id))))
 
     async def last_seq(self, generation_id: UUID) -> int | None:
         """Seq of the log's last event (0 when empty); None when the log is unknown or expired."""
-        with _unavailable():
-            last = await self._redis.hget(self._keys(generation_id)[0], "last")
+        [last] = await self._execute(_Command(("HGET", self._keys(generation_id)[0], "last")))
         return None if last is None else int(last)
 
     def waiting(self, generation_id: UUID) -> int:
@@ -451,11 +522,10 @@ class RedisBroker:
         """Make the reading loop start a new XREAD, now over a new stream. An entry in its own wake
         stream rather than cancelling its blocked XREAD: a wake-up sent before that XREAD reaches
         Redis is not lost (the XREAD then returns at once)."""
-        with _unavailable():
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.xadd(self._wake_key, {"w": 1}, maxlen=1)
-                pipe.pexpire(self._wake_key, self._orphan_ms)
-                await pipe.execute()
+        await self._execute(
+            _Command(("XADD", self._wake_key, "MAXLEN", 1, "*", "w", 1)),
+            _Command(("PEXPIRE", self._wake_key, self._orphan_ms)),
+        )
 
     async def _read_forever(self) -> None:
         """One blocking XREAD over every stream this process's readers wait on; wakes them with what it read.
@@ -528,9 +598,8 @@ class RedisBroker:
     # -- readers -------------------------------------------------------------------------
 
     async def _count(self, generation_id: UUID, delta: int) -> int:
-        keys = [self._readers_key(generation_id), self._keys(generation_id)[0]]
-        with _unavailable():
-            total = await self._count_script(keys=keys, args=[self.id, delta, self._orphan_ms])
+        keys = (self._readers_key(generation_id), self._keys(generation_id)[0])
+        [total] = await self._execute(_Command((self.id, delta, self._orphan_ms), self._count_script, keys))
         return int(total)
 
     async def add_reader(self, generation_id: UUID) -> int:
@@ -549,8 +618,7 @@ class RedisBroker:
 
     async def readers(self, generation_id: UUID) -> int:
         """How many read the generation now, in every process."""
-        with _unavailable():
-            counts = await self._redis.hvals(self._readers_key(generation_id))
+        [counts] = await self._execute(_Command(("HVALS", self._readers_key(generation_id))))
         return sum(max(int(count), 0) for count in counts)
 
     # -- conversation feeds --------------------------------------------------------------
@@ -561,8 +629,7 @@ class RedisBroker:
         for feed in list(self._feeds.get(event.conversation_id, ())):
             feed.offer(event)
         payload = b" ".join([self.id.encode(), type(event).__name__.encode(), json_encoder.encode(event)])
-        with _unavailable():
-            await self._redis.publish(f"{self.prefix}conv:{event.conversation_id}", payload)
+        await self._execute(_Command(("PUBLISH", f"{self.prefix}conv:{event.conversation_id}", payload)))
 
     def open_feed(self, conversation_id: UUID) -> ConversationFeed:
         """Start receiving a conversation's events (from any process). A feed opened while Redis is
@@ -662,11 +729,8 @@ class RedisBroker:
         ordered = [node for node in nodes if self.is_peer(node)]
         if not ordered:
             return set()
-        with _unavailable():
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for node in ordered:
-                    pipe.exists(f"{self.prefix}node:{node.removeprefix(self.prefix)}")
-                found = await pipe.execute()
+        keys = [f"{self.prefix}node:{node.removeprefix(self.prefix)}" for node in ordered]
+        found = await self._execute(*(_Command(("EXISTS", key)) for key in keys))
         return {node for node, exists in zip(ordered, found, strict=True) if exists}
 
     def on_control(self, handler: Callable[[ControlMessage], None]) -> None:
@@ -676,8 +740,7 @@ class RedisBroker:
 
     async def send_control(self, message: ControlMessage) -> None:
         """Publish a control message to every process on the prefix (this one included)."""
-        with _unavailable():
-            await self._redis.publish(self._control_channel, control_encoder.encode(message))
+        await self._execute(_Command(("PUBLISH", self._control_channel, control_encoder.encode(message))))
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -693,6 +756,7 @@ class RedisBroker:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*self._flushes, return_exceptions=True)  # their callers get their replies
         self._fail_watches("the broker was closed")
         self._feeds.clear()
         try:

@@ -154,6 +154,11 @@ async def test_a_thousand_waiting_readers_hold_a_fixed_handful_of_connections(sc
     await broker.open_log(g, c)
     readers = [asyncio.create_task(broker.read(g, 0, None)) for _ in range(1000)]
     await waiting(broker, g, 1000)
+
+    async def reading() -> bool:  # the reading loop opens its connection in its own time
+        return bool(await scope.clients(broker.client_name("reader")))
+
+    await eventually(reading, what="the reading loop connected")
     connections = await scope.clients(broker.id)
     # The command pool (2) and the reading loop (1); the feeds' connection opens with the first feed.
     assert len(connections) <= 4, [x["name"] for x in connections]
@@ -162,6 +167,56 @@ async def test_a_thousand_waiting_readers_hold_a_fixed_handful_of_connections(sc
     results = await asyncio.wait_for(asyncio.gather(*readers), 10)
     assert all([e.seq for e in r or []] == [1] for r in results)
     assert len(await scope.clients(broker.id)) <= 4
+
+
+async def test_a_thousand_readers_arriving_at_once_share_a_few_round_trips(scope: RedisScope) -> None:
+    # On a busy event loop, a pooled connection and a round trip per command made commands wait
+    # seconds for a connection (reported as Redis being down): the commands of a turn share one.
+    g, c, _ = new_ids()
+    broker = scope.broker(pool_size=2)
+    await broker.open_log(g, c)
+    await broker.append(Start(generation_id=g, conversation_id=c, seq=1))
+    before = broker.round_trips
+    totals = await asyncio.gather(*(broker.add_reader(g) for _ in range(1000)))
+    assert sorted(totals) == list(range(1, 1001))
+    reads = await asyncio.gather(*(broker.read(g, 0, 0) for _ in range(1000)))
+    assert all([e.seq for e in r or []] == [1] for r in reads)
+    assert broker.round_trips - before <= 4
+    assert await broker.readers(g) == 1000
+
+
+async def test_a_refused_command_fails_only_its_caller_in_a_shared_pipeline(scope: RedisScope) -> None:
+    g, c, _ = new_ids()
+    h = uuid.uuid4()
+    broker = scope.broker()
+    await asyncio.gather(broker.open_log(g, c), broker.open_log(h, c))
+    results = await asyncio.gather(
+        broker.append(Start(generation_id=g, conversation_id=c, seq=1)),
+        broker.append(Start(generation_id=h, conversation_id=c, seq=2)),  # seq 1 is missing
+        broker.append(Start(generation_id=uuid.uuid4(), conversation_id=c, seq=1)),  # no such log
+        broker.last_seq(g),
+        return_exceptions=True,
+    )
+    assert results[0] is None
+    assert isinstance(results[1], ValueError)
+    assert isinstance(results[2], KeyError)
+    assert results[3] == 1
+
+
+async def test_scripts_redis_lost_are_loaded_again_and_their_commands_run_once(scope: RedisScope) -> None:
+    g, c, _ = new_ids()
+    broker = scope.broker()
+    await broker.open_log(g, c)
+    await broker.append(Start(generation_id=g, conversation_id=c, seq=1))
+    await scope.redis.script_flush()  # as after a restart of Redis
+    await asyncio.gather(
+        broker.append(Token(generation_id=g, conversation_id=c, seq=2, text="a")),
+        broker.add_reader(g),
+        broker.last_seq(g),
+    )
+    assert await broker.last_seq(g) == 2
+    assert await broker.readers(g) == 1
+    assert [e.seq for e in await broker.read(g, 0, 0) or []] == [1, 2]
 
 
 async def test_a_killed_reading_connection_is_reopened_and_waiting_reads_miss_nothing(scope: RedisScope) -> None:

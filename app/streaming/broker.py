@@ -99,7 +99,8 @@ class Broker(Protocol):
         """Create the empty log of a new generation."""
 
     async def append(self, event: GenerationEvent) -> None:
-        """Append to the generation's log and wake its readers."""
+        """Append to the generation's log and wake its readers. A caller cancelled mid-append
+        gets CancelledError only once the append settled (`last_seq` tells if it landed)."""
 
     async def read(self, generation_id: UUID, after: int, max_wait: float | None) -> list[GenerationEvent] | None:
         """Events after `after`, waiting up to `max_wait` s for one (None: no limit); a `snapshot` first

@@ -298,16 +298,14 @@ class StreamingCore:
         async def emit(event_type: type[GenerationEvent], **fields: Any) -> None:
             nonlocal seq
             event = event_type(generation_id=gen.id, conversation_id=gen.conversation_id, seq=seq + 1, **fields)
-            append = asyncio.ensure_future(self.broker.append(event))
             try:
-                await asyncio.shield(append)
+                await self.broker.append(event)
             except asyncio.CancelledError:
-                # Cancelled mid-append: the event may be in the log already. Let the append
-                # settle and count it if it landed, so the terminal event takes the next seq.
-                with contextlib.suppress(Exception):
-                    await append
-                if not append.cancelled() and append.exception() is None:
-                    seq = event.seq
+                # Cancelled mid-append (the broker lets the append settle first): the event may
+                # be in the log; the terminal event must take the seq after the log's last one.
+                with contextlib.suppress(BrokerUnavailable):
+                    if (await self.broker.last_seq(gen.id) or 0) >= event.seq:
+                        seq = event.seq
                 raise
             except (KeyError, ValueError, RuntimeError) as exc:
                 # The log is gone (Redis restarted empty) or was ended by another process (which

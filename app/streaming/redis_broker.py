@@ -32,11 +32,11 @@ readers hold an asyncio event, never a connection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, get_args
 from uuid import UUID
@@ -157,7 +157,7 @@ def _append_error(event: GenerationEvent, error: Exception) -> Exception:
     return error
 
 
-@contextmanager
+@contextlib.contextmanager
 def _unavailable() -> Iterator[None]:
     """Redis being unreachable, as the broker's own exception (callers need not know redis-py)."""
     try:
@@ -179,6 +179,8 @@ class _Command:
 class _Watch:
     """This process's readers waiting on one generation, and what the reading loop last read of it."""
 
+    generation_id: UUID
+    key: bytes  # the generation's log (stream) key
     pos: int  # seq up to which the reading loop has read the stream
     waiters: int = 0
     closed: bool = False  # the reading loop has seen the terminal event
@@ -247,6 +249,9 @@ class RedisBroker:
             retry=Retry(NoBackoff(), 0),
             **common,
         )
+        # The reading loop takes XREAD's reply as it comes: redis-py's reshaping of it into
+        # tuples and dicts was a large part of a reading process's CPU.
+        self._reader.set_response_callback("XREAD", lambda response, **_: response)
         # Heartbeats on a connection of their own: a process whose command pool is busy (under
         # load) must not look dead to the others.
         self._heartbeat_redis = Redis.from_url(
@@ -277,7 +282,7 @@ class RedisBroker:
         self._max_flushes = max(pool_size - 1, 1)
         self.round_trips = 0  # pipelines sent (diagnostics, benchmarks)
         self._wake_key = f"{prefix}wake:{self.id}"
-        self._wake_id = "0-0"
+        self._wake_id = b"0-0"
         self._reading: asyncio.Task[None] | None = None
         self._feeds: dict[UUID, set[ConversationFeed]] = {}
         self._feeding: asyncio.Task[None] | None = None
@@ -314,13 +319,41 @@ class RedisBroker:
     async def append(self, event: GenerationEvent) -> None:
         """Append to the generation's log (its readers in every process wake up).
 
+        A caller cancelled mid-append gets CancelledError only once Redis has answered:
+        :meth:`last_seq` then tells whether the event is in the log.
+
         Raises ValueError when the seq does not follow the last one (Redis refuses a duplicate),
         RuntimeError after the terminal event, KeyError for an unknown log."""
         keys = (*self._keys(event.generation_id), self._readers_key(event.generation_id))
+        done = self._submit(_Command(self._append_args(event), self._append_script, keys))
         try:
-            await self._execute(_Command(self._append_args(event), self._append_script, keys))
+            with contextlib.suppress(Exception):  # _check raises it, translated
+                await asyncio.shield(done)
+        except asyncio.CancelledError:
+            await asyncio.wait([done])  # it is sent anyway: let it settle
+            raise
+        try:
+            self._check(done)
         except ResponseError as exc:
             raise _append_error(event, exc) from exc
+
+    def _submit(self, *commands: _Command) -> asyncio.Future[list[Any]]:
+        """Queue `commands` for the next pipeline; the future gets their replies."""
+        done: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self._queued.append((list(commands), done))
+        self._schedule_flush()
+        return done
+
+    @staticmethod
+    def _check(done: asyncio.Future[list[Any]]) -> list[Any]:
+        """The replies of a settled :meth:`_submit`, or the first error among them (BrokerUnavailable
+        when Redis could not be reached)."""
+        with _unavailable():
+            replies = done.result()
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+        return replies
 
     async def _execute(self, *commands: _Command) -> list[Any]:
         """Run `commands` (in this order, nothing of this process between them) and return their
@@ -330,16 +363,10 @@ class RedisBroker:
         loop goes to Redis in one pipeline: one write and one read. With a pooled connection
         and a round trip each, commands queued for seconds for a connection on a busy loop,
         and that looked like an outage."""
-        done: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self._queued.append((list(commands), done))
-        self._schedule_flush()
-        with _unavailable():
-            replies = await done
-        for reply in replies:
-            if isinstance(reply, Exception):
-                with _unavailable():
-                    raise reply
-        return replies
+        done = self._submit(*commands)
+        with contextlib.suppress(Exception):  # _check raises it, translated
+            await done
+        return self._check(done)
 
     def _schedule_flush(self) -> None:
         if self._closed:
@@ -454,7 +481,7 @@ class RedisBroker:
         watch = self._watches.get(generation_id)
         new = watch is None
         if watch is None:
-            watch = self._watches[generation_id] = _Watch(pos=last)
+            watch = self._watches[generation_id] = _Watch(generation_id, self._keys(generation_id)[1].encode(), last)
         watch.waiters += 1
         try:
             self._start_reading()
@@ -559,33 +586,27 @@ class RedisBroker:
         for generation_id, watch in list(self._watches.items()):
             if watch.waiters == 0 and (watch.closed or now - watch.idle_since > WATCH_LINGER):
                 del self._watches[generation_id]
-        watches = {gid: watch for gid, watch in self._watches.items() if not watch.closed}
+        watches = {watch.key: watch for watch in self._watches.values() if not watch.closed}
         streams: dict[KeyT, StreamIdT] = {self._wake_key: self._wake_id}
-        generations: dict[str, UUID] = {}
-        for generation_id, watch in watches.items():
-            key = self._keys(generation_id)[1]
-            streams[key] = f"0-{watch.pos}"
-            generations[key] = generation_id
+        streams.update((key, b"0-%d" % watch.pos) for key, watch in watches.items())
         response = await self._reader.xread(streams, block=BLOCK_MS)
+        # The raw reply (see __init__): {stream: [[id, [field, value]], ...]} (RESP3) or [[stream, entries], ...].
         items: list[Any] = list(response.items()) if isinstance(response, dict) else list(response or [])
-        for name, entries in items:
-            key = name.decode() if isinstance(name, bytes) else name
+        for key, entries in items:
             if not entries:
                 continue
-            if key == self._wake_key:
-                last_id = entries[-1][0]
-                self._wake_id = last_id.decode() if isinstance(last_id, bytes) else last_id
+            read = watches.get(key)
+            if read is None:  # the wake stream
+                self._wake_id = entries[-1][0]
                 continue
-            generation_id = generations[key]
-            watch = watches[generation_id]
-            if self._watches.get(generation_id) is not watch:
+            if self._watches.get(read.generation_id) is not read:
                 continue  # its readers left (a new watch, if any, is read from its own position)
-            batch: list[GenerationEvent] = [json_decoder.decode(fields[b"e"]) for _, fields in entries]
-            watch.batch_from = watch.pos if batch[0].seq == watch.pos + 1 else None
-            watch.batch = batch
-            watch.pos = batch[-1].seq
-            watch.closed = is_terminal(batch[-1])
-            watch.wake()
+            batch: list[GenerationEvent] = [json_decoder.decode(fields[1]) for _, fields in entries]
+            read.batch_from = read.pos if batch[0].seq == read.pos + 1 else None
+            read.batch = batch
+            read.pos = batch[-1].seq
+            read.closed = is_terminal(batch[-1])
+            read.wake()
 
     def _fail_watches(self, reason: str) -> None:
         """End every waiting read: they raise BrokerUnavailable(`reason`)."""

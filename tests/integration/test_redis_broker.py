@@ -219,6 +219,20 @@ async def test_scripts_redis_lost_are_loaded_again_and_their_commands_run_once(s
     assert [e.seq for e in await broker.read(g, 0, 0) or []] == [1, 2]
 
 
+async def test_an_append_whose_caller_is_cancelled_settles_first(scope: RedisScope) -> None:
+    # The producer's terminal event takes the seq after the log's last one: it must be able to
+    # tell whether an append it was cancelled in landed.
+    g, c, _ = new_ids()
+    broker = scope.broker()
+    await broker.open_log(g, c)
+    append = asyncio.create_task(broker.append(Start(generation_id=g, conversation_id=c, seq=1)))
+    await asyncio.sleep(0)  # queued for the next pipeline
+    append.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await append
+    assert await broker.last_seq(g) == 1
+
+
 async def test_a_killed_reading_connection_is_reopened_and_waiting_reads_miss_nothing(scope: RedisScope) -> None:
     g, c, _ = new_ids()
     producer, reader = scope.broker(), scope.broker()

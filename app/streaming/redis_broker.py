@@ -18,9 +18,8 @@ keys in one cluster slot, so that one script may touch them all):
 Expiry: a generation's keys get ORPHAN_TTL at open, pushed back by every append (a producer
 that dies leaves nothing forever); :meth:`RedisBroker.close_log` sets `log_ttl` on all of them.
 
-Commands: every command of every task of the process that comes in the same turn of the event
-loop goes to Redis in one pipeline (:meth:`RedisBroker._execute`): on a busy loop, a pooled
-connection and a round trip per command made commands queue for seconds for a connection.
+Commands: the commands of every task of the process that come in the same turn of the event
+loop go to Redis together, as one pipeline (:meth:`RedisBroker._execute`).
 
 Connections per process do not depend on the number of readers: `pool_size` for commands,
 one for the reading loop (a single blocking ``XREAD`` over every stream a local reader waits
@@ -369,6 +368,7 @@ class RedisBroker:
         return self._check(done)
 
     def _schedule_flush(self) -> None:
+        """Start a pipeline for what is queued, unless one is about to start or too many are under way."""
         if self._closed:
             batch, self._queued = self._queued, []
             for _, done in batch:

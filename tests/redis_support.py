@@ -134,12 +134,23 @@ class TcpProxy:
         self._writers.clear()
 
     async def _accept(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        # A connection accepted just before stop(), or while Redis is being dialled, must not
+        # live on after it: Redis is down for every connection from then on.
+        server = self._server
+        if server is None:
+            client_writer.transport.abort()
+            return
+        self._writers.add(client_writer)
         try:
             server_reader, server_writer = await asyncio.open_connection(*self.target)
         except OSError:
             client_writer.transport.abort()
             return
-        self._writers.update((client_writer, server_writer))
+        if self._server is not server or client_writer.transport.is_closing():
+            client_writer.transport.abort()
+            server_writer.transport.abort()
+            return
+        self._writers.add(server_writer)
         for source, sink in ((client_reader, server_writer), (server_reader, client_writer)):
             task = asyncio.create_task(self._pipe(source, sink))
             self._tasks.add(task)

@@ -49,10 +49,15 @@ async def waiting(broker: RedisBroker, g: uuid.UUID, count: int) -> None:
 
 
 async def subscribed(scope: RedisScope, broker: RedisBroker) -> None:
-    """Until the broker's pub/sub connection has its pattern subscription."""
+    """Until the broker's pub/sub connection has its pattern subscription, and the broker knows it
+    (a feed opened before it has seen Redis confirm the subscription is lost at once)."""
 
     async def ready() -> bool:
-        return any(c["psub"] == "1" for c in await scope.clients(broker.client_name("feeds")))
+        if not any(c["psub"] == "1" for c in await scope.clients(broker.client_name("feeds"))):
+            return False
+        probe = broker.open_feed(uuid.uuid4())
+        broker.close_feed(probe)
+        return not probe.overflowed
 
     await eventually(ready, what="conversation feeds subscribed")
 

@@ -67,6 +67,42 @@ class ConversationFeed:
             await self._ready.wait()
 
 
+class ConversationFeeds:
+    """The open feeds of one process, by conversation (both brokers keep theirs here)."""
+
+    def __init__(self) -> None:
+        self._by_conversation: dict[UUID, set[ConversationFeed]] = {}
+
+    def open(self, conversation_id: UUID) -> ConversationFeed:
+        feed = ConversationFeed(conversation_id)
+        self._by_conversation.setdefault(conversation_id, set()).add(feed)
+        return feed
+
+    def close(self, feed: ConversationFeed) -> None:
+        feeds = self._by_conversation.get(feed.conversation_id)
+        if feeds is not None:
+            feeds.discard(feed)
+            if not feeds:
+                del self._by_conversation[feed.conversation_id]
+
+    def __contains__(self, conversation_id: UUID) -> bool:
+        return conversation_id in self._by_conversation
+
+    def offer(self, event: ConversationEvent) -> None:
+        """Hand `event` to every open feed of its conversation."""
+        for feed in list(self._by_conversation.get(event.conversation_id, ())):
+            feed.offer(event)
+
+    def lose_all(self) -> None:
+        """Every open feed may have missed events (see :meth:`ConversationFeed.lose`)."""
+        for feeds in self._by_conversation.values():
+            for feed in feeds:
+                feed.lose()
+
+    def clear(self) -> None:
+        self._by_conversation.clear()
+
+
 class Broker(Protocol):
     """Event logs of generations, the count of their readers, and conversation feeds.
 
@@ -155,7 +191,7 @@ class InProcessBroker:
         self._logs: dict[UUID, GenerationLog] = {}
         self._readers: Counter[UUID] = Counter()
         self._expiry: dict[UUID, asyncio.TimerHandle] = {}
-        self._feeds: dict[UUID, set[ConversationFeed]] = {}
+        self._feeds = ConversationFeeds()
 
     async def open_log(self, generation_id: UUID, conversation_id: UUID) -> None:
         self._logs[generation_id] = GenerationLog(generation_id, conversation_id, retain=self.retain)
@@ -203,20 +239,13 @@ class InProcessBroker:
         return self._readers.get(generation_id, 0)
 
     async def publish(self, event: ConversationEvent) -> None:
-        for feed in self._feeds.get(event.conversation_id, ()):
-            feed.offer(event)
+        self._feeds.offer(event)
 
     def open_feed(self, conversation_id: UUID) -> ConversationFeed:
-        feed = ConversationFeed(conversation_id)
-        self._feeds.setdefault(conversation_id, set()).add(feed)
-        return feed
+        return self._feeds.open(conversation_id)
 
     def close_feed(self, feed: ConversationFeed) -> None:
-        feeds = self._feeds.get(feed.conversation_id)
-        if feeds is not None:
-            feeds.discard(feed)
-            if not feeds:
-                del self._feeds[feed.conversation_id]
+        self._feeds.close(feed)
 
     async def ping(self) -> None:
         """Always up: nothing to reach."""

@@ -50,7 +50,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT, KeyT, StreamIdT
 
-from app.streaming.broker import BrokerUnavailable, ConversationFeed
+from app.streaming.broker import BrokerUnavailable, ConversationFeed, ConversationFeeds
 from app.streaming.control import ControlMessage, control_decoder, control_encoder
 from app.streaming.events import GenerationEvent, Snapshot, Token, is_terminal, json_decoder, json_encoder
 from app.streaming.protocol import ConversationEvent
@@ -283,7 +283,7 @@ class RedisBroker:
         self._wake_key = f"{prefix}wake:{self.id}"
         self._wake_id = b"0-0"
         self._reading: asyncio.Task[None] | None = None
-        self._feeds: dict[UUID, set[ConversationFeed]] = {}
+        self._feeds = ConversationFeeds()
         self._feeding: asyncio.Task[None] | None = None
         self._feeds_down = False
         self._counted: Counter[UUID] = Counter()  # this process's readers, to count out at close
@@ -647,16 +647,14 @@ class RedisBroker:
     async def publish(self, event: ConversationEvent) -> None:
         """Deliver a conversation event to every feed of its conversation, in every process."""
         # This process's feeds get it at once, like the in-process broker's (the pub/sub loop skips it).
-        for feed in list(self._feeds.get(event.conversation_id, ())):
-            feed.offer(event)
+        self._feeds.offer(event)
         payload = b" ".join([self.id.encode(), type(event).__name__.encode(), json_encoder.encode(event)])
         await self._execute(_Command(("PUBLISH", f"{self.prefix}conv:{event.conversation_id}", payload)))
 
     def open_feed(self, conversation_id: UUID) -> ConversationFeed:
         """Start receiving a conversation's events (from any process). A feed opened while Redis is
         unreachable is lost at once: it could not tell what it missed."""
-        feed = ConversationFeed(conversation_id)
-        self._feeds.setdefault(conversation_id, set()).add(feed)
+        feed = self._feeds.open(conversation_id)
         self._start_feeding()
         if self._feeds_down:
             feed.lose()
@@ -668,11 +666,7 @@ class RedisBroker:
 
     def close_feed(self, feed: ConversationFeed) -> None:
         """Stop receiving them."""
-        feeds = self._feeds.get(feed.conversation_id)
-        if feeds is not None:
-            feeds.discard(feed)
-            if not feeds:
-                del self._feeds[feed.conversation_id]
+        self._feeds.close(feed)
 
     async def _feed_forever(self) -> None:
         """One pattern subscription to every conversation channel; hands events to this process's feeds.
@@ -703,9 +697,7 @@ class RedisBroker:
             except Exception:
                 logger.exception("redis broker: conversation feeds loop failed")
             self._feeds_down = True
-            for feeds in self._feeds.values():
-                for feed in feeds:
-                    feed.lose()
+            self._feeds.lose_all()
             failures += 1
             await asyncio.sleep(0 if failures == 1 else min(BACKOFF_MIN * 2 ** (failures - 2), BACKOFF_MAX))
 
@@ -721,8 +713,7 @@ class RedisBroker:
     def _dispatch(self, channel: bytes, data: bytes) -> None:
         try:
             conversation_id = UUID(channel.decode().rpartition(":")[2])
-            feeds = self._feeds.get(conversation_id)
-            if not feeds:
+            if conversation_id not in self._feeds:
                 return  # no feed of it here: not even decoded
             origin, kind, body = data.split(b" ", 2)
             if origin == self.id.encode():
@@ -731,8 +722,7 @@ class RedisBroker:
         except (ValueError, KeyError, msgspec.DecodeError):
             logger.warning("redis broker: ignored a malformed message on %r", channel)
             return
-        for feed in list(feeds):
-            feed.offer(event)
+        self._feeds.offer(event)
 
     # -- processes -----------------------------------------------------------------------
 

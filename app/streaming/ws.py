@@ -351,7 +351,7 @@ class Session:
         except FeedOverflow:
             self.close_later(too_slow())
         except BrokerUnavailable:
-            self.close_later(SocketClosing(CLOSE_TRY_AGAIN_LATER, "broker unavailable", broker_unavailable(None)))
+            self.close_later(broker_lost())
         finally:
             self.core.close_feed(feed)
             for task in answers.values():
@@ -370,7 +370,7 @@ class Session:
                     await self.deliver(batch)
         except BrokerUnavailable:
             # Events may be lost from here: the client starts over from its cursors.
-            self.close_later(SocketClosing(CLOSE_TRY_AGAIN_LATER, "broker unavailable", broker_unavailable(None)))
+            self.close_later(broker_lost())
         finally:
             if attached:
                 self.core.detach(generation_id)
@@ -380,6 +380,11 @@ def broker_unavailable(ref: str | None) -> ErrorFrame:
     """The frame for a request the broker (Redis) being down kept from being done."""
     message = "the server cannot reach its message broker; reconnect and subscribe with your last cursors"
     return ErrorFrame(ref=ref, code="broker_unavailable", message=message, details={"retryAfter": 2})
+
+
+def broker_lost() -> SocketClosing:
+    """The close after the broker went down under a subscription (its events may be lost)."""
+    return SocketClosing(CLOSE_TRY_AGAIN_LATER, "broker unavailable", broker_unavailable(None))
 
 
 def too_slow() -> SocketClosing:

@@ -30,7 +30,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from tests.factories import Tenant, make_tenant
 from tests.integration.live_server import LiveServer, free_port
-from tests.integration.wire_api import make_agent, new_conversation
+from tests.integration.wire_api import make_agent, new_conversation, text_of
 from tests.redis_support import REDIS_URL
 
 pytestmark = pytest.mark.anyio
@@ -121,6 +121,13 @@ async def conversation(tenant: Tenant, server: LiveServer, pace: float) -> str:
         return await new_conversation(http, tenant, agent)
 
 
+async def long_answer(tenant: Tenant, server: LiveServer) -> tuple[str, str, str]:
+    """A 100-word answer at 0.2 s a word, started on `server`: (conversation, generation, its start cursor)."""
+    cid = await conversation(tenant, server, pace=0.2)
+    gid = await start_answer(server.url, tenant, cid, words(100))
+    return cid, gid, f"{gid}.0"
+
+
 async def get(url: str, tenant: Tenant, path: str) -> dict[str, Any]:
     async with httpx.AsyncClient(base_url=url, timeout=STEP) as http:
         response = await http.get(path, headers=tenant.headers("alice"))
@@ -198,6 +205,16 @@ async def readers_with_a_token(
     return tasks
 
 
+async def sse_and_ws_readers(
+    tenant: Tenant, sse_on: LiveServer, ws_on: LiveServer, cid: str, cursor: str
+) -> list[asyncio.Task[list[dict[str, Any]]]]:
+    """An SSE reader on `sse_on` and a WebSocket reader on `ws_on` from `cursor`, once each has a token."""
+    return await readers_with_a_token(
+        lambda e: read_sse(sse_on.url, tenant, cid, cursor=cursor, first_token=e),
+        lambda e: read_ws(ws_on, tenant, cid, after=cursor, first_token=e),
+    )
+
+
 def ws_url(server: LiveServer) -> str:
     return server.url.replace("http://", "ws://", 1) + "/api/ws"
 
@@ -242,16 +259,6 @@ async def read_ws(
                 return events
     finally:
         await socket.close()
-
-
-def text_of(events: list[dict[str, Any]]) -> str:
-    text = ""
-    for event in events:
-        if event["type"] == "snapshot":
-            text = event["text"]
-        elif event["type"] == "token":
-            text += event["text"]
-    return text
 
 
 def wire(events: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
@@ -348,9 +355,7 @@ async def test_a_cursor_in_a_gap_gets_a_snapshot_and_memory_stays_bounded(tenant
 
 async def test_cancel_on_b_stops_the_producer_on_a_for_every_reader(cluster: Cluster, tenant: Tenant) -> None:
     a, b, c = cluster.servers
-    cid = await conversation(tenant, a, pace=0.2)
-    gid = await start_answer(a.url, tenant, cid, words(100))
-    cursor = f"{gid}.0"
+    cid, gid, cursor = await long_answer(tenant, a)
     readers = await readers_with_a_token(
         lambda e: read_sse(a.url, tenant, cid, cursor=cursor, first_token=e),
         lambda e: read_sse(b.url, tenant, cid, cursor=cursor, first_token=e),
@@ -437,13 +442,8 @@ async def test_changes_made_on_a_reach_sockets_on_b(cluster: Cluster, tenant: Te
 async def test_a_killed_producer_ends_its_answers_everywhere(tenant: Tenant) -> None:
     with Cluster(3) as servers:
         a, b, c = servers.servers
-        cid = await conversation(tenant, a, pace=0.2)
-        gid = await start_answer(a.url, tenant, cid, words(100))
-        cursor = f"{gid}.0"
-        readers = await readers_with_a_token(
-            lambda e: read_sse(b.url, tenant, cid, cursor=cursor, first_token=e),
-            lambda e: read_ws(c, tenant, cid, after=cursor, first_token=e),
-        )
+        cid, gid, cursor = await long_answer(tenant, a)
+        readers = await sse_and_ws_readers(tenant, b, c, cid, cursor)
         assert a.proc is not None
         a.proc.kill()  # SIGKILL: no cleanup of any kind
         killed = time.monotonic()
@@ -462,13 +462,8 @@ async def test_a_killed_producer_ends_its_answers_everywhere(tenant: Tenant) -> 
 async def test_a_stopping_node_cancels_its_answers_for_readers_everywhere(tenant: Tenant) -> None:
     with Cluster(3) as servers:
         a, b, c = servers.servers
-        cid = await conversation(tenant, a, pace=0.2)
-        gid = await start_answer(a.url, tenant, cid, words(100))
-        cursor = f"{gid}.0"
-        readers = await readers_with_a_token(
-            lambda e: read_sse(b.url, tenant, cid, cursor=cursor, first_token=e),
-            lambda e: read_ws(c, tenant, cid, after=cursor, first_token=e),
-        )
+        cid, gid, cursor = await long_answer(tenant, a)
+        readers = await sse_and_ws_readers(tenant, b, c, cid, cursor)
         assert a.proc is not None
         a.proc.send_signal(signal.SIGTERM)
         for events in await asyncio.gather(*readers):
@@ -522,13 +517,8 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
 async def test_redis_stopped_and_started_under_load(tenant: Tenant, own_redis: RedisServer) -> None:
     with Cluster(2, redis_url=own_redis.url) as servers:
         a, b = servers.servers
-        cid = await conversation(tenant, a, pace=0.2)
-        gid = await start_answer(a.url, tenant, cid, words(100))
-        cursor = f"{gid}.0"
-        readers = await readers_with_a_token(
-            lambda e: read_sse(b.url, tenant, cid, cursor=cursor, first_token=e),
-            lambda e: read_ws(b, tenant, cid, after=cursor, first_token=e),
-        )
+        cid, gid, cursor = await long_answer(tenant, a)
+        readers = await sse_and_ws_readers(tenant, b, b, cid, cursor)
 
         own_redis.stop()
         sse, ws = await asyncio.gather(*readers)

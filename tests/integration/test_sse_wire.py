@@ -29,7 +29,7 @@ from httpx_sse import EventSource, aconnect_sse
 
 from tests.factories import Tenant
 from tests.integration.live_server import LiveServer
-from tests.integration.wire_api import make_agent, messages_of, new_conversation, post_message
+from tests.integration.wire_api import make_agent, messages_of, new_conversation, post_message, text_of
 
 pytestmark = pytest.mark.anyio
 
@@ -264,17 +264,6 @@ def seqs(events: list[dict[str, Any]]) -> list[int]:
 def assert_contiguous(events: list[dict[str, Any]], first: int) -> None:
     """Every seq from `first` on, once, in order: nothing repeated, nothing skipped."""
     assert seqs(events) == list(range(first, first + len(events))), seqs(events)
-
-
-def text_of(events: list[dict[str, Any]]) -> str:
-    """The answer a client reconstructs: tokens appended; a snapshot replaces everything before it."""
-    text = ""
-    for event in events:
-        if event["type"] == "snapshot":
-            text = event["text"]
-        elif event["type"] == "token":
-            text += event["text"]
-    return text
 
 
 def assert_whole_answer(events: list[dict[str, Any]]) -> None:

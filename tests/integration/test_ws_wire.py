@@ -39,7 +39,7 @@ from websockets.frames import Close, Frame, Opcode
 
 from tests.factories import Tenant
 from tests.integration.live_server import LiveServer
-from tests.integration.wire_api import make_agent, messages_of, new_conversation, post_message
+from tests.integration.wire_api import make_agent, messages_of, new_conversation, post_message, text_of
 
 pytestmark = pytest.mark.anyio
 
@@ -402,17 +402,6 @@ def assert_whole_answer(events: list[dict[str, Any]], conversation_id: str) -> N
         assert set(events[-1]) == common | end[events[-1]["type"]], events[-1]
     else:
         assert common | {"code", "message"} <= set(events[-1]), events[-1]
-
-
-def text_of(events: list[dict[str, Any]]) -> str:
-    """The answer the events spell: a `snapshot` replaces everything before it."""
-    text = ""
-    for event in events:
-        if event["type"] == "snapshot":
-            text = event["text"]
-        elif event["type"] == "token":
-            text += event["text"]
-    return text
 
 
 def words(n: int, tag: str = "w") -> str:

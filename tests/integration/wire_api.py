@@ -46,3 +46,15 @@ async def messages_of(http: httpx.AsyncClient, tenant: Tenant, conversation_id: 
     assert response.status_code == 200, response.text
     items: list[dict[str, Any]] = response.json()["items"]
     return items
+
+
+def text_of(events: list[dict[str, Any]]) -> str:
+    """The answer a client reconstructs from wire events: tokens appended; a `snapshot`
+    replaces everything before it."""
+    text = ""
+    for event in events:
+        if event["type"] == "snapshot":
+            text = event["text"]
+        elif event["type"] == "token":
+            text += event["text"]
+    return text

@@ -252,37 +252,52 @@ class Target:
         }
 
 
+async def post_message(client: httpx.AsyncClient, tokens: int, conversation: str) -> str:
+    """POST the message (the answer starts where it is posted); the answer's generation id."""
+    body = {"content": token_words(tokens), "clientMessageId": uuid.uuid4().hex}
+    posted = await client.post(f"/api/conversations/{conversation}/messages", json=body)
+    if posted.status_code != 201:
+        raise StreamFailed(f"POST message: {posted.status_code} {posted.text[:200]}")
+    generation = posted.json()["generation"]
+    if generation is None:
+        raise StreamFailed("POST message started no answer")
+    return str(generation["id"])
+
+
+async def read_stream(client: httpx.AsyncClient, conversation: str, generation: str, rec: Recorder) -> None:
+    """GET …/stream from the answer's first event, until its end. Without a cursor, an answer
+    that ended before this GET arrives is not found (204), which happens at pace 0."""
+    url = f"/api/conversations/{conversation}/stream?after={generation}.0"
+    async with client.stream("GET", url, headers=SSE_ACCEPT) as response:
+        if response.status_code != 200:
+            await response.aread()
+            raise StreamFailed(f"GET stream: {response.status_code} {response.text[:200]}")
+        await read_sse(response, rec)
+
+
+async def subscribe(ws: ClientConnection, conversation: str) -> None:
+    """Send `subscribe` and wait for its ack."""
+    await ws.send(msgspec.json.encode({"type": "subscribe", "conversationId": conversation, "ref": "sub"}).decode())
+    async for frame in ws:
+        event = _wire.decode(frame)
+        if event.type == "ack" and event.ref == "sub":
+            return
+        if event.type == "error":
+            raise StreamFailed(f"subscribe: {event.code}")
+
+
 async def chatstream_sse(target: Target, conversation: str, rec: Recorder) -> None:
     """POST the message (the answer starts), then read GET …/stream from the answer's start."""
-    body = {"content": token_words(target.tokens), "clientMessageId": uuid.uuid4().hex}
     async with target.http_client() as client:
         rec.ask()
-        posted = await client.post(f"/api/conversations/{conversation}/messages", json=body)
-        if posted.status_code != 201:
-            raise StreamFailed(f"POST message: {posted.status_code} {posted.text[:200]}")
-        generation = posted.json()["generation"]
-        if generation is None:
-            raise StreamFailed("POST message started no answer")
-        # From the answer's first event: without a cursor, an answer that ended before this
-        # GET arrives is not found (204), which happens at pace 0.
-        url = f"/api/conversations/{conversation}/stream?after={generation['id']}.0"
-        async with client.stream("GET", url, headers=SSE_ACCEPT) as response:
-            if response.status_code != 200:
-                await response.aread()
-                raise StreamFailed(f"GET stream: {response.status_code} {response.text[:200]}")
-            await read_sse(response, rec)
+        generation = await post_message(client, target.tokens, conversation)
+        await read_stream(client, conversation, generation, rec)
 
 
 async def chatstream_ws(target: Target, conversation: str, rec: Recorder) -> None:
     """One socket: `subscribe`, wait for its ack, `send`, read until `done`."""
     async with connect(f"{target.ws_url}/api/ws", **target.ws_options()) as ws:
-        await ws.send(msgspec.json.encode({"type": "subscribe", "conversationId": conversation, "ref": "sub"}).decode())
-        async for frame in ws:
-            event = _wire.decode(frame)
-            if event.type == "ack" and event.ref == "sub":
-                break
-            if event.type == "error":
-                raise StreamFailed(f"subscribe: {event.code}")
+        await subscribe(ws, conversation)
         send = {
             "type": "send",
             "conversationId": conversation,
@@ -295,44 +310,26 @@ async def chatstream_ws(target: Target, conversation: str, rec: Recorder) -> Non
         await read_ws(ws, rec)
 
 
-async def post_message(target: Target, conversation: str) -> str:
-    """POST the message to the producing server (its own client, closed after); the answer's generation id."""
-    body = {"content": token_words(target.tokens), "clientMessageId": uuid.uuid4().hex}
-    async with target.http_client() as client:
-        posted = await client.post(f"/api/conversations/{conversation}/messages", json=body)
-    if posted.status_code != 201:
-        raise StreamFailed(f"POST message: {posted.status_code} {posted.text[:200]}")
-    generation = posted.json()["generation"]
-    if generation is None:
-        raise StreamFailed("POST message started no answer")
-    return str(generation["id"])
+async def post_to(producer: Target, conversation: str) -> str:
+    """POST the message to the producing server A (its own client, closed after); the generation id."""
+    async with producer.http_client() as client:
+        return await post_message(client, producer.tokens, conversation)
 
 
 async def scaleout_sse(producer: Target, reader: Target, conversation: str, rec: Recorder) -> None:
     """POST the message to A (it produces the answer), then read GET …/stream from its start on B."""
     async with reader.http_client() as client:
         rec.ask()
-        generation = await post_message(producer, conversation)
-        url = f"/api/conversations/{conversation}/stream?after={generation}.0"
-        async with client.stream("GET", url, headers=SSE_ACCEPT) as response:
-            if response.status_code != 200:
-                await response.aread()
-                raise StreamFailed(f"GET stream: {response.status_code} {response.text[:200]}")
-            await read_sse(response, rec)
+        generation = await post_to(producer, conversation)
+        await read_stream(client, conversation, generation, rec)
 
 
 async def scaleout_ws(producer: Target, reader: Target, conversation: str, rec: Recorder) -> None:
     """A socket on B: `subscribe`, its ack; then POST the message to A; read B's frames until `done`."""
     async with connect(f"{reader.ws_url}/api/ws", **reader.ws_options()) as ws:
-        await ws.send(msgspec.json.encode({"type": "subscribe", "conversationId": conversation, "ref": "sub"}).decode())
-        async for frame in ws:
-            event = _wire.decode(frame)
-            if event.type == "ack" and event.ref == "sub":
-                break
-            if event.type == "error":
-                raise StreamFailed(f"subscribe: {event.code}")
+        await subscribe(ws, conversation)
         rec.ask()
-        await post_message(producer, conversation)
+        await post_to(producer, conversation)
         await read_ws(ws, rec)
 
 

@@ -73,6 +73,17 @@ def is_unique_violation(exc: BaseException) -> bool:
     return isinstance(exc, sqlite3.IntegrityError) and "UNIQUE" in str(exc)
 
 
+def is_foreign_key_violation(exc: BaseException) -> bool:
+    """True when a write referenced a row that is gone (e.g. a conversation deleted meanwhile)."""
+    import sqlite3
+
+    from asyncpg.exceptions import ForeignKeyViolationError
+
+    if isinstance(exc, ForeignKeyViolationError):
+        return True
+    return isinstance(exc, sqlite3.IntegrityError) and "FOREIGN KEY" in str(exc)
+
+
 def is_missing_table(exc: BaseException) -> bool:
     """True when a query failed because the schema was never migrated."""
     import sqlite3

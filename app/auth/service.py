@@ -17,7 +17,8 @@ from app.auth.schemas import (
     Me,
 )
 from app.auth.tokens import display_prefix, hash_token, new_token
-from app.errors import NotFound, check_text
+from app.db import is_foreign_key_violation
+from app.errors import NotFound, check_text, invalid_field
 from app.tables import ApiKey, Company, Role
 
 # `last_used_at` is refreshed at most this often, so reads don't all become writes.
@@ -78,6 +79,12 @@ def _key_out(row: dict[str, Any]) -> ApiKeyOut:
 async def create_key(company_id: UUID, data: ApiKeyCreate) -> ApiKeyCreated:
     """Create a key in a company; the returned `token` is the only copy there will ever be."""
     check_text("name", data.name)
+    if data.user_id is not None and not await ApiKey.exists().where(
+        ApiKey.user_id == data.user_id, ApiKey.company == company_id
+    ):
+        # A key acts for a user of its own company: an id from elsewhere would let two
+        # companies' keys share one person (and what they own).
+        raise invalid_field("userId", "no user of this company has this id; omit userId to create a new user")
     token = new_token()
     key = ApiKey(
         company=company_id,
@@ -87,9 +94,15 @@ async def create_key(company_id: UUID, data: ApiKeyCreate) -> ApiKeyCreated:
         token_hash=hash_token(token),
         token_prefix=display_prefix(token),
     )
-    await key.save()
+    try:
+        await key.save()
+    except Exception as exc:
+        if is_foreign_key_violation(exc):  # the company was deleted meanwhile
+            raise NotFound("company not found") from None
+        raise
     row = await ApiKey.select().where(ApiKey.id == key.id).first()
-    assert row is not None
+    if row is None:  # deleted (with its company) right after the insert
+        raise NotFound("key not found")
     out = _key_out(row)
     return ApiKeyCreated(**{f: getattr(out, f) for f in out.__struct_fields__}, token=token)
 

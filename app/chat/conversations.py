@@ -46,13 +46,18 @@ def conversation_out(row: dict[str, Any]) -> ConversationOut:
     )
 
 
+def conversation_not_found(conversation_id: UUID) -> NotFound:
+    """The 404 for a conversation the caller cannot see, or that is gone."""
+    return NotFound("conversation not found", details={"conversationId": str(conversation_id)})
+
+
 async def load_conversation(principal: Principal, conversation_id: UUID) -> dict[str, Any]:
     """The conversation row if the caller may see it, else NotFound."""
     row: dict[str, Any] | None = await _scoped(
         principal, Conversation.select().where(Conversation.id == conversation_id)
     ).first()
     if row is None:
-        raise NotFound("conversation not found", details={"conversationId": str(conversation_id)})
+        raise conversation_not_found(conversation_id)
     return row
 
 

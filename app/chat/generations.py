@@ -13,9 +13,9 @@ from uuid import UUID
 from app.agents.schemas import AgentOut
 from app.agents.service import get_agent
 from app.auth.principal import Principal
-from app.chat.conversations import load_conversation
+from app.chat.conversations import conversation_not_found, load_conversation
 from app.chat.schemas import GenerationOut
-from app.db import is_unique_violation, write_transaction
+from app.db import is_foreign_key_violation, is_unique_violation, write_transaction
 from app.errors import Conflict, NotFound
 from app.tables import Conversation, Generation, GenerationStatus, Message, MessageRole, MessageStatus
 
@@ -85,11 +85,14 @@ async def create_running(
     try:
         await generation.save()
     except Exception as exc:
+        if is_foreign_key_violation(exc):
+            raise conversation_not_found(conversation_id) from None
         if not is_unique_violation(exc):
             raise
         raise GenerationBusy(None) from exc
     row = await Generation.select().where(Generation.id == generation.id).first()
-    assert row is not None
+    if row is None:  # its conversation was deleted right after the insert
+        raise conversation_not_found(conversation_id)
     return generation_out(row)
 
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from app.auth.principal import Principal
-from app.chat.conversations import load_conversation
+from app.chat.conversations import conversation_not_found, load_conversation
 from app.chat.generations import (
     GenerationBusy,
     agent_of,
@@ -24,7 +24,7 @@ from app.chat.schemas import (
     MessagePage,
     MessagePosted,
 )
-from app.db import is_unique_violation, write_transaction
+from app.db import is_foreign_key_violation, is_unique_violation, write_transaction
 from app.errors import (
     Conflict,
     Forbidden,
@@ -137,6 +137,8 @@ async def post_message(
         running = await running_generation(conversation_id)
         raise GenerationBusy(running["id"] if running else None) from None
     except Exception as exc:
+        if is_foreign_key_violation(exc):  # the conversation was deleted meanwhile
+            raise conversation_not_found(conversation_id) from None
         # Two concurrent retries: the loser finds the winner's row.
         if data.client_message_id is None or not is_unique_violation(exc):
             raise
@@ -148,7 +150,8 @@ async def post_message(
         if reserved is not None and generation is None:
             await core.release(reserved)
     row = await Message.select().where(Message.id == message.id).first()
-    assert row is not None
+    if row is None:  # deleted with its conversation right after the insert
+        raise conversation_not_found(conversation_id)
     posted = MessagePosted(message=message_out(row), generation=generation)
     await core.publish(MessageCreated(conversation_id=conversation_id, message=posted.message))
     if generation is not None and agent is not None:
@@ -205,7 +208,8 @@ async def edit_message(
         }
     ).where(Message.id == message_id)
     updated = await Message.select().where(Message.id == message_id).first()
-    assert updated is not None
+    if updated is None:  # deleted (with its conversation) since the check above
+        raise NotFound("message not found", details={"messageId": str(message_id)})
     edited = message_out(updated)
     if core is not None:
         await core.publish(MessageEdited(conversation_id=conversation_id, message=edited))

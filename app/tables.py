@@ -94,6 +94,21 @@ class ApiKey(Table, tablename="api_key"):
     revoked_at = Timestamptz(null=True, default=None)
 
 
+class Session(Table, tablename="session"):
+    """A browser's sign-in: the cookie carries an opaque token; only its sha256 is stored.
+
+    It ends at `expires_at`, at sign-out (`ended_at`), or when its key is revoked.
+    """
+
+    id = UUID(primary_key=True)
+    api_key = ForeignKey(ApiKey, on_delete=OnDelete.cascade, null=False, index=True)
+    token_hash = Varchar(length=64, unique=True)
+    created_at = Timestamptz(default=TimestamptzNow())
+    expires_at = Timestamptz()
+    last_used_at = Timestamptz(null=True, default=None)
+    ended_at = Timestamptz(null=True, default=None)
+
+
 class Conversation(Table):
     """A conversation between one user (its owner) and, optionally, an agent.
 
@@ -160,4 +175,4 @@ class Generation(Table):
     producer = Varchar(length=200, null=True, default=None)
 
 
-TABLES: list[type[Table]] = [Company, Agent, ApiKey, Conversation, Message, Generation]
+TABLES: list[type[Table]] = [Company, Agent, ApiKey, Session, Conversation, Message, Generation]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+from typing import Any
 from uuid import UUID
 
-from litestar import Controller, Response, delete, get, post
+from litestar import Controller, Request, Response, delete, get, post
 from litestar.datastructures import Cookie
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
@@ -17,6 +19,7 @@ from app.auth.schemas import ApiKeyCreate, ApiKeyCreated, ApiKeyOut, Me, Session
 from app.config import get_settings
 from app.errors import Unauthorized
 from app.openapi import errors
+from app.streaming.core import StreamingCore
 
 
 def _cookie(value: str, max_age: int) -> Cookie:
@@ -33,9 +36,9 @@ def _cookie(value: str, max_age: int) -> Cookie:
 
 
 class SessionController(Controller):
-    """Browsers trade an API key for an HttpOnly, SameSite=Strict cookie.
-
-    The cookie carries the key itself, so revoking the key ends every session made with it.
+    """Browsers trade an API key for a session: an HttpOnly, SameSite=Strict cookie carrying
+    an opaque session token (never the key). The session ends at sign-out, at its expiry
+    (`cookie_max_age`), or when its key is revoked.
     """
 
     path = "/session"
@@ -53,10 +56,17 @@ class SessionController(Controller):
         if principal is None:
             raise Unauthorized("the API key is not valid or was revoked", code="invalid_credentials")
         me = await service.describe(principal)
-        return Response(me, cookies=[_cookie(data.key, get_settings().cookie_max_age)])
+        lifetime = get_settings().cookie_max_age
+        token = await service.start_session(principal.key_id, timedelta(seconds=lifetime))
+        return Response(me, cookies=[_cookie(token, lifetime)])
 
     @delete("/", status_code=HTTP_204_NO_CONTENT, exclude_from_auth=True, summary="Sign out")
-    async def logout(self) -> Response[None]:
+    async def logout(self, request: Request[Any, Any, Any], core: NamedDependency[StreamingCore]) -> Response[None]:
+        """End the cookie's session on the server (its sockets and streams close) and clear the cookie."""
+        token = request.cookies.get(get_settings().cookie_name)
+        ended = await service.end_session(token) if token else None
+        if ended is not None:
+            await core.revoke_credentials(*ended)
         return Response(None, status_code=HTTP_204_NO_CONTENT, cookies=[_cookie("", 0)])
 
 
@@ -85,5 +95,9 @@ class ApiKeyController(Controller):
         return await service.create_key(principal.company_id, data)
 
     @delete("/{key_id:uuid}", summary="Revoke an API key (idempotent)", responses=errors(403, 404))
-    async def revoke_key(self, principal: NamedDependency[Principal], key_id: FromPath[UUID]) -> None:
+    async def revoke_key(
+        self, principal: NamedDependency[Principal], core: NamedDependency[StreamingCore], key_id: FromPath[UUID]
+    ) -> None:
+        """Revoke the key; its sessions end and every socket and stream using it closes."""
         await service.revoke_key(principal.company_id, key_id)
+        await core.revoke_credentials(key_id)

@@ -5,13 +5,14 @@ from __future__ import annotations
 from litestar.connection import ASGIConnection
 from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult
 
-from app.auth.service import authenticate
+from app.auth.principal import Principal
+from app.auth.service import authenticate, authenticate_session
 from app.config import get_settings
 from app.errors import Unauthorized
 
 
 def credentials(connection: ASGIConnection) -> str | None:  # type: ignore[type-arg]
-    """The token the client sent: the Bearer header wins over the cookie."""
+    """The token the client sent: the Bearer header (an API key) wins over the cookie (a session)."""
     header = connection.headers.get("authorization")
     if header:
         scheme, _, token = header.partition(" ")
@@ -24,6 +25,23 @@ def credentials(connection: ASGIConnection) -> str | None:  # type: ignore[type-
     return connection.cookies.get(get_settings().cookie_name) or None
 
 
+async def principal_for(connection: ASGIConnection, token: str) -> Principal:  # type: ignore[type-arg]
+    """The caller behind `token` (from :func:`credentials`): an API key when it came in the
+    Bearer header, a session when it came in the cookie (an API key there is refused)."""
+    if connection.headers.get("authorization"):
+        principal = await authenticate(token)
+        if principal is None:
+            raise Unauthorized("the API key is not valid or was revoked", code="invalid_credentials")
+        return principal
+    principal = await authenticate_session(token)
+    if principal is None:
+        raise Unauthorized(
+            "the session is not valid: signed out, expired, or its key was revoked; sign in again",
+            code="invalid_credentials",
+        )
+    return principal
+
+
 class ApiKeyAuthMiddleware(AbstractAuthenticationMiddleware):
     """Resolves the caller to a :class:`~app.auth.principal.Principal` (``request.user``)."""
 
@@ -31,7 +49,4 @@ class ApiKeyAuthMiddleware(AbstractAuthenticationMiddleware):
         token = credentials(connection)
         if token is None:
             raise Unauthorized("authentication required: send 'Authorization: Bearer <api key>' or sign in")
-        principal = await authenticate(token)
-        if principal is None:
-            raise Unauthorized("the API key is not valid or was revoked", code="invalid_credentials")
-        return AuthenticationResult(user=principal, auth=token)
+        return AuthenticationResult(user=await principal_for(connection, token), auth=token)

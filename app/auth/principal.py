@@ -1,4 +1,4 @@
-"""Who is calling: resolved from an API key on every request."""
+"""Who is calling: resolved from an API key or a browser session on every request."""
 
 from __future__ import annotations
 
@@ -10,12 +10,14 @@ from app.tables import Role
 
 
 class Principal(msgspec.Struct, frozen=True):
-    """The caller: a user acting in one company with one role, through one key."""
+    """The caller: a user acting in one company with one role, through one key, and
+    through one browser session when the session cookie authenticated it."""
 
     key_id: UUID
     user_id: UUID
     company_id: UUID
     role: Role
+    session_id: UUID | None = None
 
     @property
     def is_admin(self) -> bool:

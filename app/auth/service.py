@@ -1,8 +1,9 @@
-"""API keys: authenticate a token, create, list and revoke keys."""
+"""API keys and browser sessions: authenticate, create, list, revoke and end them."""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Collection
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
@@ -16,13 +17,18 @@ from app.auth.schemas import (
     KeyRef,
     Me,
 )
-from app.auth.tokens import display_prefix, hash_token, new_token
+from app.auth.tokens import SESSION_TOKEN_PREFIX, display_prefix, hash_token, new_session_token, new_token
 from app.db import is_foreign_key_violation
-from app.errors import NotFound, check_text, invalid_field
-from app.tables import ApiKey, Company, Role
+from app.errors import NotFound, Unauthorized, check_text, invalid_field
+from app.tables import ApiKey, Company, Role, Session
 
 # `last_used_at` is refreshed at most this often, so reads don't all become writes.
 LAST_USED_RESOLUTION = timedelta(minutes=1)
+# Ids per query when re-checking credentials (well under the databases' parameter limits).
+CHECK_BATCH = 1000
+
+# A credential held by an open connection: (key id, session id or None for a Bearer key).
+Credential = tuple[UUID, UUID | None]
 
 
 def _now() -> datetime:
@@ -30,7 +36,7 @@ def _now() -> datetime:
 
 
 async def authenticate(token: str) -> Principal | None:
-    """The principal for a valid, unrevoked token; None otherwise."""
+    """The principal for a valid, unrevoked API key; None otherwise."""
     row = (
         await ApiKey.select(ApiKey.id, ApiKey.user_id, ApiKey.company, ApiKey.role, ApiKey.last_used_at)
         .where(ApiKey.token_hash == hash_token(token), ApiKey.revoked_at.is_null())
@@ -38,15 +44,115 @@ async def authenticate(token: str) -> Principal | None:
     )
     if row is None:
         return None
-    now = _now()
-    if row["last_used_at"] is None or now - row["last_used_at"] > LAST_USED_RESOLUTION:
-        await ApiKey.update({ApiKey.last_used_at: now}).where(ApiKey.id == row["id"])
+    await _touch(ApiKey, row["id"], row["last_used_at"])
     return Principal(
         key_id=row["id"],
         user_id=row["user_id"],
         company_id=row["company"],
         role=Role(row["role"]),
     )
+
+
+async def authenticate_session(token: str) -> Principal | None:
+    """The principal for a session token (the cookie) whose session has not ended or
+    expired and whose key is not revoked; None otherwise."""
+    if not token.startswith(SESSION_TOKEN_PREFIX):
+        return None
+    key = Session.api_key
+    row = (
+        await Session.select(
+            Session.id,
+            Session.last_used_at,
+            key.id.as_alias("key_id"),
+            key.user_id.as_alias("user_id"),
+            key.company.as_alias("company"),
+            key.role.as_alias("role"),
+            key.last_used_at.as_alias("key_last_used_at"),
+        )
+        .where(
+            Session.token_hash == hash_token(token),
+            Session.ended_at.is_null(),
+            Session.expires_at > _now(),
+            key.revoked_at.is_null(),
+        )
+        .first()
+    )
+    if row is None:
+        return None
+    await _touch(Session, row["id"], row["last_used_at"])
+    await _touch(ApiKey, row["key_id"], row["key_last_used_at"])
+    return Principal(
+        key_id=row["key_id"],
+        user_id=row["user_id"],
+        company_id=row["company"],
+        role=Role(row["role"]),
+        session_id=row["id"],
+    )
+
+
+async def _touch(table: type[ApiKey] | type[Session], row_id: UUID, last_used_at: datetime | None) -> None:
+    """Refresh a key's or session's `last_used_at` when it is older than the resolution."""
+    now = _now()
+    if last_used_at is None or now - last_used_at > LAST_USED_RESOLUTION:
+        await table.update({table.last_used_at: now}).where(table.id == row_id)
+
+
+async def start_session(key_id: UUID, lifetime: timedelta) -> str:
+    """A new session of the key, valid for `lifetime`; returns its token (the cookie value),
+    of which only the hash is stored. The key's ended and expired sessions are dropped."""
+    now = _now()
+    await Session.delete().where(
+        Session.api_key == key_id, Session.ended_at.is_not_null() | (Session.expires_at <= now)
+    )
+    token = new_session_token()
+    try:
+        await Session(api_key=key_id, token_hash=hash_token(token), expires_at=now + lifetime).save()
+    except Exception as exc:
+        if is_foreign_key_violation(exc):  # the key was deleted (with its company) meanwhile
+            raise Unauthorized("the API key is not valid or was revoked", code="invalid_credentials") from None
+        raise
+    return token
+
+
+async def end_session(token: str) -> Credential | None:
+    """Sign-out: end the token's session. Returns (key id, session id) of the session it
+    ended, None when the token names no session that was still open."""
+    row = (
+        await Session.select(Session.id, Session.api_key)
+        .where(Session.token_hash == hash_token(token), Session.ended_at.is_null())
+        .first()
+    )
+    if row is None:
+        return None
+    await Session.update({Session.ended_at: _now()}).where(Session.id == row["id"])
+    return row["api_key"], row["id"]
+
+
+async def invalid_credentials(held: Collection[Credential]) -> set[Credential]:
+    """Those of `held` that no longer authenticate: the key is revoked or gone, or the
+    session ended or expired (for the periodic re-check of open connections)."""
+    now = _now()
+    key_ids = list({key_id for key_id, _ in held})
+    session_ids = list({session_id for _, session_id in held if session_id is not None})
+    valid_keys: set[UUID] = set()
+    valid_sessions: set[UUID] = set()
+    for start in range(0, len(key_ids), CHECK_BATCH):
+        rows = await ApiKey.select(ApiKey.id).where(
+            ApiKey.id.is_in(key_ids[start : start + CHECK_BATCH]), ApiKey.revoked_at.is_null()
+        )
+        valid_keys |= {row["id"] for row in rows}
+    for start in range(0, len(session_ids), CHECK_BATCH):
+        rows = await Session.select(Session.id).where(
+            Session.id.is_in(session_ids[start : start + CHECK_BATCH]),
+            Session.ended_at.is_null(),
+            Session.expires_at > now,
+        )
+        valid_sessions |= {row["id"] for row in rows}
+    return {
+        (key_id, session_id)
+        for key_id, session_id in held
+        if key_id not in valid_keys or (session_id is not None and session_id not in valid_sessions)
+    }
 
 
 async def describe(principal: Principal) -> Me:
@@ -79,12 +185,12 @@ def _key_out(row: dict[str, Any]) -> ApiKeyOut:
 async def create_key(company_id: UUID, data: ApiKeyCreate) -> ApiKeyCreated:
     """Create a key in a company; the returned `token` is the only copy there will ever be."""
     check_text("name", data.name)
-    if data.user_id is not None and not await ApiKey.exists().where(
-        ApiKey.user_id == data.user_id, ApiKey.company == company_id
+    if data.user_id is not None and await ApiKey.exists().where(
+        ApiKey.user_id == data.user_id, ApiKey.company != company_id
     ):
-        # A key acts for a user of its own company: an id from elsewhere would let two
-        # companies' keys share one person (and what they own).
-        raise invalid_field("userId", "no user of this company has this id; omit userId to create a new user")
+        # A key acts for a user of its own company (or a new one): an id taken from another
+        # company would let two companies' keys share one person (and what they own).
+        raise invalid_field("userId", "this id belongs to a user of another company; omit userId for a new user")
     token = new_token()
     key = ApiKey(
         company=company_id,

@@ -2,6 +2,7 @@
 
 A generation is produced by one process; a request about it can land on any other. These
 ask the producing process to act; every process receives them and only the producer acts.
+A revoked credential concerns every process: each closes its own connections that use it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,15 @@ class ReadersGone(msgspec.Struct, tag="unread", kw_only=True):
     generation_id: UUID
 
 
-ControlMessage = CancelRequest | ReadersGone
+class CredentialRevoked(msgspec.Struct, tag="revoked", kw_only=True):
+    """A key was revoked (`session_id` None: everything opened with it, through any session)
+    or one session ended: close the sockets and streams that use it."""
+
+    key_id: UUID
+    session_id: UUID | None = None
+
+
+ControlMessage = CancelRequest | ReadersGone | CredentialRevoked
 
 control_encoder = msgspec.json.Encoder()
 control_decoder = msgspec.json.Decoder(ControlMessage)

@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import ROOT, create_database, drop_database, piccolo_cli, postgres_env, sqlite_env
 
-TABLES = {"company", "agent", "api_key", "conversation", "message", "generation"}
+TABLES = {"company", "agent", "api_key", "session", "conversation", "message", "generation"}
 INDEXES = {
     "message_conversation_created_at",
     "message_conversation_client_message_id",
@@ -82,6 +82,7 @@ def test_forwards_check_backwards_forwards(fresh_db: tuple[str, dict[str, str], 
     assert {"edited_content", "edited_at", "client_message_id", "generation", "status"} <= columns["message"]
     assert {"token_hash", "token_prefix", "revoked_at", "last_used_at", "user_id", "role"} <= columns["api_key"]
     assert "token" not in columns["api_key"]
+    assert {"api_key", "token_hash", "expires_at", "ended_at", "last_used_at"} <= columns["session"]
     assert {"token_count", "chunk_count", "finish_reason", "ttft_ms"} <= columns["generation"]
 
     check = piccolo_cli("migrations", "check", env=env).stdout

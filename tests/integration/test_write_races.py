@@ -24,7 +24,7 @@ from app.chat.messages import edit_message, post_message
 from app.chat.schemas import ConversationCreate, MessageCreate, MessageEdit
 from app.errors import InvalidInput, NotFound
 from app.streaming.core import StreamingCore
-from app.tables import Company, Conversation, Message
+from app.tables import ApiKey, Company, Conversation, Message
 from tests.factories import Tenant, make_tenant
 
 pytestmark = pytest.mark.anyio
@@ -114,13 +114,14 @@ async def test_concurrent_edits_and_delete_over_http_never_500(client: httpx.Asy
 async def test_key_user_must_belong_to_the_company(db: str) -> None:
     acme, globex = await make_tenant(), await make_tenant()
     stranger = globex.principals["alice"].user_id
-    for user_id in (stranger, uuid.uuid4()):
-        with pytest.raises(InvalidInput) as caught:
-            await create_key(acme.company_id, ApiKeyCreate(name="k", user_id=user_id))
-        assert caught.value.details[0]["field"] == "userId"
-    alice = acme.principals["alice"].user_id
-    key = await create_key(acme.company_id, ApiKeyCreate(name="phone", user_id=alice))
-    assert key.user_id == alice
+    with pytest.raises(InvalidInput) as caught:
+        await create_key(acme.company_id, ApiKeyCreate(name="k", user_id=stranger))
+    assert caught.value.details[0]["field"] == "userId"
+    assert not await ApiKey.exists().where(ApiKey.user_id == stranger, ApiKey.company == acme.company_id)
+    # A user of the company, or a new one (an id no company uses), is fine.
+    for user_id in (acme.principals["alice"].user_id, uuid.uuid4()):
+        key = await create_key(acme.company_id, ApiKeyCreate(name="phone", user_id=user_id))
+        assert key.user_id == user_id
 
 
 async def test_key_for_a_deleted_company_is_404(db: str, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,4 +1,4 @@
-"""Routes: agents of the caller's company. Everyone may list; admins change."""
+"""Routes: agents of the caller's company. Everyone may list (admins see configs); admins change."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
 
 from app.agents import service
-from app.agents.schemas import AgentCreate, AgentOut, AgentUpdate
+from app.agents.schemas import AgentCreate, AgentListed, AgentOut, AgentUpdate
 from app.auth.guards import admin_only
 from app.auth.principal import Principal
 from app.openapi import errors
@@ -19,9 +19,15 @@ class AgentController(Controller):
     path = "/agents"
     tags = ["agents"]
 
-    @get("/", summary="List the company's agents", responses=errors())
-    async def list_agents(self, principal: NamedDependency[Principal]) -> list[AgentOut]:
-        return await service.list_agents(principal.company_id)
+    @get(
+        "/",
+        summary="List the company's agents",
+        description="Every member may list; `config` (model server, system prompt, key variable) is `null` "
+        "unless the caller is an admin.",
+        responses=errors(),
+    )
+    async def list_agents(self, principal: NamedDependency[Principal]) -> list[AgentListed]:
+        return await service.listed_agents(principal.company_id, with_config=principal.is_admin)
 
     @post("/", guards=[admin_only], summary="Create an agent (admin)", responses=errors(400, 403))
     async def create_agent(self, principal: NamedDependency[Principal], data: JSONBody[AgentCreate]) -> AgentOut:

@@ -36,3 +36,15 @@ class AgentOut(msgspec.Struct, rename="camel"):
     config: dict[str, Any]
     created_at: datetime
     updated_at: datetime
+
+
+class AgentListed(msgspec.Struct, rename="camel"):
+    """An agent as listed. `config` (model server URL, system prompt, key variable...) is
+    the admins' business: it is `null` unless the caller is an admin."""
+
+    id: UUID
+    name: str
+    adapter: str
+    config: dict[str, Any] | None
+    created_at: datetime
+    updated_at: datetime

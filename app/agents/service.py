@@ -8,7 +8,7 @@ from uuid import UUID
 
 import msgspec
 
-from app.agents.schemas import AgentCreate, AgentOut, AgentUpdate
+from app.agents.schemas import AgentCreate, AgentListed, AgentOut, AgentUpdate
 from app.config import get_settings
 from app.errors import NotFound, check_text, invalid_field
 from app.streaming.adapters import AdapterConfigError, normalize_config
@@ -36,26 +36,33 @@ def _agent_out(row: dict[str, Any]) -> AgentOut:
 
 
 def checked_config(adapter: str, config: dict[str, Any]) -> dict[str, Any]:
-    """The config as its adapter reads it (defaults left out), or a 400 naming the field."""
+    """The config as its adapter reads it (defaults left out), or a 400 naming the field;
+    an `openai` config must also keep to the operator's upstream policy."""
     try:
-        checked = normalize_config(adapter, config)
+        return normalize_config(adapter, config, get_settings().upstream_policy)
     except AdapterConfigError as exc:
         raise invalid_field(f"config.{exc.field}" if exc.field else "config", exc.message) from None
-    key_var = checked.get("apiKeyEnv")
-    allowed = get_settings().model_key_var_names
-    if key_var is not None and key_var not in allowed:
-        listed = ", ".join(sorted(allowed)) or "none"
-        raise invalid_field(
-            "config.apiKeyEnv",
-            f"this server lets agents read only these variables: {listed} (operators: CHATSTREAM_MODEL_KEY_VARS)",
-        )
-    return checked
 
 
 async def list_agents(company_id: UUID) -> list[AgentOut]:
     """The company's agents, oldest first."""
     rows = await Agent.select().where(Agent.company == company_id).order_by(Agent.created_at)
     return [_agent_out(r) for r in rows]
+
+
+async def listed_agents(company_id: UUID, *, with_config: bool) -> list[AgentListed]:
+    """The company's agents as the list route shows them: `config` only `with_config` (for admins)."""
+    return [
+        AgentListed(
+            id=a.id,
+            name=a.name,
+            adapter=a.adapter,
+            config=a.config if with_config else None,
+            created_at=a.created_at,
+            updated_at=a.updated_at,
+        )
+        for a in await list_agents(company_id)
+    ]
 
 
 async def get_agent(company_id: UUID, agent_id: UUID) -> AgentOut:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shlex
 import time
 import uuid
@@ -20,6 +21,7 @@ from uuid import UUID
 
 import anyio
 import httpx
+import msgspec
 import pytest
 from httpx_sse import aconnect_sse
 
@@ -30,10 +32,14 @@ from app.chat.conversations import create_conversation
 from app.chat.generations import load_generation
 from app.chat.messages import edit_message, post_message
 from app.chat.schemas import ConversationCreate, MessageCreate, MessageEdit
+from app.config import get_settings
+from app.streaming.adapters import build_adapters
 from app.streaming.adapters.openai import OpenAIAdapter
+from app.streaming.broker import InProcessBroker
 from app.streaming.core import StreamingCore
 from app.streaming.events import Done, Error, GenerationEvent, Token
-from app.tables import GenerationStatus, Message, MessageRole
+from app.streaming.policy import StreamPolicy
+from app.tables import Agent, Conversation, GenerationStatus, Message, MessageRole
 from tests.factories import Tenant, make_tenant
 from tests.fake_model_server import FakeModelServer, Reply, answer
 from tests.integration.live_server import LiveServer, free_port
@@ -54,8 +60,27 @@ STEP = 10.0  # the longest any wait may take before the test fails
 
 @pytest.fixture(autouse=True)
 def api_key(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The key, and an operator's policy for the fake model server on 127.0.0.1: that
+    address allowed (as for a local model server) and the key bound to it. Settings are
+    read again after (their cache is cleared before monkeypatch restores the environment)."""
     monkeypatch.setenv(KEY_VAR, KEY)
+    operator_policy(monkeypatch, allow="127.0.0.1", keys=f"{KEY_VAR}=127.0.0.1")
     yield
+    get_settings.cache_clear()
+
+
+def operator_policy(monkeypatch: pytest.MonkeyPatch, *, allow: str, keys: str) -> None:
+    """Set CHATSTREAM_UPSTREAM_ALLOW and CHATSTREAM_MODEL_KEY_VARS for the settings read next."""
+    monkeypatch.setenv("CHATSTREAM_UPSTREAM_ALLOW", allow)
+    monkeypatch.setenv("CHATSTREAM_MODEL_KEY_VARS", keys)
+    get_settings.cache_clear()
+
+
+def core_with(**settings: Any) -> StreamingCore:
+    """A streaming core whose adapters use these settings (the rest as the test's)."""
+    return StreamingCore(
+        InProcessBroker(), StreamPolicy(), adapters=build_adapters(msgspec.structs.replace(get_settings(), **settings))
+    )
 
 
 @pytest.fixture
@@ -110,6 +135,15 @@ BAD_CONFIGS = [
     ({"baseUrl": "http://127.0.0.1:1/v1", "model": "m", "apiKey": "sk-1"}, "config.apiKey", "never put a secret"),
     ({"baseUrl": "http://127.0.0.1:1/v1", "model": "m", "apiKeyEnv": "not a name"}, "config.apiKeyEnv", "variable"),
     ({"baseUrl": "http://127.0.0.1:1/v1", "model": "m", "apiKeyEnv": "DATABASE_URL"}, "config.apiKeyEnv", "only"),
+    # A key goes only to the hosts it is bound to (here 127.0.0.1): not to the admin's own.
+    (
+        {"baseUrl": "https://models.admin.example/v1", "model": "m", "apiKeyEnv": KEY_VAR},
+        "config.apiKeyEnv",
+        f"sends {KEY_VAR} only to 127.0.0.1",
+    ),
+    ({"baseUrl": "http://user:pass@127.0.0.1:1/v1", "model": "m"}, "config.baseUrl", "user name or password"),
+    ({"baseUrl": "http://models.example\\@127.0.0.1:1/v1", "model": "m"}, "config.baseUrl", "user name"),
+    ({"baseUrl": "http://10.0.0.8:8000/v1", "model": "m"}, "config.baseUrl", "not a public address"),
 ]
 
 
@@ -153,12 +187,145 @@ async def test_the_key_itself_is_never_stored_or_shown(client: httpx.AsyncClient
     )
     assert created.status_code == 201, created.text
     assert created.json()["config"] == config  # defaults left out, the variable's name only
-    listed = await client.get("/api/agents", headers=acme.headers("alice"))
+    listed = await client.get("/api/agents", headers=acme.headers("admin"))
     assert KEY not in created.text and KEY not in listed.text
-    from app.tables import Agent
-
     stored = await Agent.select(Agent.config).where(Agent.id == created.json()["id"]).first()
     assert KEY not in json.dumps(stored["config"])
+
+
+async def test_members_do_not_see_agents_configs(client: httpx.AsyncClient, acme: Tenant) -> None:
+    config = model_config("http://127.0.0.1:1/v1", systemPrompt="Internal instructions.")
+    created = await client.post(
+        "/api/agents", json={"name": "M", "adapter": "openai", "config": config}, headers=acme.headers("admin")
+    )
+    assert created.status_code == 201, created.text
+    as_member = await client.get("/api/agents", headers=acme.headers("alice"))
+    assert as_member.status_code == 200
+    assert {a["name"]: a["config"] for a in as_member.json()} == {"Echo": None, "M": None}
+    assert "127.0.0.1" not in as_member.text and "Internal instructions" not in as_member.text
+    as_admin = await client.get("/api/agents", headers=acme.headers("admin"))
+    assert {a["name"]: a["config"] for a in as_admin.json()}["M"] == config
+
+
+# -- 1b. where requests and keys may go (the operator's policy) -------------------------
+
+
+async def test_a_key_bound_elsewhere_is_refused_on_create_and_patch(
+    client: httpx.AsyncClient, acme: Tenant, fake: FakeModelServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The operator binds the key to OpenAI and allows the local address; an admin points
+    # an agent holding the key at a server of their own (here the fake one).
+    operator_policy(monkeypatch, allow="127.0.0.1", keys=f"{KEY_VAR}=api.openai.com")
+    body = {"name": "Thief", "adapter": "openai", "config": model_config(fake.url)}
+    created = await client.post("/api/agents", json=body, headers=acme.headers("admin"))
+    assert created.status_code == 400, created.text
+    assert created.json()["details"][0]["field"] == "config.apiKeyEnv"
+    assert "api.openai.com" in created.json()["error"]
+    patched = await client.patch(
+        f"/api/agents/{acme.agent_id}",
+        json={"adapter": "openai", "config": model_config(fake.url)},
+        headers=acme.headers("admin"),
+    )
+    assert patched.status_code == 400 and patched.json()["details"][0]["field"] == "config.apiKeyEnv"
+    # A port in the binding must match too.
+    operator_policy(monkeypatch, allow="127.0.0.1", keys=f"{KEY_VAR}=127.0.0.1:{free_port()}")
+    elsewhere = await client.post("/api/agents", json=body, headers=acme.headers("admin"))
+    assert elsewhere.status_code == 400 and elsewhere.json()["details"][0]["field"] == "config.apiKeyEnv"
+    operator_policy(monkeypatch, allow="127.0.0.1", keys=f"{KEY_VAR}=127.0.0.1:{fake.port}")
+    bound = await client.post("/api/agents", json=body, headers=acme.headers("admin"))
+    assert bound.status_code == 201, bound.text
+    assert fake.requests == []
+
+
+async def test_a_key_is_never_sent_to_a_host_it_is_not_bound_to_even_from_a_stored_row(
+    fake: FakeModelServer, core: StreamingCore, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An agent saved without a key, then its row edited to name one: the adapter checks
+    # again before sending, and the key (bound to OpenAI only) never leaves.
+    tenant = await make_tenant()
+    agent = await create_agent(
+        tenant.company_id, AgentCreate(name="M", adapter="openai", config={"baseUrl": fake.url, "model": "m"})
+    )
+    await Agent.update({Agent.config: model_config(fake.url)}).where(Agent.id == agent.id)
+    alice = tenant.principals["alice"]
+    cid = (await create_conversation(alice, ConversationCreate(agent_id=agent.id))).id
+    strict = core_with(model_key_vars=f"{KEY_VAR}=api.openai.com")
+    try:
+        error = (await read_all(strict, await ask(strict, alice, cid)))[-1]
+    finally:
+        await strict.shutdown()
+    assert isinstance(error, Error) and error.code == "api_key_not_allowed", error
+    assert fake.requests == []  # nothing sent at all, so no Authorization either
+    assert KEY not in caplog.text
+
+
+DENIED_URLS = {
+    "loopback": ("http://127.0.0.1:11434/v1", "127.0.0.1:11434"),
+    "loopback, short form": ("http://127.1:11434/v1", "127.0.0.0/8"),
+    "localhost": ("http://localhost:6379/v1", "127.0.0.1:6379"),
+    "private": ("http://10.1.2.3/v1", "10.0.0.0/8"),
+    "link-local (cloud metadata)": ("http://169.254.169.254/latest", "169.254.169.254"),
+    "IPv6 loopback": ("http://[::1]:8000/v1", "[::1]:8000"),
+    "IPv4-mapped IPv6": ("http://[::ffff:127.0.0.1]:8000/v1", "127.0.0.1"),
+    "unspecified": ("http://0.0.0.0:5432/v1", "0.0.0.0"),
+    "private IPv6": ("http://[fd00::5]/v1", "fd00::/8"),
+}
+
+
+@pytest.mark.parametrize("case", list(DENIED_URLS))
+async def test_a_non_public_base_url_is_refused_unless_the_operator_allows_it(
+    client: httpx.AsyncClient, acme: Tenant, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    url, rule = DENIED_URLS[case]
+    body = {"name": "M", "adapter": "openai", "config": {"baseUrl": url, "model": "m"}}
+    for allow in ("", "192.168.0.0/16,127.0.0.1:1"):  # nothing, or other addresses only
+        operator_policy(monkeypatch, allow=allow, keys=f"{KEY_VAR}=api.openai.com")
+        refused = await client.post("/api/agents", json=body, headers=acme.headers("admin"))
+        assert refused.status_code == 400, (allow, refused.text)
+        assert refused.json()["details"][0]["field"] == "config.baseUrl"
+        assert "CHATSTREAM_UPSTREAM_ALLOW" in refused.json()["error"]
+    operator_policy(monkeypatch, allow=rule, keys=f"{KEY_VAR}=api.openai.com")
+    allowed = await client.post("/api/agents", json=body, headers=acme.headers("admin"))
+    assert allowed.status_code == 201, allowed.text
+
+
+async def test_the_address_is_checked_when_connecting(fake: FakeModelServer) -> None:
+    # `localhost` passed the check when the agent was saved (127.0.0.1 was allowed then);
+    # a server whose policy allows nothing private resolves it when connecting and refuses.
+    _, alice, cid = await openai_conversation(f"http://localhost:{fake.port}/v1", apiKeyEnv=None)
+    strict = core_with(upstream_allow="")
+    try:
+        error = (await read_all(strict, await ask(strict, alice, cid)))[-1]
+    finally:
+        await strict.shutdown()
+    assert isinstance(error, Error) and error.code == "upstream_unreachable", error
+    assert fake.requests == []
+    # Allowing the address (not the name) lets the resolved, checked address be used.
+    allowing = core_with(upstream_allow=f"127.0.0.1:{fake.port}")
+    try:
+        done = (await read_all(allowing, await ask(allowing, alice, cid)))[-1]
+    finally:
+        await allowing.shutdown()
+    assert isinstance(done, Done), done
+    assert len(fake.requests) == 1 and fake.requests[0].headers["host"] == f"localhost:{fake.port}"
+
+
+async def test_a_refused_address_and_a_refused_connection_look_the_same(fake: FakeModelServer) -> None:
+    # What a tenant sees must not tell "nothing listens" from "not allowed" (port scanning).
+    _, alice, closed_cid = await openai_conversation(f"http://127.0.0.1:{free_port()}/v1")
+    _, bob, open_cid = await openai_conversation(fake.url)
+    seen = []
+    for allow, who, cid in (("127.0.0.1", alice, closed_cid), ("", bob, open_cid)):
+        probe = core_with(upstream_allow=allow)
+        try:
+            seen.append((await read_all(probe, await ask(probe, who, cid)))[-1])
+        finally:
+            await probe.shutdown()
+    assert all(isinstance(e, Error) for e in seen), seen
+    assert {(e.code, e.message) for e in seen if isinstance(e, Error)} == {
+        ("upstream_unreachable", "cannot reach the model server")
+    }
+    assert fake.requests == []
 
 
 # -- 2. what is sent upstream ----------------------------------------------------------
@@ -312,25 +479,26 @@ async def test_cancelling_closes_the_upstream_request_within_a_second(
 OPENAI_ERROR = b'{"error": {"message": "%s", "type": "invalid_request_error"}}'
 
 FAILURES = {
-    "401": (Reply(status=401, body=OPENAI_ERROR % b"Incorrect API key provided"), "upstream_auth", "Incorrect API key"),
-    "403": (Reply(status=403, body=b"forbidden"), "upstream_auth", "403"),
+    "401": (Reply(status=401, body=OPENAI_ERROR % b"Incorrect API key provided"), "upstream_auth", "credentials"),
+    "403": (Reply(status=403, body=b"forbidden"), "upstream_auth", "credentials"),
     "404 model": (
         Reply(status=404, body=OPENAI_ERROR % b"The model `fake-model` does not exist"),
         "upstream_not_found",
-        "fake-model",
+        "no such model",
     ),
     "429": (
         Reply(status=429, body=OPENAI_ERROR % b"Rate limit reached", headers={"Retry-After": "7"}),
         "upstream_rate_limited",
         "retry after 7 s",
     ),
-    "500": (Reply(status=500, body=b"<html>Internal Server Error</html>"), "upstream_unavailable", "500"),
-    "503": (Reply(status=503, body=OPENAI_ERROR % b"overloaded"), "upstream_unavailable", "overloaded"),
+    "400": (Reply(status=400, body=OPENAI_ERROR % b"context too long"), "upstream_rejected", "rejected"),
+    "500": (Reply(status=500, body=b"<html>Internal Server Error</html>"), "upstream_unavailable", "unavailable"),
+    "503": (Reply(status=503, body=OPENAI_ERROR % b"overloaded"), "upstream_unavailable", "unavailable"),
     "malformed chunk": (Reply(steps=[*answer("Hel")[:2], "{not json"]), "upstream_malformed", "cannot read"),
     "error chunk": (
         Reply(steps=[*answer("Hel")[:2], '{"error": {"message": "model crashed"}}']),
         "upstream_error",
-        "model crashed",
+        "failed mid-answer",
     ),
     "stall": (Reply(steps=answer("Hel")[:2], hang=True), "upstream_timeout", "sent nothing for 0.5 s"),
     "no [DONE]": (Reply(steps=answer("Hel", "lo"), done=False), "upstream_incomplete", "without [DONE]"),
@@ -366,6 +534,38 @@ async def test_an_upstream_failure_is_an_error_event(
     assert generation.error is not None and generation.error.startswith(error.code)
 
 
+SECRET = "secret-internal-text"
+LEAKS = {
+    "500 body": Reply(status=500, body=SECRET.encode()),
+    "401 body": Reply(status=401, body=OPENAI_ERROR % SECRET.encode()),
+    "404 body": Reply(status=404, body=f"<html>{SECRET}</html>".encode()),
+    "error chunk": Reply(steps=[*answer("Hel")[:2], json.dumps({"error": {"message": SECRET}})]),
+    "non-JSON chunk": Reply(steps=[*answer("Hel")[:2], f"<{SECRET}>"]),
+}
+
+
+@pytest.mark.parametrize("case", list(LEAKS))
+async def test_tenants_get_a_generic_error_and_the_detail_goes_to_the_log(
+    fake: FakeModelServer, client: httpx.AsyncClient, app: Any, caplog: pytest.LogCaptureFixture, case: str
+) -> None:
+    """What another service answers must not come back through an agent (SSRF with the
+    response reflected): not in the `error` event, not in the generation; the log has it."""
+    tenant, _, cid = await openai_conversation(fake.url)
+    fake.queue(LEAKS[case])
+    caplog.set_level("WARNING", logger="chatstream.openai")
+    posted = await client.post(
+        f"/api/conversations/{cid}/messages", json={"content": "Hi"}, headers=tenant.headers("alice")
+    )
+    gid = UUID(posted.json()["generation"]["id"])
+    error = (await read_all(app.state.core, gid))[-1]
+    assert isinstance(error, Error), error
+    generation = await client.get(f"/api/generations/{gid}", headers=tenant.headers("alice"))
+    for text in (error.message, generation.text):
+        assert SECRET not in text and str(fake.port) not in text and "127.0.0.1" not in text, text
+    logged = [r for r in caplog.records if r.name == "chatstream.openai" and r.levelname == "WARNING"]
+    assert any(SECRET in r.getMessage() and fake.url in r.getMessage() for r in logged), caplog.text
+
+
 async def test_a_refused_connection_is_an_error_event(core: StreamingCore) -> None:
     _, alice, cid = await openai_conversation(f"http://127.0.0.1:{free_port()}/v1")
     error = (await read_all(core, await ask(core, alice, cid)))[-1]
@@ -384,8 +584,6 @@ async def test_a_missing_key_variable_is_an_error_event(
 
 async def test_a_stored_config_the_adapter_cannot_use_is_an_error_event(core: StreamingCore) -> None:
     _, alice, cid = await openai_conversation("http://127.0.0.1:1/v1")
-    from app.tables import Agent, Conversation
-
     conversation = await Conversation.select(Conversation.agent).where(Conversation.id == cid).first()
     await Agent.update({Agent.config: {"model": "m"}}).where(Agent.id == conversation["agent"])
     error = (await read_all(core, await ask(core, alice, cid)))[-1]
@@ -416,6 +614,24 @@ async def test_answers_share_one_pooled_connection_and_shutdown_closes_it(fake: 
     assert client.is_closed
 
 
+async def test_the_pool_is_bounded_and_an_answer_waiting_past_its_timeout_fails(fake: FakeModelServer) -> None:
+    _, alice, first_cid = await openai_conversation(fake.url, timeout=STEP)
+    _, bob, second_cid = await openai_conversation(fake.url, timeout=0.5)
+    core = core_with(model_max_connections=1)
+    release = asyncio.Event()
+    fake.queue(Reply(steps=[*answer("Hel")[:2], release, *answer("lo")[1:]]))
+    try:
+        first = await ask(core, alice, first_cid)
+        await fake.next_request(1)  # the only connection is taken
+        error = (await read_all(core, await ask(core, bob, second_cid)))[-1]
+        assert isinstance(error, Error) and error.code == "upstream_unavailable", error
+        assert len(fake.requests) == 1  # the second answer never got a connection
+        release.set()
+        assert isinstance((await read_all(core, first))[-1], Done)
+    finally:
+        await core.shutdown()
+
+
 async def test_the_app_closes_the_model_client_on_shutdown(fake: FakeModelServer) -> None:
     from app.main import create_app
 
@@ -438,6 +654,9 @@ async def test_the_readme_example_runs_against_a_local_model_server(fake: FakeMo
     from tests.integration.live_server import CONSOLE_SCRIPT
 
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    # The README allows the local model server's address; here that of the fake one.
+    assert "export CHATSTREAM_UPSTREAM_ALLOW=127.0.0.1:11434" in readme
+    env = {**os.environ, "CHATSTREAM_UPSTREAM_ALLOW": f"127.0.0.1:{fake.port}", "CHATSTREAM_MODEL_KEY_VARS": ""}
     line = next(li for li in readme.splitlines() if "agent create" in li and "11434" in li)
     args = shlex.split(line)
     assert args[0] == ".venv/bin/chatstream"
@@ -447,12 +666,12 @@ async def test_the_readme_example_runs_against_a_local_model_server(fake: FakeMo
     config = json.loads(args[args.index("--config") + 1])
     args[args.index("--config") + 1] = json.dumps({**config, "baseUrl": fake.url})
 
-    made = await asyncio.create_subprocess_exec(*args, stdout=PIPE, stderr=PIPE)
+    made = await asyncio.create_subprocess_exec(*args, stdout=PIPE, stderr=PIPE, env=env)
     out, err = await made.communicate()
     assert made.returncode == 0, err.decode()
 
     fake.queue(Reply(steps=answer("Hello", " from", " the", " model")))
-    server = LiveServer().start()
+    server = LiveServer(env).start()
     try:
         chat = await asyncio.create_subprocess_exec(
             CONSOLE_SCRIPT,

@@ -7,14 +7,16 @@ over the OpenAI-compatible Chat Completions API.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import msgspec
 
-from app.streaming.adapters.base import Adapter, AdapterError, AnswerEnd
+from app.config import Settings, get_settings
+from app.streaming.adapters.base import Adapter, AdapterConfigError, AdapterError, AnswerEnd
 from app.streaming.adapters.echo import EchoAdapter, EchoConfig
-from app.streaming.adapters.openai import OpenAIAdapter, OpenAIConfig
+from app.streaming.adapters.openai import OpenAIAdapter, OpenAIConfig, check_upstream
+from app.upstream_policy import UpstreamPolicy
 
 # Each adapter's config struct, by adapter name (the names agents may use).
 CONFIG_TYPES: dict[str, type[msgspec.Struct]] = {"echo": EchoConfig, "openai": OpenAIConfig}
@@ -29,18 +31,11 @@ _PATTERN_HINTS = {
 }
 
 
-class AdapterConfigError(ValueError):
-    """An agent `config` that its adapter cannot use; `field` is the config's own key ('' for all of it)."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}" if field else message)
-        self.field = field
-        self.message = message
-
-
-def build_adapters(model_key_vars: Iterable[str] = ("OPENAI_API_KEY",)) -> dict[str, Adapter]:
+def build_adapters(settings: Settings | None = None) -> dict[str, Adapter]:
     """One instance of every adapter, for one streaming core (one per process)."""
-    return {"echo": EchoAdapter(), "openai": OpenAIAdapter(allowed_key_vars=model_key_vars)}
+    settings = settings or get_settings()
+    openai = OpenAIAdapter(settings.upstream_policy, max_connections=settings.model_max_connections)
+    return {"echo": EchoAdapter(), "openai": openai}
 
 
 def parse_config(adapter: str, raw: Mapping[str, Any]) -> Any:
@@ -68,9 +63,12 @@ def parse_config(adapter: str, raw: Mapping[str, Any]) -> Any:
         raise AdapterConfigError(field, message) from exc
 
 
-def normalize_config(adapter: str, raw: Mapping[str, Any]) -> dict[str, Any]:
-    """The config as stored: checked, with its defaults left out."""
+def normalize_config(adapter: str, raw: Mapping[str, Any], policy: UpstreamPolicy) -> dict[str, Any]:
+    """The config as stored: checked (against the operator's upstream policy too), with
+    its defaults left out."""
     config = parse_config(adapter, raw)
+    if isinstance(config, OpenAIConfig):
+        check_upstream(config, policy)
     # By equality: msgspec's own `omit_defaults` keeps e.g. a float equal to its default.
     kept = {
         field.encode_name: getattr(config, field.name)

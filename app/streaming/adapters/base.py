@@ -21,6 +21,15 @@ class AdapterError(Exception):
         self.retry_after = retry_after
 
 
+class AdapterConfigError(ValueError):
+    """An agent `config` that its adapter cannot use; `field` is the config's own key ('' for all of it)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+        self.message = message
+
+
 class AnswerEnd(msgspec.Struct, frozen=True):
     """What an adapter may report after the answer's last piece: the model's own count of
     the tokens it produced, and why it stopped (`stop`, `length`, ...)."""

@@ -4,7 +4,12 @@ Spoken by OpenAI itself and by local model servers (vLLM, llama.cpp's server, Ol
 LM Studio...). The request is `POST {baseUrl}/chat/completions` with `stream: true`;
 the answer comes back as Server-Sent Events whose `data:` is a JSON chunk, ended by
 `data: [DONE]`. Every way that can go wrong becomes an :class:`AdapterError` with a code
-a client can act on (see `docs/protocol.md`, "Model errors").
+a client can act on and a generic message (see `docs/protocol.md`, "Model errors"); what
+the model server said, and where, goes to the server log only, so that an agent's
+`baseUrl` cannot be used to read other services' answers or to tell their ports apart.
+
+Requests go only where the operator's :class:`UpstreamPolicy` allows: the host is
+resolved here, every address checked, and the connection made to a checked address.
 """
 
 from __future__ import annotations
@@ -12,17 +17,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import ipaddress
+import logging
 import os
+import socket
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from typing import Annotated, Any
 
+import httpcore
 import httpx
 import msgspec
 
 from app.chat.schemas import HistoryItem
-from app.streaming.adapters.base import AdapterError, AnswerEnd
+from app.streaming.adapters.base import AdapterConfigError, AdapterError, AnswerEnd
 from app.tables import MessageRole
+from app.upstream_policy import IPAddress, UpstreamPolicy, literal_address
+
+logger = logging.getLogger("chatstream.openai")
 
 # Bytes of an upstream error body read for its message (the rest is not needed).
 _ERROR_BODY_LIMIT = 16 * 1024
@@ -176,24 +188,157 @@ def retry_after(headers: httpx.Headers) -> float | None:
     return max(when.timestamp() - time.time(), 0.0)
 
 
-def status_error(status: int, body: bytes, headers: httpx.Headers, config: OpenAIConfig) -> AdapterError:
-    """The AdapterError for a non-200 answer from the model server."""
-    detail = error_message(body)
-    said = f": {detail}" if detail else ""
+def status_error(status: int, headers: httpx.Headers) -> AdapterError:
+    """The AdapterError for a non-200 answer from the model server: its code and a generic
+    message (the server's own words are logged, not shown)."""
     if status in (401, 403):
-        return AdapterError("upstream_auth", f"the model server refused our credentials ({status}){said}")
+        return AdapterError("upstream_auth", "the model server refused the agent's credentials")
     if status == 404:
-        return AdapterError(
-            "upstream_not_found",
-            f"the model server at {config.base_url} has no model {config.model!r} (404){said}",
-        )
+        return AdapterError("upstream_not_found", "the model server has no such model")
     if status == 429:
         wait = retry_after(headers)
         when = f"; retry after {wait:g} s" if wait is not None else ""
-        return AdapterError("upstream_rate_limited", f"the model server is rate limiting us (429){when}{said}", wait)
+        return AdapterError("upstream_rate_limited", f"the model server is rate limiting requests{when}", wait)
     if status >= 500:
-        return AdapterError("upstream_unavailable", f"the model server failed ({status}){said}", retry_after(headers))
-    return AdapterError("upstream_rejected", f"the model server rejected the request ({status}){said}")
+        return AdapterError("upstream_unavailable", "the model server is unavailable", retry_after(headers))
+    return AdapterError("upstream_rejected", "the model server rejected the request")
+
+
+# What tenants are told when the model server cannot be talked to. One code and one text
+# for refused, unreachable, not allowed, TLS and non-HTTP answers: telling them apart
+# would let a `baseUrl` probe which hosts and ports exist.
+def unreachable() -> AdapterError:
+    """The error for a model server that cannot be talked to, whatever the reason."""
+    return AdapterError("upstream_unreachable", "cannot reach the model server")
+
+
+def check_upstream(config: OpenAIConfig, policy: UpstreamPolicy) -> None:
+    """Refuse, with an :class:`AdapterConfigError` naming the field, what
+    :func:`check_key_destination` refuses and a literal address (an IP, `localhost`) the
+    policy does not allow: caught when the agent is saved. (Every address, also of a host
+    name, is checked again when connecting.)"""
+    url = check_key_destination(config, policy)
+    address = literal_address(url.host)
+    if address is not None and not policy.address_allowed(url.host, address, _port_of(url)):
+        raise AdapterConfigError(
+            "baseUrl",
+            f"{url.host} is not a public address (loopback, private, link-local...); "
+            "the server's operator can allow it with CHATSTREAM_UPSTREAM_ALLOW",
+        )
+
+
+def check_key_destination(config: OpenAIConfig, policy: UpstreamPolicy) -> httpx.URL:
+    """The `baseUrl`, parsed as it will be requested; :class:`AdapterConfigError` for a URL
+    with a user name or password, or a key variable the policy does not let go to its host."""
+    try:
+        url = httpx.URL(config.base_url)
+    except httpx.InvalidURL:
+        raise AdapterConfigError("baseUrl", "is not a valid URL") from None
+    if url.userinfo:
+        raise AdapterConfigError(
+            "baseUrl", "must not hold a user name or password; name the key's variable in apiKeyEnv instead"
+        )
+    port = _port_of(url)
+    variable = config.api_key_env
+    if variable is None:
+        return url
+    hosts = policy.key_hosts.get(variable)
+    if hosts is None:
+        listed = ", ".join(sorted(policy.key_hosts)) or "none"
+        raise AdapterConfigError(
+            "apiKeyEnv",
+            f"this server lets agents read only these variables: {listed} (operators: CHATSTREAM_MODEL_KEY_VARS)",
+        )
+    if not policy.key_may_go_to(variable, url.host, port):
+        allowed = ", ".join(str(host) for host in hosts)
+        raise AdapterConfigError(
+            "apiKeyEnv",
+            f"this server sends {variable} only to {allowed}, not to baseUrl's host "
+            "(operators: CHATSTREAM_MODEL_KEY_VARS)",
+        )
+    return url
+
+
+def _port_of(url: httpx.URL) -> int:
+    return url.port or (443 if url.scheme == "https" else 80)
+
+
+# -- connections -----------------------------------------------------------------------
+
+
+class CheckedNetworkBackend(httpcore.AsyncNetworkBackend):
+    """httpcore's network layer, connecting only where the policy allows. The host is
+    resolved here, every address it resolves to is checked, and the connection is made to
+    a checked address, so a DNS answer that changes after the check cannot redirect it.
+    TLS (SNI, certificate) and the `Host` header still use the host name."""
+
+    def __init__(self, policy: UpstreamPolicy) -> None:
+        self.policy = policy
+        self._backend = httpcore.AnyIOBackend()
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
+        local_address: str | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        addresses = await _resolve(host, port, timeout)
+        denied = [a for a in addresses if not self.policy.address_allowed(host, a, port)]
+        if denied:
+            raise httpcore.ConnectError(f"{host} resolves to {denied[0]}, not allowed by CHATSTREAM_UPSTREAM_ALLOW")
+        failure: httpcore.ConnectError | None = None
+        for address in addresses:
+            try:
+                return await self._backend.connect_tcp(str(address), port, timeout, local_address, socket_options)
+            except httpcore.ConnectError as exc:
+                failure = exc
+        assert failure is not None  # _resolve gives at least one address
+        raise failure
+
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        raise httpcore.ConnectError("model servers are reached over TCP only")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._backend.sleep(seconds)
+
+
+async def _resolve(host: str, port: int, seconds: float | None) -> list[IPAddress]:
+    """Every address `host` resolves to, in the resolver's order, without repeats."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(seconds):
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except TimeoutError:
+        raise httpcore.ConnectTimeout(f"resolving {host} took over {seconds} s") from None
+    except OSError as exc:
+        raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from exc
+    addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
+    if not addresses:
+        raise httpcore.ConnectError(f"{host} resolves to no address")
+    return list(dict.fromkeys(addresses))
+
+
+def checked_transport(policy: UpstreamPolicy, limits: httpx.Limits) -> httpx.AsyncHTTPTransport:
+    """An httpx transport whose connections go through :class:`CheckedNetworkBackend`.
+    (With a transport of its own, httpx also ignores proxy variables: no proxy can carry
+    a request past the check.)"""
+    transport = httpx.AsyncHTTPTransport(limits=limits)
+    # httpx takes no network backend: give it a pool made as its own, with ours.
+    transport._pool = httpcore.AsyncConnectionPool(
+        ssl_context=httpx.create_ssl_context(),
+        max_connections=limits.max_connections,
+        max_keepalive_connections=limits.max_keepalive_connections,
+        keepalive_expiry=limits.keepalive_expiry,
+        network_backend=CheckedNetworkBackend(policy),
+    )
+    return transport
 
 
 # -- the adapter -----------------------------------------------------------------------
@@ -205,66 +350,90 @@ class OpenAIAdapter:
 
     name = "openai"
 
-    def __init__(self, allowed_key_vars: Iterable[str] = ("OPENAI_API_KEY",)) -> None:
-        # Agents are set up by company admins, the environment by the operator: an agent may
-        # only name a variable the operator listed (else it could send e.g. DATABASE_URL out).
-        self.allowed_key_vars = frozenset(allowed_key_vars)
+    def __init__(self, policy: UpstreamPolicy, max_connections: int = 100) -> None:
+        # Agents are set up by company admins, the policy by the operator: which addresses
+        # answers may come from, which key variables may be read and where each may go.
+        self.policy = policy
+        # Every running answer holds a connection; past the cap an answer waits for one
+        # (for its `timeout`), a few are kept alive for the next answers.
+        self.limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=min(50, max_connections))
         self._client: httpx.AsyncClient | None = None
 
     @property
     def client(self) -> httpx.AsyncClient:
         """The process's client for model servers."""
         if self._client is None or self._client.is_closed:
-            # Every running answer holds a connection: no cap on open ones (answers are
-            # limited upstream of here), a few kept alive for the next answers.
-            limits = httpx.Limits(max_connections=None, max_keepalive_connections=50)
-            self._client = httpx.AsyncClient(limits=limits, headers={"User-Agent": "chatstream"})
+            self._client = httpx.AsyncClient(
+                transport=checked_transport(self.policy, self.limits), headers={"User-Agent": "chatstream"}
+            )
         return self._client
 
     def api_key(self, variable: str) -> str:
         """The key held by the environment variable an agent names."""
-        if variable not in self.allowed_key_vars:
-            raise AdapterError(
-                "api_key_not_allowed",
-                f"this server does not let agents read {variable}; allow it in CHATSTREAM_MODEL_KEY_VARS",
-            )
         key = os.environ.get(variable, "").strip()
         if not key:
             raise AdapterError("api_key_missing", f"{variable} is not set on this server")
         return key
 
     async def stream(self, history: Sequence[HistoryItem], config: OpenAIConfig) -> AsyncGenerator[str | AnswerEnd]:
+        # Where the key may go is checked again here, not only when the agent was saved: the
+        # policy may have changed since, and a stored row proves nothing. (Addresses are
+        # checked when connecting.)
+        try:
+            check_key_destination(config, self.policy)
+        except AdapterConfigError as exc:
+            logger.warning("refused a request to the model server at %s: %s", config.base_url, exc)
+            if exc.field == "apiKeyEnv":
+                raise AdapterError("api_key_not_allowed", "this server does not send the agent's key there") from None
+            raise unreachable() from None
         headers = {"Accept": "text/event-stream"}
         if config.api_key_env:
             headers["Authorization"] = f"Bearer {self.api_key(config.api_key_env)}"
         url = config.base_url.rstrip("/") + "/chat/completions"
         body = request_body(config, history)
+        answering = False
         try:
             async with self.client.stream(
                 "POST", url, json=body, headers=headers, timeout=httpx.Timeout(config.timeout)
             ) as response:
                 if response.status_code != 200:
-                    raise status_error(response.status_code, await _head(response), response.headers, config)
+                    said = error_message(await _head(response))
+                    logger.warning("the model server at %s answered %s: %s", url, response.status_code, said)
+                    raise status_error(response.status_code, response.headers)
+                answering = True
                 lines = response.aiter_lines()
                 async for item in _answer(sse_data(lines)):
                     yield item
                 await _drain(lines)
-        except httpx.ConnectError as exc:
-            raise AdapterError("upstream_unreachable", f"cannot connect to the model server at {url}: {exc}") from exc
-        except httpx.TimeoutException as exc:
-            raise AdapterError(
-                "upstream_timeout", f"the model server sent nothing for {config.timeout:g} s (timeout)"
-            ) from exc
-        except httpx.RemoteProtocolError as exc:
-            raise AdapterError("upstream_incomplete", f"the model server broke off the answer: {exc}") from exc
+        except AdapterError as exc:
+            if exc.code in ("upstream_malformed", "upstream_error"):
+                logger.warning("the model server at %s: %s", url, exc.__cause__ or exc.message)
+            raise
         except httpx.HTTPError as exc:
-            raise AdapterError("upstream_failed", f"talking to the model server failed: {exc!r}") from exc
+            logger.warning("request to the model server at %s failed: %r", url, exc)
+            raise _network_error(exc, answering, config.timeout) from None
 
     async def aclose(self) -> None:
         """Close the pooled connections."""
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+
+
+def _network_error(exc: httpx.HTTPError, answering: bool, timeout: float) -> AdapterError:
+    """What tenants are told about a failure talking to the model server."""
+    if isinstance(exc, httpx.PoolTimeout):
+        # Every pooled connection is busy (CHATSTREAM_MODEL_MAX_CONNECTIONS) for too long.
+        return AdapterError("upstream_unavailable", "too many answers are running; send again later")
+    if isinstance(exc, httpx.ConnectTimeout):
+        return unreachable()  # like a refused connection: no hint whether anything is there
+    if isinstance(exc, httpx.TimeoutException):
+        return AdapterError("upstream_timeout", f"the model server sent nothing for {timeout:g} s (timeout)")
+    if not answering:
+        return unreachable()
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return AdapterError("upstream_incomplete", "the model server broke off the answer")
+    return AdapterError("upstream_failed", "talking to the model server failed")
 
 
 async def _drain(lines: AsyncIterator[str]) -> None:
@@ -297,11 +466,11 @@ async def _answer(events: AsyncIterator[str]) -> AsyncGenerator[str | AnswerEnd]
         try:
             chunk = _chunk_decoder.decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise AdapterError("upstream_malformed", f"the model server sent a chunk we cannot read ({exc})") from exc
+            detail = ValueError(f"{exc}; the chunk: {_short(data)}")
+            raise AdapterError("upstream_malformed", "the model server sent a chunk we cannot read") from detail
         if chunk.error is not None:
-            raise AdapterError(
-                "upstream_error", f"the model server failed mid-answer: {error_message({'error': chunk.error})}"
-            )
+            detail = ValueError(error_message({"error": chunk.error}))
+            raise AdapterError("upstream_error", "the model server failed mid-answer") from detail
         if chunk.usage is not None and chunk.usage.completion_tokens is not None:
             token_count = chunk.usage.completion_tokens
         for choice in chunk.choices:

@@ -15,16 +15,20 @@ import pytest
 
 from app.agents.schemas import AdapterName
 from app.chat.schemas import HistoryItem
-from app.streaming.adapters import CONFIG_TYPES, build_adapters, parse_config
+from app.streaming.adapters import CONFIG_TYPES, AdapterConfigError, build_adapters, parse_config
 from app.streaming.adapters.openai import (
+    OpenAIAdapter,
     OpenAIConfig,
+    check_upstream,
     error_message,
     fit_history,
     request_body,
     retry_after,
     sse_data,
+    status_error,
 )
 from app.tables import MessageRole
+from app.upstream_policy import UpstreamPolicy, parse_allow_list, parse_key_bindings
 
 pytestmark = pytest.mark.anyio
 
@@ -93,7 +97,71 @@ def test_the_config_keeps_only_what_differs_from_the_defaults() -> None:
     assert parse_config("openai", raw) == OpenAIConfig(base_url=raw["baseUrl"], model="gpt-4o-mini")
     from app.streaming.adapters import normalize_config
 
-    assert normalize_config("openai", raw) == {"baseUrl": "https://api.openai.com/v1", "model": "gpt-4o-mini"}
+    policy = UpstreamPolicy()
+    assert normalize_config("openai", raw, policy) == {"baseUrl": "https://api.openai.com/v1", "model": "gpt-4o-mini"}
+
+
+POLICY = UpstreamPolicy(
+    allow=parse_allow_list("127.0.0.1:11434"),
+    key_hosts=parse_key_bindings("OPENAI_API_KEY=api.openai.com,LOCAL_KEY=127.0.0.1:11434"),
+)
+
+
+@pytest.mark.parametrize(
+    ("base_url", "key", "field", "says"),
+    [
+        ("https://models.evil.example/v1", "OPENAI_API_KEY", "apiKeyEnv", "only to api.openai.com"),
+        ("https://api.openai.com.evil.example/v1", "OPENAI_API_KEY", "apiKeyEnv", "only to api.openai.com"),
+        ("https://api.openai.com:8443/v1", "LOCAL_KEY", "apiKeyEnv", "only to 127.0.0.1:11434"),
+        ("http://127.0.0.1:11435/v1", None, "baseUrl", "not a public address"),
+        ("https://api.openai.com/v1", "DATABASE_URL", "apiKeyEnv", "only these variables: LOCAL_KEY, OPENAI_API_KEY"),
+        ("https://sk:x@api.openai.com/v1", None, "baseUrl", "user name or password"),
+        ("http://evil.example\\@api.openai.com/v1", "OPENAI_API_KEY", "baseUrl", "user name or password"),
+        ("http://[::1/v1", None, "baseUrl", "not a valid URL"),
+    ],
+)
+def test_where_a_config_may_send_requests_and_keys(base_url: str, key: str | None, field: str, says: str) -> None:
+    config = OpenAIConfig(base_url=base_url, model="m", api_key_env=key)
+    with pytest.raises(AdapterConfigError) as refused:
+        check_upstream(config, POLICY)
+    assert refused.value.field == field and says in refused.value.message, refused.value
+
+
+@pytest.mark.parametrize(
+    ("base_url", "key"),
+    [
+        ("https://api.openai.com/v1", "OPENAI_API_KEY"),
+        ("https://API.OpenAI.com./v1", "OPENAI_API_KEY"),
+        ("https://api.openai.com:443/v1", "OPENAI_API_KEY"),
+        ("http://127.0.0.1:11434/v1", "LOCAL_KEY"),
+        ("https://models.example/v1", None),  # a name: its addresses are checked when connecting
+    ],
+)
+def test_configs_the_policy_allows(base_url: str, key: str | None) -> None:
+    check_upstream(OpenAIConfig(base_url=base_url, model="m", api_key_env=key), POLICY)
+
+
+def test_upstream_errors_say_nothing_of_what_the_server_answered() -> None:
+    headers = httpx.Headers({"retry-after": "3"})
+    messages = {status: status_error(status, headers) for status in (400, 401, 404, 429, 500, 502)}
+    assert {status: error.code for status, error in messages.items()} == {
+        400: "upstream_rejected",
+        401: "upstream_auth",
+        404: "upstream_not_found",
+        429: "upstream_rate_limited",
+        500: "upstream_unavailable",
+        502: "upstream_unavailable",
+    }
+    assert messages[429].retry_after == 3 and "retry after 3 s" in messages[429].message
+    assert messages[500].message == messages[502].message  # the status itself is not told
+
+
+def test_the_pool_is_bounded() -> None:
+    assert OpenAIAdapter(POLICY, max_connections=7).limits == httpx.Limits(
+        max_connections=7, max_keepalive_connections=7
+    )
+    assert OpenAIAdapter(POLICY).limits.max_connections == 100
+    assert OpenAIAdapter(POLICY).limits.max_keepalive_connections == 50
 
 
 async def lines_of(text: str) -> AsyncIterator[str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import re
 import sys
 from collections.abc import AsyncIterator
 from typing import Any, TextIO
@@ -27,6 +28,23 @@ from app.streaming.protocol import MSGPACK_SUBPROTOCOL
 
 TERMINAL = {"done", "cancelled", "error"}
 RECONNECT_ATTEMPTS = 5
+
+# Escape sequences, then any control character left: text from the server must not move
+# the cursor, clear the screen, set the window title or write the clipboard of the terminal.
+_ESCAPE_SEQUENCE = re.compile(
+    r"\x1b\[[0-?]*[ -/]*[@-~]"  # CSI: cursor moves, colours, clearing
+    r"|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?"  # OSC: window title, clipboard
+    r"|\x1b[ -~]"  # the other ESC sequences
+    r"|\x9b[0-?]*[ -/]*[@-~]"  # 8-bit CSI
+)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CONTROL_BUT_LINES = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: object, *, lines: bool = False) -> str:
+    """`text` without terminal control sequences; `lines` keeps newlines and tabs (answers)."""
+    cleaned = _ESCAPE_SEQUENCE.sub("", str(text))
+    return (_CONTROL_BUT_LINES if lines else _CONTROL).sub("", cleaned)
 
 
 class ClientError(Exception):
@@ -167,11 +185,11 @@ async def _choose_conversation(client: ChatClient, args: Any, out: TextIO) -> st
         title = args.new or None
         body = {"title": title, "agentId": agents[0]["id"] if agents else None}
         created = await client.post("/api/conversations", body)
-        out.write(f"new conversation {created['id']}\n")
+        out.write(f"new conversation {printable(created['id'])}\n")
         return str(created["id"])
     page = await client.get("/api/conversations", limit=20)
     for number, item in enumerate(page["items"], start=1):
-        out.write(f"  {number}. {item['title'] or '(untitled)'}  {item['id']}\n")
+        out.write(f"  {number}. {printable(item['title'] or '(untitled)')}  {printable(item['id'])}\n")
     out.write("Pick a number, or press Enter for a new conversation: ")
     out.flush()
     choice = (await asyncio.to_thread(sys.stdin.readline)).strip()
@@ -187,15 +205,15 @@ async def _print_answer(client: ChatClient, conversation_id: str, text: str, out
     async for event in client.ask(conversation_id, text, f"cli-{uuid.uuid4()}"):
         kind = event["type"]
         if kind == "token":
-            out.write(event["text"])
+            out.write(printable(event["text"], lines=True))
         elif kind == "snapshot":
-            out.write(f"\r{event['text']}")
+            out.write(f"\r{printable(event['text'], lines=True)}")
         elif kind == "done":
             out.write("\n")
         elif kind == "cancelled":
-            out.write(f"\n[stopped: {event['reason']}]\n")
+            out.write(f"\n[stopped: {printable(event['reason'])}]\n")
         elif kind == "error":
-            out.write(f"\n[error: {event['code']}: {event['message']}]\n")
+            out.write(f"\n[error: {printable(event['code'])}: {printable(event['message'])}]\n")
         out.flush()
 
 
@@ -204,7 +222,7 @@ async def run_chat(args: Any, out: TextIO = sys.stdout) -> int:
     client = ChatClient(args.url, args.key, msgpack=args.msgpack)
     try:
         me = await client.get("/api/me")
-        out.write(f"signed in as {me['role']} of {me['company']['name']}\n")
+        out.write(f"signed in as {printable(me['role'])} of {printable(me['company']['name'])}\n")
         conversation_id = await _choose_conversation(client, args, out)
         await client.connect()
         await client.request({"type": "subscribe", "conversationId": conversation_id})
@@ -222,7 +240,7 @@ async def run_chat(args: Any, out: TextIO = sys.stdout) -> int:
             if line.strip():
                 await _print_answer(client, conversation_id, line.rstrip("\n"), out)
     except ClientError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {printable(exc)}", file=sys.stderr)
         return 1
     except httpx.HTTPError as exc:
         print(f"error: cannot reach {args.url}: {exc}", file=sys.stderr)

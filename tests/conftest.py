@@ -26,6 +26,9 @@ TEST_DB = f"chatstream_test_{uuid.uuid4().hex[:12]}"
 os.environ["DATABASE_URL"] = f"{PG_SERVER}/{TEST_DB}"
 os.environ.pop("CHATSTREAM_SQLITE_PATH", None)
 os.environ.setdefault("PICCOLO_CONF", "piccolo_conf")
+# The ASGI test clients send `Host: testserver`; real servers in tests are on 127.0.0.1
+# (allowed anyway). Tests of the Host check pass their own settings.
+os.environ["CHATSTREAM_ALLOWED_HOSTS"] = "testserver"
 
 PICCOLO = str(Path(sys.executable).with_name("piccolo"))
 

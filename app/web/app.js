@@ -6,6 +6,10 @@
   const $ = (id) => document.getElementById(id);
   const el = {
     loading: $("loading"),
+    switchAccount: $("switch-account"),
+    switchCurrent: $("switch-current"),
+    switchYes: $("switch-yes"),
+    switchNo: $("switch-no"),
     login: $("login"),
     loginForm: $("login-form"),
     loginKey: $("login-key"),
@@ -175,31 +179,57 @@
     await showApp(me);
   }
 
-  async function boot() {
+  // The key of a login link (`/#key=…`), taken out of the address bar and the history.
+  function takeLinkKey() {
     const match = /(?:^#|&)key=([^&]+)/.exec(location.hash);
-    if (match) {
-      // The key must not stay in the address bar or the history.
-      history.replaceState(null, "", location.pathname + location.search);
-      const key = decodeURIComponent(match[1]);
-      try {
-        await signIn(key);
-      } catch (err) {
-        showLogin();
-        showError(err, () => signIn(key).catch((e) => showError(e)));
-      }
-      return;
-    }
+    if (!match) return null;
+    history.replaceState(null, "", location.pathname + location.search);
+    return decodeURIComponent(match[1]);
+  }
+
+  async function signInWithLink(key) {
     try {
-      const me = await api("GET", "/api/me");
-      await showApp(me);
+      await signIn(key);
+    } catch (err) {
+      showLogin();
+      showError(err, () => signIn(key).catch((e) => showError(e)));
+    }
+  }
+
+  // A link to someone else's key must not silently replace this session (login CSRF):
+  // with a session, ask first; staying is the default.
+  function askToSwitch(me, key) {
+    el.loading.hidden = true;
+    el.switchCurrent.textContent = `${me.key.name} · ${me.company.name}`;
+    el.switchAccount.hidden = false;
+    el.switchNo.focus();
+    const answer = (switching) => {
+      el.switchAccount.hidden = true;
+      el.switchYes.onclick = el.switchNo.onclick = null;
+      if (switching) signInWithLink(key);
+      else showApp(me).catch((err) => showError(err, boot));
+    };
+    el.switchYes.onclick = () => answer(true);
+    el.switchNo.onclick = () => answer(false);
+  }
+
+  async function boot() {
+    const key = takeLinkKey();
+    let me;
+    try {
+      me = await api("GET", "/api/me");
     } catch (err) {
       if (err instanceof ApiError && err.status === 401) {
-        showLogin();
+        if (key) await signInWithLink(key);
+        else showLogin();
       } else {
         el.loading.hidden = true;
         showError(err, boot);
       }
+      return;
     }
+    if (key) askToSwitch(me, key);
+    else await showApp(me);
   }
 
   el.loginForm.addEventListener("submit", async (event) => {
@@ -934,10 +964,10 @@
     if (state.stream) state.stream.es.close();
   });
 
-  // A login link opened in a tab already showing the page only changes the fragment.
-  window.addEventListener("hashchange", () => {
-    if (/(?:^#|&)key=/.test(location.hash)) boot();
-  });
+  // A login link opened in a tab already showing the page only changes the fragment: it
+  // signs nobody in (a page could do that to an open tab unseen), the key just leaves the
+  // address bar. Opening the link in a new tab asks as above.
+  window.addEventListener("hashchange", takeLinkKey);
 
   boot();
 })();

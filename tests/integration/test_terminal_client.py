@@ -102,3 +102,43 @@ async def test_a_dropped_socket_resumes_from_the_cursor(server: LiveServer, acme
         assert stored["content"] == words
     finally:
         await client.close()
+
+
+# -- text from the server cannot drive the terminal (issue #14 point 8) --------------------
+
+HOSTILE = "\x1b[2J\x1b]0;pwned\x07\x1b]52;c;cHduZWQ=\x1b\\\x9b31m\x07\x08\r"
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "answer"),
+    [
+        ("plain é 🙂", "plain é 🙂", "plain é 🙂"),
+        ("a\x1b[2Jb", "ab", "ab"),  # CSI: clear the screen
+        ("a\x1b]0;title\x07b", "ab", "ab"),  # OSC: set the window title
+        ("a\x1b]52;c;Zm9v\x1b\\b", "ab", "ab"),  # OSC 52: write the clipboard
+        ("a\x9b31mb\x1bc", "ab", "ab"),  # 8-bit CSI, ESC c (reset)
+        ("one\ntwo\tthree\r\x00\x7f", "onetwothree", "one\ntwo\tthree"),
+    ],
+)
+def test_printable_strips_control_sequences(text: str, line: str, answer: str) -> None:
+    from app.terminal_client import printable
+
+    assert printable(text) == line
+    assert printable(text, lines=True) == answer
+
+
+@pytest.mark.anyio
+async def test_titles_answers_and_errors_are_printed_without_control_sequences(
+    server: LiveServer, acme: Tenant
+) -> None:
+    title = f"title{HOSTILE}end"
+    result = chat(server, acme.tokens["alice"], "--new", title, "--message", f"hello {HOSTILE}world")
+    assert result.returncode == 0, result.stderr
+    listing = chat(server, acme.tokens["alice"], stdin="/quit\n")
+    assert listing.returncode == 0, listing.stderr
+    assert "titleend" in listing.stdout
+    missing = chat(server, acme.tokens["alice"], "--conversation", f"x{HOSTILE}", "--message", "x")
+    assert missing.returncode == 1
+    for output in (result.stdout, listing.stdout, missing.stderr):
+        assert not any(c in output for c in "\x1b\x9b\x07\x08"), repr(output)
+    assert "hello" in result.stdout and "world" in result.stdout

@@ -13,6 +13,7 @@ from litestar.types import ExceptionHandlersMap
 
 from app.config import get_settings
 from app.errors import ApiError, ErrorBody
+from app.rate_limit import TooManyRequests
 from app.streaming.broker import BrokerUnavailable
 from app.text_types import NO_NUL_PATTERN
 
@@ -65,6 +66,8 @@ def _validation_details(extra: Any) -> list[dict[str, Any]]:
 def handle_api_error(_: Request[Any, Any, Any], exc: ApiError) -> Response[ErrorBody]:
     """Errors raised on purpose by services."""
     headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    if isinstance(exc, TooManyRequests):
+        headers = {"Retry-After": str(exc.retry_after)}
     return _response(exc.status, exc.body(), headers)
 
 

@@ -467,8 +467,12 @@ def server_env(database_url: str | None, sqlite_path: Path) -> dict[str, str]:
     unset = {"DATABASE_URL", "REDIS_URL"}
     env = {k: v for k, v in os.environ.items() if k not in unset and not k.startswith("CHATSTREAM_")}
     env["PYTHONUNBUFFERED"] = "1"
-    # One key posts every stream's message: lift the per-key message limit for the load.
+    # One key posts every stream's message and reads every stream: lift the per-key and
+    # per-company limits (message rate, sockets, SSE streams, running answers) for the load.
     env["CHATSTREAM_MESSAGES_PER_MINUTE"] = "1000000"
+    for held in ("SOCKETS", "STREAMS", "ANSWERS"):
+        for per in ("KEY", "COMPANY"):
+            env[f"CHATSTREAM_MAX_{held}_PER_{per}"] = str(10 * MAX_STREAMS)
     if database_url is not None:
         env["DATABASE_URL"] = database_url
     else:

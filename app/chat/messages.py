@@ -100,7 +100,10 @@ async def post_message(
     `clientMessageId` gives back the first message (and its answer) and stores nothing.
 
     The message and the `running` generation row are inserted in one transaction, so a
-    busy conversation (policy `reject`) refuses the message with 409 and stores nothing."""
+    busy conversation (policy `reject`) refuses the message with 409 and stores nothing;
+    so does a key over its message rate or its running answers (429)."""
+    core.quotas.messages.check(principal.key_id)
+    _check_grace(principal, data.disconnect_grace, core.policy.disconnect_grace)
     conversation = await load_conversation(principal, conversation_id)
     _check_content(data.content)
     check_text("clientMessageId", data.client_message_id)
@@ -123,16 +126,20 @@ async def post_message(
         client_message_id=data.client_message_id,
         created_at=now,
     )
-    generation = None
+    generation = started = None
     reserved = await core.reserve(conversation_id) if agent is not None else None
     try:
         async with write_transaction(Message._meta.db):
             await message.save()
             await Conversation.update({Conversation.last_message_at: now}).where(Conversation.id == conversation_id)
             if agent is not None and reserved is not None:
-                generation = await create_running(
+                started = await create_running(
                     conversation_id, message.id, agent.id, reserved, producer=core.broker.node
                 )
+                # Counted once the conversation was free (a busy one is a 409); past the key's
+                # running answers this raises 429 and the transaction stores nothing.
+                core.count_answer(reserved, principal)
+        generation = started  # committed
     except GenerationBusy:
         running = await running_generation(conversation_id)
         raise GenerationBusy(running["id"] if running else None) from None
@@ -149,14 +156,31 @@ async def post_message(
     finally:
         if reserved is not None and generation is None:
             await core.release(reserved)
-    row = await Message.select().where(Message.id == message.id).first()
-    if row is None:  # deleted with its conversation right after the insert
-        raise conversation_not_found(conversation_id)
-    posted = MessagePosted(message=message_out(row), generation=generation)
-    await core.publish(MessageCreated(conversation_id=conversation_id, message=posted.message))
-    if generation is not None and agent is not None:
-        await core.launch(generation, agent.adapter, agent.config, policy)
+    launched = False
+    try:
+        row = await Message.select().where(Message.id == message.id).first()
+        if row is None:  # deleted with its conversation right after the insert
+            raise conversation_not_found(conversation_id)
+        posted = MessagePosted(message=message_out(row), generation=generation)
+        await core.publish(MessageCreated(conversation_id=conversation_id, message=posted.message))
+        if generation is not None and agent is not None:
+            await core.launch(generation, agent.adapter, agent.config, policy)
+            launched = True
+    finally:
+        if generation is not None and not launched:  # gives back its place in the answer quota
+            await core.release(generation.id)
     return posted, True
+
+
+def _check_grace(principal: Principal, asked: float | None, server_default: float) -> None:
+    """A member may shorten the disconnect grace, not lengthen it: an answer kept running
+    for nobody holds a model connection (admins may ask up to the schema's maximum)."""
+    if asked is not None and asked > server_default and not principal.is_admin:
+        raise Forbidden(
+            f"disconnectGrace above the server's {server_default:g} s needs an admin key",
+            code="admin_required",
+            details={"field": "disconnectGrace", "max": server_default},
+        )
 
 
 async def list_messages(principal: Principal, conversation_id: UUID, before: UUID | None, limit: int) -> MessagePage:

@@ -569,7 +569,7 @@ async def test_redis_stopped_and_started_under_load(tenant: Tenant, own_redis: R
 
 async def test_redis_connections_do_not_grow_with_readers(tenant: Tenant) -> None:
     """One process serving 1,000 SSE readers of one answer holds as many Redis connections as with none."""
-    with Cluster(1) as one:
+    with Cluster(1, env={"CHATSTREAM_MAX_STREAMS_PER_KEY": "1000"}) as one:  # all of them alice's
         (a,) = one.servers
         cid = await conversation(tenant, a, pace=0.5)
         gid = await start_answer(a.url, tenant, cid, words(200))

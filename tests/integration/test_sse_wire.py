@@ -44,7 +44,8 @@ SSE_HEADERS = {"Accept": "text/event-stream"}
 @pytest.fixture(scope="module")
 def server() -> Iterator[LiveServer]:
     """One real server for the module, on the run's PostgreSQL database, pinging idle streams every 0.3 s."""
-    live = LiveServer({"CHATSTREAM_SSE_PING_INTERVAL": "0.3"}).start()
+    # 36 streams of one key at once in test_first_readers_arriving_together_share_one_answer.
+    live = LiveServer({"CHATSTREAM_SSE_PING_INTERVAL": "0.3", "CHATSTREAM_MAX_STREAMS_PER_KEY": "50"}).start()
     try:
         yield live
     finally:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
+
+from app.upstream_policy import UpstreamPolicy, parse_allow_list, parse_key_bindings
 
 DEFAULT_SQLITE_PATH = "chatstream.db"
 
@@ -28,10 +30,29 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Session cookie. `Secure` only when asked: the embedded default serves plain HTTP.
     cookie_name: str = "chatstream_session"
     cookie_secure: bool = False
-    cookie_max_age: int = 30 * 24 * 3600
+    # Lifetime of a browser session (and its cookie) in seconds; the server refuses it after.
+    cookie_max_age: int = 7 * 24 * 3600
+    # Seconds between re-checks of the credentials of open sockets and SSE streams (the
+    # fallback when a revocation message is lost, and how an expired session is noticed).
+    credential_recheck: Annotated[float, msgspec.Meta(gt=0)] = 60.0
     log_level: str = "INFO"
-    # Messages one API key may post per minute (each starts an answer), per server process.
+    # Messages one API key may post per minute (HTTP and WebSocket `send` together; each
+    # can start an answer), per server process.
     messages_per_minute: int = 60
+    # What one API key / one company may hold open at once, per server process: WebSocket
+    # sockets, SSE streams, and running answers it started (each holds a model connection).
+    max_sockets_per_key: Annotated[int, msgspec.Meta(ge=1)] = 20
+    max_sockets_per_company: Annotated[int, msgspec.Meta(ge=1)] = 1000
+    max_streams_per_key: Annotated[int, msgspec.Meta(ge=1)] = 20
+    max_streams_per_company: Annotated[int, msgspec.Meta(ge=1)] = 1000
+    max_answers_per_key: Annotated[int, msgspec.Meta(ge=1)] = 10
+    max_answers_per_company: Annotated[int, msgspec.Meta(ge=1)] = 100
+    # Connections one process serves at once (uvicorn's limit_concurrency: past it, HTTP
+    # requests get 503), and seconds a client has to send a request's headers, then its body.
+    max_connections: Annotated[int, msgspec.Meta(ge=1)] = 2000
+    # 0 turns a timeout off.
+    header_timeout: Annotated[float, msgspec.Meta(ge=0)] = 10.0
+    body_timeout: Annotated[float, msgspec.Meta(ge=0)] = 30.0
     # Streaming policies (defaults; a POST may override them per answer, see StreamPolicy).
     disconnect_grace: float = 30.0
     partial: Literal["keep", "discard"] = "keep"
@@ -52,21 +73,33 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Seconds a peer may keep the server from sending anything (it stopped reading) before
     # the operating system drops the connection; 0 keeps the system's default (Linux only).
     tcp_user_timeout: float = 60.0
-    # Extra origins allowed for cookie-authenticated sockets (the server's own is always allowed).
-    ws_allowed_origins: str = ""
+    # Extra browser origins allowed to use the session cookie (REST writes, WebSocket
+    # upgrades; comma-separated). The server's own origin is always allowed.
+    allowed_origins: str = ""
+    # Host names requests may be sent to besides the public URL's (loopback names when no
+    # public URL is set), comma-separated: refuses DNS rebinding. `*` turns the check off.
+    allowed_hosts: str = ""
     # Set: generations and conversation events go through this Redis, shared by every
     # process and node using the same database (see docs/deploy.md). Unset: in-process.
     redis_url: str | None = None
     # Prefix of every Redis key and channel: lets several deployments share one Redis.
     redis_prefix: str = "chatstream:"
-    # Environment variables an `openai` agent may name as its API key (comma-separated).
-    # Agents are configured by company admins: they may read no other variable.
-    model_key_vars: str = "OPENAI_API_KEY"
+    # Environment variables an `openai` agent may name as its API key, each bound to the
+    # hosts its key may be sent to: `VAR=host[:port]|host2,VAR2=host3`. Agents are set up by
+    # company admins: they may read no other variable, nor send a key anywhere else.
+    model_key_vars: str = "OPENAI_API_KEY=api.openai.com"
+    # Model servers may only be at public addresses, except these (comma-separated hosts,
+    # IPs or CIDRs, each optionally `:port`; `[IPv6]:port`), e.g. `127.0.0.1:11434`.
+    upstream_allow: str = ""
+    # Connections to model servers one process holds at once (each running answer holds one).
+    model_max_connections: Annotated[int, msgspec.Meta(ge=1)] = 100
 
     @property
-    def model_key_var_names(self) -> frozenset[str]:
-        """`model_key_vars` as a set of names."""
-        return frozenset(name.strip() for name in self.model_key_vars.split(",") if name.strip())
+    def upstream_policy(self) -> UpstreamPolicy:
+        """`upstream_allow` and `model_key_vars`, parsed (ValueError if they cannot be)."""
+        return UpstreamPolicy(
+            allow=parse_allow_list(self.upstream_allow), key_hosts=parse_key_bindings(self.model_key_vars)
+        )
 
     @property
     def is_postgres(self) -> bool:
@@ -82,8 +115,18 @@ ENV = {
     "max_body_bytes": "CHATSTREAM_MAX_BODY_BYTES",
     "cookie_secure": "CHATSTREAM_COOKIE_SECURE",
     "cookie_max_age": "CHATSTREAM_COOKIE_MAX_AGE",
+    "credential_recheck": "CHATSTREAM_CREDENTIAL_RECHECK",
     "log_level": "CHATSTREAM_LOG_LEVEL",
     "messages_per_minute": "CHATSTREAM_MESSAGES_PER_MINUTE",
+    "max_sockets_per_key": "CHATSTREAM_MAX_SOCKETS_PER_KEY",
+    "max_sockets_per_company": "CHATSTREAM_MAX_SOCKETS_PER_COMPANY",
+    "max_streams_per_key": "CHATSTREAM_MAX_STREAMS_PER_KEY",
+    "max_streams_per_company": "CHATSTREAM_MAX_STREAMS_PER_COMPANY",
+    "max_answers_per_key": "CHATSTREAM_MAX_ANSWERS_PER_KEY",
+    "max_answers_per_company": "CHATSTREAM_MAX_ANSWERS_PER_COMPANY",
+    "max_connections": "CHATSTREAM_MAX_CONNECTIONS",
+    "header_timeout": "CHATSTREAM_HEADER_TIMEOUT",
+    "body_timeout": "CHATSTREAM_BODY_TIMEOUT",
     "disconnect_grace": "CHATSTREAM_DISCONNECT_GRACE",
     "partial": "CHATSTREAM_PARTIAL",
     "if_busy": "CHATSTREAM_IF_BUSY",
@@ -96,13 +139,18 @@ ENV = {
     "ws_max_subscriptions": "CHATSTREAM_WS_MAX_SUBSCRIPTIONS",
     "ws_frames_per_minute": "CHATSTREAM_WS_FRAMES_PER_MINUTE",
     "ws_send_timeout": "CHATSTREAM_WS_SEND_TIMEOUT",
-    "ws_allowed_origins": "CHATSTREAM_WS_ALLOWED_ORIGINS",
+    "allowed_origins": "CHATSTREAM_ALLOWED_ORIGINS",
+    "allowed_hosts": "CHATSTREAM_ALLOWED_HOSTS",
     "tcp_user_timeout": "CHATSTREAM_TCP_USER_TIMEOUT",
     "model_key_vars": "CHATSTREAM_MODEL_KEY_VARS",
+    "upstream_allow": "CHATSTREAM_UPSTREAM_ALLOW",
+    "model_max_connections": "CHATSTREAM_MODEL_MAX_CONNECTIONS",
     "redis_url": "REDIS_URL",
     "redis_prefix": "CHATSTREAM_REDIS_PREFIX",
 }
 
+# The former name of CHATSTREAM_ALLOWED_ORIGINS (it applied to WebSocket upgrades only).
+LEGACY_ALLOWED_ORIGINS = "CHATSTREAM_WS_ALLOWED_ORIGINS"
 
 _BOOL_WORDS = {"1": "true", "yes": "true", "on": "true", "0": "false", "no": "false", "off": "false"}
 
@@ -115,6 +163,8 @@ def settings_from_env(env: dict[str, str] | None = None) -> Settings:
     """Build settings from an environment mapping (``os.environ`` by default)."""
     env = dict(os.environ if env is None else env)
     values = {field: env[var].strip() for field, var in ENV.items() if env.get(var, "").strip()}
+    if "allowed_origins" not in values and env.get(LEGACY_ALLOWED_ORIGINS, "").strip():
+        values["allowed_origins"] = env[LEGACY_ALLOWED_ORIGINS].strip()
     if "public_url" in values:
         values["public_url"] = values["public_url"].rstrip("/")
     if "cookie_secure" in values:
@@ -124,11 +174,17 @@ def settings_from_env(env: dict[str, str] | None = None) -> Settings:
         values["log_level"] = values["log_level"].upper()
     try:
         # Environment values are strings: msgspec converts them to each field's type.
-        return msgspec.convert(values, Settings, strict=False)
+        settings = msgspec.convert(values, Settings, strict=False)
     except msgspec.ValidationError as exc:
         field = str(exc).rpartition("$.")[2].rstrip("`")
         variable = ENV.get(field, field)
         raise SettingsError(f"{variable}={values.get(field)!r} is not valid: {str(exc).split(' - at ')[0]}") from exc
+    for field, parse in (("upstream_allow", parse_allow_list), ("model_key_vars", parse_key_bindings)):
+        try:
+            parse(getattr(settings, field))
+        except ValueError as exc:
+            raise SettingsError(f"{ENV[field]} is not valid: {exc}") from exc
+    return settings
 
 
 @lru_cache(maxsize=1)

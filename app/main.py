@@ -9,6 +9,7 @@ from litestar import Litestar, Router
 from litestar.di import Provide
 from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.static_files import create_static_files_router
 
@@ -21,11 +22,12 @@ from app.config import Settings, get_settings
 from app.db import close_pool, open_pool
 from app.exception_handlers import EXCEPTION_HANDLERS
 from app.health import healthz, readyz
-from app.rate_limit import message_rate_limit
+from app.http_security import HttpSecurityMiddleware, add_security_headers
 from app.streaming.adapters import build_adapters
 from app.streaming.broker import Broker, InProcessBroker
 from app.streaming.core import StreamingCore
 from app.streaming.policy import StreamPolicy
+from app.streaming.quotas import Quotas
 from app.streaming.redis_broker import RedisBroker
 from app.streaming.sse import stream_conversation
 from app.streaming.ws import ws_endpoint
@@ -62,8 +64,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
         core = StreamingCore(
             broker,
             policy,
-            adapters=build_adapters(settings.model_key_var_names),
+            adapters=build_adapters(settings),
             sse_ping_interval=settings.sse_ping_interval,
+            credential_recheck=settings.credential_recheck,
+            quotas=Quotas(settings),
         )
         await core.startup()
         app.state.core = core
@@ -98,7 +102,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
     )
     return Litestar(
         route_handlers=[api, healthz, readyz, web],
-        middleware=[message_rate_limit(settings.messages_per_minute).middleware],
+        middleware=[HttpSecurityMiddleware(settings)],
+        before_send=[add_security_headers],
         on_startup=[startup],
         on_shutdown=[shutdown],
         exception_handlers=EXCEPTION_HANDLERS,
@@ -108,6 +113,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             version=API_VERSION,
             description="Realtime chat streaming for conversations with AI agents.",
             path="/schema",
+            # The JSON document only: an HTML viewer would load scripts from a CDN into our origin.
+            render_plugins=[JsonRenderPlugin()],
             components=Components(
                 security_schemes={
                     "bearer": SecurityScheme(type="http", scheme="bearer", description="an API key"),

@@ -10,6 +10,9 @@ With a shared broker (Redis) several processes serve the same generations: any o
 reads any log; a cancel, or the last reader leaving, reaches the producing process as a
 control message; each process keeps a heartbeat in the broker, and the others end the
 generations of a process whose heartbeat stopped (`producer_lost`).
+
+The core also knows which open sockets and streams of its process use which credential
+(`credentials`): a revoked key or an ended session closes them on every process.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from uuid import UUID
 
 import msgspec
 
+from app.auth.principal import Principal
 from app.chat.generations import (
     GenerationBusy,
     agent_of,
@@ -43,10 +47,12 @@ from app.chat.generations import (
 )
 from app.chat.messages import load_history, load_message
 from app.chat.schemas import GenerationOut
+from app.db import write_transaction
 from app.errors import invalid_field
 from app.streaming.adapters import Adapter, AdapterConfigError, AdapterError, AnswerEnd, build_adapters, parse_config
 from app.streaming.broker import Broker, BrokerUnavailable, ConversationFeed
-from app.streaming.control import CancelRequest, ControlMessage, ReadersGone
+from app.streaming.control import CancelRequest, ControlMessage, CredentialRevoked, ReadersGone
+from app.streaming.credentials import CredentialHolders
 from app.streaming.events import (
     Cancelled,
     Cursor,
@@ -60,7 +66,8 @@ from app.streaming.events import (
 )
 from app.streaming.policy import BusyPolicy, PartialPolicy, StreamPolicy
 from app.streaming.protocol import ConversationEvent, GenerationStarted, MessageCreated
-from app.tables import GenerationStatus
+from app.streaming.quotas import Quotas
+from app.tables import Generation, GenerationStatus
 
 logger = logging.getLogger("chatstream.streaming")
 
@@ -98,6 +105,8 @@ class _Producer:
     finishing: bool = False
     grace_timer: asyncio.TimerHandle | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    # Whose running-answers quota the answer counts against, until it ends.
+    starter: Principal | None = None
 
 
 class StreamingCore:
@@ -109,10 +118,18 @@ class StreamingCore:
         policy: StreamPolicy,
         adapters: Mapping[str, Adapter] | None = None,
         sse_ping_interval: float = 15.0,
+        credential_recheck: float = 60.0,
+        quotas: Quotas | None = None,
     ) -> None:
         self.broker = broker
         self.policy = policy
+        self.quotas = quotas or Quotas()
+        # Reserved generations not launched yet, with the caller whose answer quota they hold.
+        self._reserved: dict[UUID, Principal] = {}
         self.sse_ping_interval = sse_ping_interval
+        # Seconds between re-checks of the open connections' credentials.
+        self.credential_recheck = credential_recheck
+        self.credentials = CredentialHolders()
         self.adapters = dict(build_adapters() if adapters is None else adapters)
         self._producers: dict[UUID, _Producer] = {}
         self._background: set[asyncio.Task[Any]] = set()
@@ -123,8 +140,10 @@ class StreamingCore:
 
     async def startup(self) -> None:
         """Alone (in-process broker): end what a previous run left running. Shared: start the
-        heartbeat and the watch for generations of processes that died, and take control messages."""
+        heartbeat and the watch for generations of processes that died, and take control messages.
+        Either way, re-check the open connections' credentials now and then."""
         self.broker.on_control(self._on_control)
+        self._spawn(self._every(self.credential_recheck, self.credentials.recheck, "re-checking credentials"))
         if not self.broker.shared:
             count = await interrupt_orphans()
             if count:
@@ -178,7 +197,11 @@ class StreamingCore:
     # -- several processes -------------------------------------------------------------
 
     def _on_control(self, message: ControlMessage) -> None:
-        """A control message from any process (this one included); only the producer acts."""
+        """A control message from any process (this one included); only the producer acts,
+        except on a revoked credential, which every process acts on."""
+        if isinstance(message, CredentialRevoked):
+            self.credentials.revoke(message.key_id, message.session_id)
+            return
         producer = self._producers.get(message.generation_id)
         if producer is None or self._closing:
             return
@@ -186,6 +209,16 @@ class StreamingCore:
             self._spawn(self.cancel(message.generation_id, message.reason))
         elif isinstance(message, ReadersGone):
             self._spawn(self._start_grace(message.generation_id))
+
+    async def revoke_credentials(self, key_id: UUID, session_id: UUID | None = None) -> None:
+        """A key was revoked (`session_id` None) or a session ended: have every process close
+        the connections that use it. Broker down: this process's close now, the others' at
+        their next re-check."""
+        try:
+            await self.broker.send_control(CredentialRevoked(key_id=key_id, session_id=session_id))
+        except BrokerUnavailable as exc:
+            logger.warning("key %s: could not announce a revoked credential: %s", key_id, exc)
+            self.credentials.revoke(key_id, session_id)
 
     async def reap_orphans(self) -> int:
         """End the running generations whose producing process stopped (its heartbeat expired):
@@ -260,9 +293,28 @@ class StreamingCore:
         await self.broker.open_log(generation_id, conversation_id)
         return generation_id
 
+    def count_answer(self, generation_id: UUID, starter: Principal) -> None:
+        """Count a reserved generation against `starter`'s running answers until it ends
+        (or is released); past the key's or company's cap, raise `TooManyRequests`
+        (`too_many_answers`) and count nothing."""
+        full = self.quotas.answers.acquire(starter.key_id, starter.company_id)
+        if full is not None:
+            raise self.quotas.answers.refusal(full, "too_many_answers")
+        self._reserved[generation_id] = starter
+
     async def release(self, generation_id: UUID) -> None:
         """Forget a reserved generation that never started."""
+        self._end_quota(self._reserved.pop(generation_id, None))
         await self.broker.discard_log(generation_id)
+
+    def _end_quota(self, starter: Principal | None) -> None:
+        if starter is not None:
+            self.quotas.answers.release(starter.key_id, starter.company_id)
+
+    def _answer_ended(self, producer: _Producer) -> None:
+        """Give the answer's quota back (once: from its end, or when its task ends unstarted)."""
+        self._end_quota(producer.starter)
+        producer.starter = None
 
     async def launch(
         self,
@@ -272,13 +324,17 @@ class StreamingCore:
         policy: StreamPolicy | None = None,
     ) -> None:
         """Start producing a reserved generation whose `running` row was just created."""
-        producer = _Producer(generation=generation, policy=policy or self.policy)
+        producer = _Producer(
+            generation=generation, policy=policy or self.policy, starter=self._reserved.pop(generation.id, None)
+        )
         self._producers[generation.id] = producer
         adapter = self.adapters.get(adapter_name)
         producer.task = asyncio.create_task(
             self._produce(producer, adapter, adapter_name, dict(adapter_settings)),
             name=f"generation-{generation.id}",
         )
+        # A task cancelled before its first step never runs `_produce`'s `finally`.
+        producer.task.add_done_callback(lambda _: self._answer_ended(producer))
         try:
             await self.publish(
                 GenerationStarted(conversation_id=generation.conversation_id, generation_id=generation.id)
@@ -423,6 +479,9 @@ class StreamingCore:
                 # Stored already: readers that come back get the outcome from the database.
                 logger.warning("generation %s: its end could not be announced: %s", gen.id, exc)
         finally:
+            # With the producer gone, before `done`: whoever waited for the end (an
+            # interrupting post) may start the next answer at once.
+            self._answer_ended(producer)
             self._producers.pop(gen.id, None)
             if producer.grace_timer is not None:
                 producer.grace_timer.cancel()
@@ -458,22 +517,34 @@ class StreamingCore:
                 async for _ in self.follow(generation_id, after, REAP_INTERVAL):
                     pass
 
-    async def answer_unanswered(self, conversation: dict[str, Any]) -> GenerationOut | None:
+    async def answer_unanswered(
+        self, conversation: dict[str, Any], starter: Principal | None = None
+    ) -> GenerationOut | None:
         """Start answering the conversation's last message if it is an unanswered user
         message and the conversation has an agent (what a stream reader arriving first
-        expects). Returns the generation that is now running, if any."""
+        expects), counted against `starter`'s quota. Returns the generation that is now
+        running, if any."""
         message = await unanswered_user_message(conversation["id"])
         agent = await agent_of(conversation) if message is not None else None
         if message is None or agent is None:
             return None
         generation_id = await self.reserve(conversation["id"])
+        generation = None
         try:
-            generation = await create_running(
-                conversation["id"], message["id"], agent.id, generation_id, producer=self.broker.node
-            )
+            async with write_transaction(Generation._meta.db):
+                started = await create_running(
+                    conversation["id"], message["id"], agent.id, generation_id, producer=self.broker.node
+                )
+                # Counted once the conversation was free (readers racing to start it are not
+                # refused); past the cap this raises 429 and the row is rolled back.
+                if starter is not None:
+                    self.count_answer(generation_id, starter)
+            generation = started
         except GenerationBusy:
-            await self.release(generation_id)
             return None  # someone else started it: the caller will find it running
+        finally:
+            if generation is None:
+                await self.release(generation_id)
         await self.launch(generation, agent.adapter, agent.config)
         return generation
 
@@ -485,11 +556,12 @@ class StreamingCore:
         start_unanswered: bool = True,
         cursor_field: str = "cursor",
         cursor_source: str = "query",
+        starter: Principal | None = None,
     ) -> tuple[UUID, int] | None:
         """What a stream reader of this conversation follows, as (generation, after seq):
         the cursor's generation while the reader is missing any of it; else the running
         generation from its start; else (with `start_unanswered`) a new answer to an
-        unanswered user message; else None (nothing to stream)."""
+        unanswered user message, started as `starter`'s; else None (nothing to stream)."""
         if cursor is not None:
             generation = await load_generation(cursor.generation_id)
             if generation is None or generation.conversation_id != conversation["id"]:
@@ -510,7 +582,7 @@ class StreamingCore:
             running = await running_generation(conversation["id"])
             if running is not None:
                 return running["id"], 0
-            started = await self.answer_unanswered(conversation) if start_unanswered else None
+            started = await self.answer_unanswered(conversation, starter) if start_unanswered else None
             if started is not None:
                 return started.id, 0
             if not start_unanswered:

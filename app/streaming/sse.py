@@ -3,20 +3,24 @@
 The response only reads: it follows the generation's log from the reader's cursor
 and writes each batch of events at once. The generation belongs to the core, so a
 reader leaving (the response being cancelled) cannot break it; the core is told in
-`finally`, synchronously, and decides (disconnect grace) what that means.
+`finally`, synchronously, and decides (disconnect grace) what that means. A reader whose
+key is revoked, or whose session ends, gets `event: revoked` and the response ends.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Annotated
 from uuid import UUID
 
 from litestar import Response, get
 from litestar.di import NamedDependency
+from litestar.middleware import ASGIMiddleware
 from litestar.params import FromPath, HeaderParameter, QueryParameter
 from litestar.response import Stream
 from litestar.status_codes import HTTP_204_NO_CONTENT
+from litestar.types import ASGIApp, Receive, Scope, Send
 
 from app.auth.principal import Principal
 from app.chat.conversations import load_conversation
@@ -40,6 +44,12 @@ UNAVAILABLE = (
     b'data: {"code":"broker_unavailable","message":"the event stream was lost; '
     b'reconnect with your last cursor","retryAfter":2}\n\n'
 )
+# The reader's key was revoked or its session ended or expired: say so and end (no `id:`);
+# a browser's EventSource that reconnects gets 401 and stops.
+REVOKED = (
+    b"event: revoked\n"
+    b'data: {"code":"credentials_revoked","message":"the credentials of this stream were revoked or expired"}\n\n'
+)
 
 
 def encode_frame(event: GenerationEvent) -> bytes:
@@ -53,24 +63,80 @@ def encode_frame(event: GenerationEvent) -> bytes:
     )
 
 
+class _Revocation:
+    """Ends a response body whose credentials are revoked. The body's task is cancelled only
+    while it waits for events, never while a frame is being written (that would break the
+    response mid-frame); a revocation during a write is seen before the next wait."""
+
+    def __init__(self) -> None:
+        self.task = asyncio.current_task()
+        self.waiting = False
+        self.revoked = False
+
+    def __call__(self) -> None:
+        self.revoked = True
+        if self.waiting and self.task is not None:
+            self.task.cancel()
+
+    def absorbs_cancel(self) -> bool:
+        """After a CancelledError: True when only the revocation cancelled the task (it is
+        then taken back); False when the task is being cancelled otherwise (a disconnect)."""
+        return self.revoked and self.task is not None and self.task.uncancel() == 0
+
+
 async def sse_frames(
-    core: StreamingCore, generation_id: UUID, after: int, ping_interval: float
+    core: StreamingCore, principal: Principal, generation_id: UUID, after: int, ping_interval: float
 ) -> AsyncIterator[bytes]:
     """The response body: `:ok` at once, then every event after `after` (a backlog as one
-    write), `: ping` when idle, and the end after the terminal event."""
+    write), `: ping` when idle, and the end after the terminal event, or `revoked` when the
+    principal's key is revoked or its session ends."""
     attached = False
+    revocation = _Revocation()
     try:
-        try:
-            await core.attach(generation_id)
-            attached = True
-            yield OK_COMMENT
-            async for batch in core.follow(generation_id, after, ping_interval):
-                yield b"".join(encode_frame(event) for event in batch) if batch else PING_COMMENT
-        except BrokerUnavailable:
-            yield UNAVAILABLE
+        with core.credentials.holding(principal.key_id, principal.session_id, revocation):
+            try:
+                await core.attach(generation_id)
+                attached = True
+                yield OK_COMMENT
+                batches = core.follow(generation_id, after, ping_interval)
+                while not revocation.revoked:
+                    revocation.waiting = True
+                    try:
+                        batch = await anext(batches)
+                    except StopAsyncIteration:
+                        break
+                    except asyncio.CancelledError:
+                        if not revocation.absorbs_cancel():
+                            raise
+                        break
+                    finally:
+                        revocation.waiting = False
+                    yield b"".join(encode_frame(event) for event in batch) if batch else PING_COMMENT
+                if revocation.revoked:
+                    yield REVOKED
+            except BrokerUnavailable:
+                yield UNAVAILABLE
     finally:
         if attached:
             core.detach(generation_id)
+
+
+class StreamQuota(ASGIMiddleware):
+    """Holds one of the caller's stream places for the whole response, however it ends
+    (a try/finally around it: a disconnect can end a response before its body starts).
+    Past the key's or the company's cap: 429 `too_many_streams`, before anything streams."""
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
+        principal = scope["user"]
+        assert isinstance(principal, Principal)  # the route is authenticated
+        quota = scope["litestar_app"].state.core.quotas.streams
+        full = quota.acquire(principal.key_id, principal.company_id)
+        if full is not None:
+            raise quota.refusal(full, "too_many_streams")
+        try:
+            await next_app(scope, receive, send)
+        finally:
+            quota.release(principal.key_id, principal.company_id)
 
 
 @get(
@@ -84,7 +150,8 @@ async def sse_frames(
         "terminal event (`done`, `cancelled` or `error`)."
     ),
     media_type="text/event-stream",
-    responses=errors(400, 404),
+    responses=errors(400, 404, 429),
+    middleware=[StreamQuota()],
 )
 async def stream_conversation(
     principal: NamedDependency[Principal],
@@ -99,13 +166,15 @@ async def stream_conversation(
         ("Last-Event-ID", "header", last_event_id) if last_event_id else ("after", "query", after)
     )
     cursor = Cursor.parse(raw_cursor, field, source=source) if raw_cursor else None
-    target = await core.resolve_stream(conversation, cursor, cursor_field=field, cursor_source=source)
+    target = await core.resolve_stream(
+        conversation, cursor, cursor_field=field, cursor_source=source, starter=principal
+    )
     if target is None:
         # 204 also tells a browser's EventSource to stop reconnecting.
         return Response(None, status_code=HTTP_204_NO_CONTENT)
     generation_id, after_seq = target
     return Stream(
-        sse_frames(core, generation_id, after_seq, core.sse_ping_interval),
+        sse_frames(core, principal, generation_id, after_seq, core.sse_ping_interval),
         media_type="text/event-stream",
         headers=SSE_HEADERS,
     )

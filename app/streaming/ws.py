@@ -18,7 +18,6 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import urlsplit
 from uuid import UUID
 
 import msgspec
@@ -26,15 +25,15 @@ from litestar import WebSocket, websocket
 from litestar.di import NamedDependency
 from litestar.exceptions import WebSocketDisconnect
 
-from app.auth.middleware import credentials
+from app.auth.middleware import credentials, principal_for
 from app.auth.principal import Principal
-from app.auth.service import authenticate
 from app.chat.conversations import load_conversation
 from app.chat.generations import get_generation, running_generation
 from app.chat.messages import post_message
 from app.chat.schemas import MessageCreate
 from app.config import Settings, get_settings
 from app.errors import ApiError, Unauthorized
+from app.http_security import same_origin_request
 from app.streaming.broker import BrokerUnavailable, FeedOverflow
 from app.streaming.core import StreamingCore
 from app.streaming.events import Cursor, json_encoder
@@ -81,16 +80,6 @@ class SocketClosing(Exception):
         self.notice = notice
 
 
-def _origin_allowed(socket: WebSocket[Any, Any, Any], settings: Settings) -> bool:
-    origin = socket.headers.get("origin")
-    if origin is None:  # not a browser: no cross-site risk from an ambient cookie
-        return True
-    allowed = {o.strip().rstrip("/") for o in settings.ws_allowed_origins.split(",") if o.strip()}
-    if origin.rstrip("/") in allowed:
-        return True
-    return urlsplit(origin).netloc == socket.headers.get("host", "")
-
-
 async def _authenticate(socket: WebSocket[Any, Any, Any], settings: Settings) -> Principal:
     """The caller, or SocketClosing with 4401 (credentials) or 4403 (foreign origin with a cookie)."""
     try:
@@ -100,12 +89,13 @@ async def _authenticate(socket: WebSocket[Any, Any, Any], settings: Settings) ->
     if token is None:
         raise SocketClosing(CLOSE_UNAUTHORIZED, "authentication required: Authorization: Bearer <api key>")
     cookie_only = socket.headers.get("authorization") is None
-    if cookie_only and not _origin_allowed(socket, settings):
+    # A client sending neither Origin nor Sec-Fetch-Site is no browser: no ambient cookie risk.
+    if cookie_only and not same_origin_request(socket.headers, settings, allow_without_headers=True):
         raise SocketClosing(CLOSE_ORIGIN_REFUSED, "origin not allowed for cookie authentication")
-    principal = await authenticate(token)
-    if principal is None:
-        raise SocketClosing(CLOSE_UNAUTHORIZED, "the API key is not valid or was revoked")
-    return principal
+    try:
+        return await principal_for(socket, token)
+    except Unauthorized as exc:
+        raise SocketClosing(CLOSE_UNAUTHORIZED, exc.message) from exc
 
 
 class Codec:
@@ -128,7 +118,7 @@ class Codec:
             raw = (
                 msgspec.msgpack.decode(data) if isinstance(data, bytes) and self.msgpack else msgspec.json.decode(data)
             )
-        except (msgspec.DecodeError, TypeError, RecursionError):
+        except (msgspec.DecodeError, UnicodeDecodeError, TypeError, RecursionError):
             return None
         ref = raw.get("ref") if isinstance(raw, dict) else None
         return ref if isinstance(ref, str) and len(ref) <= 64 else None
@@ -165,7 +155,15 @@ class Session:
     # -- lifecycle -----------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Serve the socket until the peer leaves or the session closes it."""
+        """Serve the socket until the peer leaves, the session closes it, or its key or
+        session is revoked (on any process; see StreamingCore.revoke_credentials)."""
+        with self.core.credentials.holding(self.principal.key_id, self.principal.session_id, self._revoked):
+            await self._serve()
+
+    def _revoked(self) -> None:
+        self.close_later(credentials_revoked())
+
+    async def _serve(self) -> None:
         reader = asyncio.create_task(self._read_loop())
         writer = asyncio.create_task(self._write_loop())
         try:
@@ -247,6 +245,8 @@ class Session:
             return await self._violation(None, "malformed_frame", f"not a valid frame: {exc}")
         except RecursionError:
             return await self._violation(None, "malformed_frame", "not a valid frame: nested too deeply")
+        except UnicodeDecodeError:  # a msgpack `str`, or a JSON binary frame, that is not UTF-8
+            return await self._violation(None, "malformed_frame", "not a valid frame: text is not valid UTF-8")
         try:
             await self._dispatch(frame)
         except ApiError as exc:
@@ -387,6 +387,13 @@ def broker_lost() -> SocketClosing:
     return SocketClosing(CLOSE_TRY_AGAIN_LATER, "broker unavailable", broker_unavailable(None))
 
 
+def credentials_revoked() -> SocketClosing:
+    """The close of a socket whose key was revoked or whose session ended or expired."""
+    message = "the credentials of this connection were revoked or expired; sign in or use another key"
+    notice = ErrorFrame(code="credentials_revoked", message=message)
+    return SocketClosing(CLOSE_UNAUTHORIZED, "credentials revoked", notice)
+
+
 def too_slow() -> SocketClosing:
     message = "this connection could not keep up; reconnect and subscribe with your last cursors"
     return SocketClosing(CLOSE_TRY_AGAIN_LATER, "too slow", ErrorFrame(code="too_slow", message=message))
@@ -406,5 +413,17 @@ async def ws_endpoint(socket: WebSocket[Any, Any, Any], core: NamedDependency[St
     except SocketClosing as refused:
         await socket.close(refused.code, refused.reason)
         return
-    with contextlib.suppress(WebSocketDisconnect):
-        await Session(socket, principal, core, Codec(use_msgpack), settings).run()
+    codec = Codec(use_msgpack)
+    sockets = core.quotas.sockets
+    full = sockets.acquire(principal.key_id, principal.company_id)
+    if full is not None:  # past the key's or company's cap: say why, then "try again later"
+        refusal = sockets.refusal(full, "too_many_sockets")
+        with contextlib.suppress(WebSocketDisconnect):
+            await codec.send(socket, ErrorFrame(code=refusal.code, message=refusal.message, details=refusal.details))
+            await socket.close(CLOSE_TRY_AGAIN_LATER, "too many sockets")
+        return
+    try:
+        with contextlib.suppress(WebSocketDisconnect):
+            await Session(socket, principal, core, codec, settings).run()
+    finally:
+        sockets.release(principal.key_id, principal.company_id)

@@ -121,6 +121,22 @@ def logged_errors(lines: list[str]) -> list[str]:
     return [line for line in lines if "Traceback" in line or " ERROR " in line or line.startswith("ERROR")]
 
 
+async def assert_no_error_logged_since(server: LiveServer, mark: int, encoding: str, acme: Tenant) -> None:
+    """No error or traceback in the server's output since line `mark`, read up to the accept
+    line of a later socket (so that nothing printed before it is missed)."""
+    accepted = sum("[accepted]" in line for line in server.lines[mark:])
+    async with open_socket(server, encoding, acme.headers("alice")) as barrier:
+        await barrier.assert_usable()
+    with anyio.fail_after(STEP):
+        while True:  # polling the server's output: there is no event to wait on
+            if sum("[accepted]" in line for line in server.lines[mark:]) > accepted:
+                break
+            await anyio.sleep(0.02)
+    output = server.lines[mark:]
+    CHECKED_OUTPUT[id(server)] = mark + len(output)
+    assert not logged_errors(output), "the server logged an error for a client's frames:\n" + "".join(output)
+
+
 @pytest.fixture(autouse=True)
 def server_logs_are_clean() -> Iterator[None]:
     """Whatever a test does to the wire, no server logs a traceback or an error. (A line
@@ -636,17 +652,7 @@ async def test_text_that_is_not_utf8_is_closed_with_1007(server: LiveServer, acm
         await ws.conn.send(b'{"type": "ping", "ref": "\xff"}', text=True)
         close = await ws.closed()
     assert close is not None and close.code == 1007, close
-    accepted = sum("[accepted]" in line for line in server.lines[mark:])
-    async with open_socket(server, encoding, acme.headers("alice")) as barrier:
-        await barrier.assert_usable()
-    with anyio.fail_after(STEP):
-        while True:
-            if sum("[accepted]" in line for line in server.lines[mark:]) > accepted:
-                break
-            await anyio.sleep(0.02)
-    output = server.lines[mark:]
-    CHECKED_OUTPUT[id(server)] = mark + len(output)
-    assert not logged_errors(output), "the server logged an error for a client's frame:\n" + "".join(output)
+    await assert_no_error_logged_since(server, mark, encoding, acme)
 
 
 # -- 3. frames ------------------------------------------------------------------------------------------------
@@ -1255,3 +1261,39 @@ async def test_a_reader_that_never_reads_again_is_let_go(
         f"(state, bytes queued); the client then read notices={notices} and close={close}"
     )
     assert server_end is None or server_end[0] != "ESTABLISHED", observed
+
+
+# -- invalid UTF-8 inside frames (issue #14 point 8) ------------------------------------------------
+
+
+async def test_invalid_utf8_inside_a_binary_frame_gets_an_error_frame(
+    server: LiveServer, acme: Tenant, encoding: str
+) -> None:
+    """Rule: a MessagePack `str`, or a JSON binary frame, that is not UTF-8 is a bad frame: an
+    `error` frame (`malformed_frame`) on a socket that stays open, not a dropped connection."""
+    async with open_socket(server, encoding, acme.headers("alice")) as ws:
+        await ws.assert_usable()
+        # fixmap{type: "ping", ref: <str of two bytes that are not UTF-8>}
+        data = b"\x82\xa4type\xa4ping\xa3ref\xa2\xff\xfe" if ws.msgpack else b'{"type": "ping", "ref": "\xff\xfe"}'
+        try:
+            error = await ws.error_for(data)
+        except ConnectionClosed as exc:
+            pytest.fail(f"the server dropped the socket instead of answering ({exc.rcvd}, {exc.sent})")
+        assert_error_frame(error, "malformed_frame", None)
+        await ws.assert_usable()
+
+
+async def test_invalid_utf8_text_followed_by_a_close_logs_no_traceback(
+    server: LiveServer, acme: Tenant, encoding: str
+) -> None:
+    """Rule: a text frame that is not UTF-8 arriving with the client's close frame (one TCP
+    write, so the server reads both at once) is bad client input: no traceback in the log."""
+    mark = len(server.lines)
+    async with open_socket(server, encoding, acme.headers("alice")) as ws:
+        await ws.assert_usable()
+        protocol = ws.conn.protocol
+        protocol.send_text(b'{"type": "ping", "ref": "\xff"}')
+        protocol.send_close(1000)
+        ws.conn.transport.write(b"".join(protocol.data_to_send()))
+        await ws.closed()
+    await assert_no_error_logged_since(server, mark, encoding, acme)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from app.config import DEFAULT_SQLITE_PATH, Settings, settings_from_env
+from app.config import DEFAULT_SQLITE_PATH, Settings, SettingsError, settings_from_env
 from app.db import engine_from_settings
 
 
@@ -100,3 +100,93 @@ def test_engine_default_sqlite_path_is_relative_chatstream_db(tmp_path: Path, mo
     engine = engine_from_settings(settings_from_env({}))
     assert isinstance(engine, SQLiteEngine)
     assert engine.path == "chatstream.db"
+
+
+def test_session_lifetime_and_credential_recheck() -> None:
+    """Sessions last 7 days and open connections re-check their credentials every 60 s by
+    default; both can be set, and a re-check interval that is not positive is refused."""
+    defaults = settings_from_env({})
+    assert defaults.cookie_max_age == 7 * 24 * 3600 and defaults.credential_recheck == 60.0
+    settings = settings_from_env({"CHATSTREAM_COOKIE_MAX_AGE": "3600", "CHATSTREAM_CREDENTIAL_RECHECK": "0.5"})
+    assert settings.cookie_max_age == 3600 and settings.credential_recheck == 0.5
+    for bad in ("0", "-1", "soon"):
+        with pytest.raises(SettingsError, match="CHATSTREAM_CREDENTIAL_RECHECK"):
+            settings_from_env({"CHATSTREAM_CREDENTIAL_RECHECK": bad})
+
+
+def test_allowed_hosts_and_origins_with_the_former_origins_name() -> None:
+    """`CHATSTREAM_ALLOWED_HOSTS` and `CHATSTREAM_ALLOWED_ORIGINS` default to empty; the former
+    `CHATSTREAM_WS_ALLOWED_ORIGINS` still sets the origins, and the new name wins over it."""
+    defaults = settings_from_env({})
+    assert defaults.allowed_hosts == "" and defaults.allowed_origins == ""
+    settings = settings_from_env(
+        {"CHATSTREAM_ALLOWED_HOSTS": " chat.internal,* ", "CHATSTREAM_WS_ALLOWED_ORIGINS": "https://old.example"}
+    )
+    assert settings.allowed_hosts == "chat.internal,*" and settings.allowed_origins == "https://old.example"
+    both = {"CHATSTREAM_ALLOWED_ORIGINS": "https://new.example", "CHATSTREAM_WS_ALLOWED_ORIGINS": "https://old.example"}
+    assert settings_from_env(both).allowed_origins == "https://new.example"
+
+
+def test_model_key_vars_bind_variables_to_hosts() -> None:
+    """CHATSTREAM_MODEL_KEY_VARS: `VAR=host[:port]|host2,...`; by default OpenAI's key goes to OpenAI only."""
+    from app.upstream_policy import HostPort
+
+    assert settings_from_env({}).upstream_policy.key_hosts == {"OPENAI_API_KEY": (HostPort("api.openai.com"),)}
+    policy = settings_from_env({"CHATSTREAM_MODEL_KEY_VARS": "A=h1|h2:8443,B=h3"}).upstream_policy
+    assert policy.key_hosts == {"A": (HostPort("h1"), HostPort("h2", 8443)), "B": (HostPort("h3"),)}
+
+
+def test_a_key_variable_without_hosts_stops_startup_saying_what_to_write() -> None:
+    from app.config import SettingsError
+
+    with pytest.raises(SettingsError, match=r"CHATSTREAM_MODEL_KEY_VARS.*OPENAI_API_KEY=api\.openai\.com"):
+        settings_from_env({"CHATSTREAM_MODEL_KEY_VARS": "OPENAI_API_KEY"})
+
+
+def test_upstream_allow_and_the_model_pool_are_parsed() -> None:
+    """CHATSTREAM_UPSTREAM_ALLOW (empty: public addresses only) and CHATSTREAM_MODEL_MAX_CONNECTIONS."""
+    import ipaddress
+
+    from app.config import SettingsError
+
+    assert settings_from_env({}).upstream_policy.allow == ()
+    assert settings_from_env({}).model_max_connections == 100
+    settings = settings_from_env(
+        {"CHATSTREAM_UPSTREAM_ALLOW": "127.0.0.1:11434,10.0.0.0/8", "CHATSTREAM_MODEL_MAX_CONNECTIONS": "8"}
+    )
+    assert settings.model_max_connections == 8
+    assert settings.upstream_policy.address_allowed("x", ipaddress.ip_address("127.0.0.1"), 11434)
+    assert not settings.upstream_policy.address_allowed("x", ipaddress.ip_address("127.0.0.1"), 80)
+    with pytest.raises(SettingsError, match="CHATSTREAM_UPSTREAM_ALLOW"):
+        settings_from_env({"CHATSTREAM_UPSTREAM_ALLOW": "10.0.0.0/33"})
+    with pytest.raises(SettingsError, match="CHATSTREAM_MODEL_MAX_CONNECTIONS"):
+        settings_from_env({"CHATSTREAM_MODEL_MAX_CONNECTIONS": "0"})
+
+
+def test_caps_and_connection_timeouts_are_parsed() -> None:
+    """Per-key / per-company caps and the serve timeouts: sane defaults, numbers from the environment."""
+    defaults = settings_from_env({})
+    assert (defaults.max_sockets_per_key, defaults.max_sockets_per_company) == (20, 1000)
+    assert (defaults.max_streams_per_key, defaults.max_streams_per_company) == (20, 1000)
+    assert (defaults.max_answers_per_key, defaults.max_answers_per_company) == (10, 100)
+    assert (defaults.max_connections, defaults.header_timeout, defaults.body_timeout) == (2000, 10.0, 30.0)
+    settings = settings_from_env(
+        {
+            "CHATSTREAM_MAX_SOCKETS_PER_KEY": "3",
+            "CHATSTREAM_MAX_STREAMS_PER_COMPANY": "7",
+            "CHATSTREAM_MAX_ANSWERS_PER_KEY": "2",
+            "CHATSTREAM_MAX_CONNECTIONS": "500",
+            "CHATSTREAM_HEADER_TIMEOUT": "2.5",
+            "CHATSTREAM_BODY_TIMEOUT": "0",
+        }
+    )
+    assert (settings.max_sockets_per_key, settings.max_streams_per_company, settings.max_answers_per_key) == (3, 7, 2)
+    assert (settings.max_connections, settings.header_timeout, settings.body_timeout) == (500, 2.5, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"), [("CHATSTREAM_MAX_ANSWERS_PER_KEY", "0"), ("CHATSTREAM_HEADER_TIMEOUT", "-1")]
+)
+def test_a_cap_below_one_or_a_negative_timeout_is_refused(variable: str, value: str) -> None:
+    with pytest.raises(SettingsError, match=variable):
+        settings_from_env({variable: value})

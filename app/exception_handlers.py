@@ -89,12 +89,6 @@ def handle_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -
         return _response(400, _malformed(f"the request body is not valid JSON ({message})"))
     if status == 404:
         message = "not found"
-    elif status == 429:
-        retry_after = _retry_after(exc.headers or {})
-        message = f"too many messages; retry in {retry_after} s"
-        details = {"retryAfter": retry_after}
-        headers = {**(exc.headers or {}), "Retry-After": str(retry_after)}
-        return _response(status, ErrorBody(error=message, code=code, details=details), headers)
     elif status == 413:
         limit = get_settings().max_body_bytes
         message = f"the request body is too large: at most {limit} bytes"
@@ -106,14 +100,6 @@ def handle_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -
 
 
 _BODY_METHODS = {"POST", "PUT", "PATCH"}
-
-
-def _retry_after(headers: dict[str, str]) -> int:
-    # Litestar's limiter says when its window resets (RateLimit-Reset, seconds).
-    try:
-        return max(1, int(headers.get("RateLimit-Reset", "60")))
-    except ValueError:
-        return 60
 
 
 def _malformed(message: str) -> ErrorBody:

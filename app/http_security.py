@@ -17,7 +17,7 @@ from litestar.middleware import ASGIMiddleware
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.config import Settings
-from app.errors import ApiError
+from app.errors import ApiError, Forbidden, InvalidInput
 
 # Load balancers probe these with whatever Host they like.
 PROBE_PATHS = frozenset({"/healthz", "/readyz"})
@@ -37,16 +37,6 @@ SECURITY_HEADERS = {
     "referrer-policy": "no-referrer",
     "x-frame-options": "DENY",
 }
-
-
-class HostNotAllowed(ApiError):
-    status = 400
-    code = "host_not_allowed"
-
-
-class OriginRefused(ApiError):
-    status = 403
-    code = "origin_refused"
 
 
 class UnsupportedMediaType(ApiError):
@@ -103,13 +93,14 @@ def same_origin_request(headers: Headers, settings: Settings, *, allow_without_h
     return allow_without_headers
 
 
-def check_request(scope: Scope, settings: Settings) -> None:
-    """Raise the refusal for a request that must not reach the app, if it is one."""
+def check_request(scope: Scope, settings: Settings, names: frozenset[str] | None) -> None:
+    """Raise the refusal for a request that must not reach the app, if it is one (`names`:
+    :func:`allowed_host_names` of `settings`)."""
     headers = Headers.from_scope(scope)
-    names = allowed_host_names(settings)
     if names is not None and host_name(headers.get("host", "")) not in names:
-        raise HostNotAllowed(
+        raise InvalidInput(
             "this server does not answer to that Host; set CHATSTREAM_PUBLIC_URL or CHATSTREAM_ALLOWED_HOSTS",
+            code="host_not_allowed",
             details={"host": headers.get("host")},
         )
     method = scope.get("method", "GET")
@@ -125,8 +116,9 @@ def check_request(scope: Scope, settings: Settings) -> None:
     cookie_auth = "authorization" not in headers and settings.cookie_name in _cookie_names(headers)
     login = method == "POST" and scope["path"].rstrip("/") == LOGIN_PATH
     if (cookie_auth or login) and not same_origin_request(headers, settings, allow_without_headers=not cookie_auth):
-        raise OriginRefused(
+        raise Forbidden(
             "cross-origin request refused: a browser may only send this from the server's own pages",
+            code="origin_refused",
             details={"origin": headers.get("origin"), "secFetchSite": headers.get("sec-fetch-site")},
         )
 
@@ -142,10 +134,11 @@ class HttpSecurityMiddleware(ASGIMiddleware):
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.host_names = allowed_host_names(settings)  # once: settings do not change
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
         if scope["path"] not in PROBE_PATHS:
-            check_request(scope, self.settings)
+            check_request(scope, self.settings, self.host_names)
         await next_app(scope, receive, send)
 
 

@@ -17,6 +17,7 @@ from app.agents.controllers import AgentController
 from app.auth.controllers import ApiKeyController, MeController, SessionController
 from app.auth.guards import provide_principal
 from app.auth.middleware import ApiKeyAuthMiddleware
+from app.chat.answer_store import ChatAnswerStore
 from app.chat.controllers import ConversationController, GenerationController, provide_core
 from app.config import Settings, get_settings
 from app.db import close_pool, open_pool
@@ -64,6 +65,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         core = StreamingCore(
             broker,
             policy,
+            store=ChatAnswerStore(),
             adapters=build_adapters(settings),
             sse_ping_interval=settings.sse_ping_interval,
             credential_recheck=settings.credential_recheck,

@@ -32,10 +32,11 @@ class Role(StrEnum):
 
 
 class MessageRole(StrEnum):
-    """Who wrote a message."""
+    """Who wrote a message: a user, the agent, or a tool (a client's result for a tool call of the agent)."""
 
     user = "user"
     agent = "agent"
+    tool = "tool"
 
 
 class MessageStatus(StrEnum):
@@ -145,6 +146,9 @@ class Message(Table):
     generation = UUID(null=True, default=None)
     status = Varchar(length=10, choices=MessageStatus, default=MessageStatus.complete)
     created_at = Timestamptz(default=TimestamptzNow())
+    # An agent message's answer as typed parts (app/streaming/parts.py), a tool message's
+    # result; null for user messages and for answers stored before parts existed.
+    parts = JSON(null=True, default=None)
 
 
 class Generation(Table):

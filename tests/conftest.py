@@ -173,11 +173,12 @@ def broker_kind(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 async def core(broker_kind: str) -> AsyncIterator[object]:
     """A streaming core on each broker, shut down (answers cancelled) after the test."""
+    from app.chat.answer_store import ChatAnswerStore
     from app.streaming.core import StreamingCore
     from app.streaming.policy import StreamPolicy
     from tests.redis_support import any_broker
 
     async with any_broker(broker_kind) as broker:
-        streaming = StreamingCore(broker, StreamPolicy())
+        streaming = StreamingCore(broker, StreamPolicy(), store=ChatAnswerStore())
         yield streaming
         await streaming.shutdown()

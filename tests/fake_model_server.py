@@ -25,13 +25,21 @@ from tests.integration.live_server import free_port
 Step = str | bytes | asyncio.Event
 
 
-def chunk(content: str | None = None, *, finish_reason: str | None = None, role: str | None = None) -> str:
-    """The JSON of one `chat.completion.chunk` with one choice."""
+def chunk(
+    content: str | None = None,
+    *,
+    finish_reason: str | None = None,
+    role: str | None = None,
+    **fields: Any,
+) -> str:
+    """The JSON of one `chat.completion.chunk` with one choice; `fields` go into its delta
+    as they are (`reasoning_content`, `reasoning`, `tool_calls`: see :func:`tool_call`)."""
     delta: dict[str, Any] = {}
     if role:
         delta["role"] = role
     if content is not None:
         delta["content"] = content
+    delta.update(fields)
     return json.dumps(
         {
             "id": "chatcmpl-fake",
@@ -41,6 +49,31 @@ def chunk(content: str | None = None, *, finish_reason: str | None = None, role:
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
         }
     )
+
+
+def tool_call(
+    index: int, *, id: str | None = None, name: str | None = None, arguments: str | None = None
+) -> dict[str, Any]:
+    """One entry of `delta.tool_calls` as OpenAI streams it: the first of an index has the
+    id, `"type": "function"`, the name and `"arguments": ""`; the next ones only the index
+    and a piece of the arguments."""
+    entry: dict[str, Any] = {"index": index}
+    if id is not None:
+        entry["id"] = id
+        entry["type"] = "function"
+    function: dict[str, Any] = {}
+    if name is not None:
+        function["name"] = name
+    if arguments is not None:
+        function["arguments"] = arguments
+    if function:
+        entry["function"] = function
+    return entry
+
+
+def tool_calls_chunk(*calls: dict[str, Any]) -> str:
+    """A chunk whose delta holds only these `tool_calls` entries."""
+    return chunk(tool_calls=list(calls))
 
 
 def usage_chunk(completion_tokens: int) -> str:

@@ -17,6 +17,7 @@ from app.chat.conversations import conversation_not_found, load_conversation
 from app.chat.schemas import GenerationOut
 from app.db import is_foreign_key_violation, is_unique_violation, write_transaction
 from app.errors import Conflict, NotFound
+from app.streaming.parts import Part, decode_parts, encode_parts, text_of
 from app.tables import Conversation, Generation, GenerationStatus, Message, MessageRole, MessageStatus
 
 
@@ -140,15 +141,16 @@ async def finish_generation(
     generation_id: UUID,
     status: GenerationStatus,
     *,
-    text: str | None,
+    parts: list[Part] | None,
     token_count: int,
     chunk_count: int,
     ttft_ms: int | None,
     finish_reason: str | None = None,
     error: str | None = None,
 ) -> UUID | None:
-    """End a generation. When `text` is given, store it as the agent's message (`complete`
-    for done, `partial` otherwise) in the same transaction. Returns that message's id.
+    """End a generation. When `parts` are given, store them as the agent's message (`complete`
+    for done, `partial` otherwise; `content` is their text) in the same transaction.
+    Returns that message's id.
     A generation that already ended is left as it is (first ending wins)."""
     now = datetime.now(UTC)
     async with write_transaction(Generation._meta.db):
@@ -160,12 +162,13 @@ async def finish_generation(
         if row is None or row["status"] != GenerationStatus.running.value:
             return None
         message_id = None
-        if text is not None:
+        if parts is not None:
             message = Message(
                 conversation=row["conversation"],
                 role=MessageRole.agent.value,
                 author_id=row["agent"],
-                content=text,
+                content=text_of(parts),
+                parts=encode_parts(parts),
                 generation=generation_id,
                 status=(MessageStatus.complete if status is GenerationStatus.done else MessageStatus.partial).value,
                 created_at=now,
@@ -199,10 +202,21 @@ async def settle_interrupted_length(generation_id: UUID, chunk_count: int) -> Ge
     return await load_generation(generation_id)
 
 
-async def stored_answer(message_id: UUID) -> str | None:
-    """The text an answer was stored with (its original `content`, whatever later edits)."""
-    row = await Message.select(Message.content).where(Message.id == message_id).first()
-    return None if row is None else str(row["content"])
+async def stored_answer(message_id: UUID) -> list[Part] | None:
+    """The parts an answer was stored with (its original ones, whatever later edits); an
+    answer stored before parts existed is one text part."""
+    row = await Message.select(Message.content, Message.parts).where(Message.id == message_id).first()
+    if row is None:
+        return None
+    return stored_parts(row)
+
+
+def stored_parts(row: dict[str, Any]) -> list[Part]:
+    """A message row's parts as stored: its `parts` column, else (user messages, answers
+    stored before parts existed) its `content` as one text part."""
+    if row["parts"] is not None:
+        return decode_parts(row["parts"])
+    return [Part(kind="text", text=row["content"])] if row["content"] else []
 
 
 async def interrupt_orphans() -> int:
@@ -247,15 +261,63 @@ async def interrupt(generation_id: UUID, chunk_count: int, error: str) -> bool:
     return True
 
 
-async def unanswered_user_message(conversation_id: UUID) -> dict[str, Any] | None:
-    """The last message if it is a user message that no generation has answered yet."""
+async def waiting_turn(conversation_id: UUID) -> UUID | None:
+    """The last message if it waits for an answer: a user message, or the tool result that
+    completes the results for every tool call of the last answer; and no generation has
+    answered it yet."""
     last: dict[str, Any] | None = (
         await Message.select(Message.id, Message.role)
         .where(Message.conversation == conversation_id)
         .order_by(Message.created_at, Message.id, ascending=False)
         .first()
     )
-    if last is None or last["role"] != MessageRole.user.value:
+    if last is None or last["role"] == MessageRole.agent.value:
         return None
+    if last["role"] == MessageRole.tool.value:
+        calls = await pending_tool_calls(conversation_id)
+        if calls is None or calls.unanswered:
+            return None
     answered = await Generation.exists().where(Generation.reply_to == last["id"])
-    return None if answered else last
+    return None if answered else last["id"]
+
+
+class ToolCalls:
+    """The tool calls of a conversation's last answer and the results given so far."""
+
+    def __init__(self, message_id: UUID, calls: dict[str, Part], results: dict[str, dict[str, Any]]) -> None:
+        self.message_id = message_id
+        self.calls = calls  # complete tool_call parts by toolCallId
+        self.results = results  # tool message rows by the toolCallId they answer
+
+    @property
+    def unanswered(self) -> list[str]:
+        return [call_id for call_id in self.calls if call_id not in self.results]
+
+
+async def pending_tool_calls(conversation_id: UUID) -> ToolCalls | None:
+    """The last answer's tool calls, when only tool results came after it (a user message
+    after the answer leaves its calls behind). None when there is no such answer."""
+    latest = (
+        await Message.select()
+        .where(Message.conversation == conversation_id, Message.role != MessageRole.tool.value)
+        .order_by(Message.created_at, Message.id, ascending=False)
+        .first()
+    )
+    if latest is None or latest["role"] != MessageRole.agent.value:
+        return None
+    calls = {
+        part.tool_call_id: part
+        for part in stored_parts(latest)
+        if part.kind == "tool_call" and part.state == "complete" and part.tool_call_id
+    }
+    answers = await Message.select().where(
+        Message.conversation == conversation_id,
+        Message.role == MessageRole.tool.value,
+        Message.created_at >= latest["created_at"],
+    )
+    results: dict[str, dict[str, Any]] = {}
+    for row in answers:
+        for part in stored_parts(row):
+            if part.tool_call_id in calls:
+                results[part.tool_call_id] = row
+    return ToolCalls(latest["id"], calls, results)

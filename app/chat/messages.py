@@ -15,6 +15,7 @@ from app.chat.generations import (
     create_running,
     generation_for_message,
     running_generation,
+    stored_parts,
 )
 from app.chat.schemas import (
     HistoryItem,
@@ -34,6 +35,7 @@ from app.errors import (
     invalid_field,
 )
 from app.limits import MAX_CONTENT_CHARS
+from app.streaming.parts import Part
 from app.streaming.protocol import MessageCreated, MessageEdited
 from app.tables import Conversation, Message, MessageRole, MessageStatus
 
@@ -56,6 +58,7 @@ def message_out(row: dict[str, Any]) -> MessageOut:
         generation_id=row["generation"],
         status=MessageStatus(row["status"]),
         created_at=row["created_at"],
+        parts=stored_parts(row),
     )
 
 
@@ -255,6 +258,7 @@ async def load_history(conversation_id: UUID) -> list[HistoryItem]:
             Message.content,
             Message.edited_content,
             Message.created_at,
+            Message.parts,
         )
         .where(Message.conversation == conversation_id)
         .order_by(Message.created_at)
@@ -266,9 +270,19 @@ async def load_history(conversation_id: UUID) -> list[HistoryItem]:
             role=MessageRole(r["role"]),
             effective_content=effective_content(r),
             created_at=r["created_at"],
+            parts=history_parts(r),
         )
         for r in rows
     ]
+
+
+def history_parts(row: dict[str, Any]) -> list[Part]:
+    """A turn's parts as the agent is given them: as stored, except that an edit replaces
+    the text (the other parts first, then the edited text as one text part)."""
+    parts = stored_parts(row)
+    if row["edited_content"] is None:
+        return parts
+    return [p for p in parts if p.kind != "text"] + [Part(kind="text", text=row["edited_content"])]
 
 
 async def history(principal: Principal, conversation_id: UUID) -> list[HistoryItem]:

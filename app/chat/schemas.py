@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated
 from uuid import UUID
 
 import msgspec
 
 from app.streaming.policy import BusyPolicy, PartialPolicy
-from app.tables import GenerationStatus, MessageRole, MessageStatus
+from app.streaming.records import ConversationOut, GenerationOut, HistoryItem, MessageOut
 from app.text_types import ClientMessageId, Text
 
 
@@ -23,16 +22,6 @@ class ConversationUpdate(msgspec.Struct, rename="camel", forbid_unknown_fields=T
 
     title: Text | msgspec.UnsetType | None = msgspec.UNSET
     agent_id: UUID | msgspec.UnsetType | None = msgspec.UNSET
-
-
-class ConversationOut(msgspec.Struct, rename="camel"):
-    id: UUID
-    owner_id: UUID
-    agent_id: UUID | None
-    title: str | None
-    last_message_at: datetime
-    created_at: datetime
-    updated_at: datetime
 
 
 class ConversationPage(msgspec.Struct, rename="camel"):
@@ -58,46 +47,11 @@ class MessageEdit(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
     content: Text
 
 
-class MessageOut(msgspec.Struct, rename="camel"):
-    id: UUID
-    conversation_id: UUID
-    role: MessageRole
-    author_id: UUID | None
-    content: str
-    edited_content: str | None
-    edited_at: datetime | None
-    effective_content: str
-    client_message_id: str | None
-    generation_id: UUID | None
-    status: MessageStatus
-    created_at: datetime
-
-
 class MessagePage(msgspec.Struct, rename="camel"):
     """Messages in chronological order; pass `nextCursor` as `before` for the older page (null: no more)."""
 
     items: list[MessageOut]
     next_cursor: str | None = None
-
-
-class GenerationOut(msgspec.Struct, rename="camel"):
-    """One agent answer: its state and metrics."""
-
-    id: UUID
-    conversation_id: UUID
-    reply_to_id: UUID | None
-    agent_id: UUID | None
-    status: GenerationStatus
-    result_message_id: UUID | None
-    # Tokens as the model counted them (its usage report), else the pieces streamed.
-    token_count: int
-    # `token` events sent; the terminal event's seq is chunkCount + 2.
-    chunk_count: int
-    finish_reason: str | None
-    ttft_ms: int | None
-    error: str | None
-    started_at: datetime
-    finished_at: datetime | None
 
 
 class MessagePosted(msgspec.Struct, rename="camel"):
@@ -107,10 +61,16 @@ class MessagePosted(msgspec.Struct, rename="camel"):
     generation: GenerationOut | None = None
 
 
-class HistoryItem(msgspec.Struct, rename="camel"):
-    """One turn exactly as the agent's adapter is given it."""
-
-    id: UUID
-    role: MessageRole
-    effective_content: str
-    created_at: datetime
+__all__ = [
+    "ConversationCreate",
+    "ConversationOut",
+    "ConversationPage",
+    "ConversationUpdate",
+    "GenerationOut",
+    "HistoryItem",
+    "MessageCreate",
+    "MessageEdit",
+    "MessageOut",
+    "MessagePage",
+    "MessagePosted",
+]

@@ -23,33 +23,26 @@ import logging
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 from uuid import UUID
 
 import msgspec
 
-from app.auth.principal import Principal
-from app.chat.generations import (
-    GenerationBusy,
-    agent_of,
-    create_running,
-    finish_generation,
-    interrupt,
-    interrupt_orphans,
-    load_generation,
-    running_generation,
-    running_producers,
-    settle_interrupted_length,
-    stored_answer,
-    unanswered_user_message,
-)
-from app.chat.messages import load_history, load_message
-from app.chat.schemas import GenerationOut
-from app.db import write_transaction
 from app.errors import invalid_field
-from app.streaming.adapters import Adapter, AdapterConfigError, AdapterError, AnswerEnd, build_adapters, parse_config
+from app.streaming.adapters import (
+    Adapter,
+    AdapterConfigError,
+    AdapterError,
+    AnswerEnd,
+    AnswerItem,
+    AppendPart,
+    EndPart,
+    StartPart,
+    build_adapters,
+    parse_config,
+)
 from app.streaming.broker import Broker, BrokerUnavailable, ConversationFeed
 from app.streaming.control import CancelRequest, ControlMessage, CredentialRevoked, ReadersGone
 from app.streaming.credentials import CredentialHolders
@@ -59,15 +52,21 @@ from app.streaming.events import (
     Done,
     Error,
     GenerationEvent,
+    PartDelta,
+    PartEnd,
+    PartStart,
     Snapshot,
     Start,
     Token,
     is_terminal,
 )
+from app.streaming.parts import OPENED_KINDS, AnswerParts, parse_arguments, text_of
 from app.streaming.policy import BusyPolicy, PartialPolicy, StreamPolicy
 from app.streaming.protocol import ConversationEvent, GenerationStarted, MessageCreated
 from app.streaming.quotas import Quotas
-from app.tables import Generation, GenerationStatus
+from app.streaming.records import GenerationOut
+from app.streaming.store import AnswerStore
+from app.tables import GenerationStatus
 
 logger = logging.getLogger("chatstream.streaming")
 
@@ -92,8 +91,100 @@ async def stop_all_answers(reason: str) -> None:
 
 
 def terminal_seq(generation: GenerationOut) -> int:
-    """Seq of a finished generation's terminal event: `start`, its `token` events, the end."""
+    """Seq of a finished generation's terminal event: `start`, its answer events, the end."""
     return generation.chunk_count + 2
+
+
+class Starter(Protocol):
+    """Whose running-answers quota an answer counts against (a caller's principal)."""
+
+    @property
+    def key_id(self) -> UUID: ...
+
+    @property
+    def company_id(self) -> UUID: ...
+
+
+# An event to emit: its type and its fields (seq and ids are added by `emit`).
+_Step = tuple[type[GenerationEvent], dict[str, Any]]
+
+
+class _AnswerBuilder:
+    """Turns an adapter's items into the answer's events, checking them: a part step that
+    does not fit (unknown key, unknown kind, a value that is not JSON) is `invalid_part`."""
+
+    def __init__(self) -> None:
+        self.answer = AnswerParts()
+        self.events = 0  # answer events made (the log's seq after `start` is 1 + this)
+        self.pieces = 0  # text, reasoning and argument pieces: the fallback token count
+        self._open: dict[str, int] = {}  # adapter key -> index of its open part
+
+    def event(self, item: str | StartPart | AppendPart | EndPart) -> _Step | None:
+        """The event for one item (None for an empty piece)."""
+        answer = self.answer
+        if isinstance(item, str):
+            if not item:
+                return None
+            answer.add_text(item)
+            made: _Step = (Token, {"text": item})
+            self.pieces += 1
+        elif isinstance(item, AppendPart):
+            index = self._index(item.key)
+            if not isinstance(item.text, str):
+                raise _invalid(f"part {item.key!r}: text must be a string")
+            if not item.text:
+                return None
+            answer.delta(index, item.text)
+            made = (PartDelta, {"part": index, "text": item.text})
+            self.pieces += 1
+        elif isinstance(item, StartPart):
+            if item.key in self._open:
+                raise _invalid(f"part {item.key!r} is open already")
+            if item.kind not in OPENED_KINDS:
+                raise _invalid(f"part {item.key!r}: unknown kind {item.kind!r}")
+            index = len(answer.parts)
+            answer.start(index, item.kind, item.name, item.tool_call_id)
+            self._open[item.key] = index
+            made = (
+                PartStart,
+                {"part": index, "kind": item.kind, "name": item.name, "tool_call_id": item.tool_call_id},
+            )
+        elif isinstance(item, EndPart):
+            made = self._end(item.key, item.value, item.error)
+        else:
+            raise _invalid(f"an adapter yielded {type(item).__name__}, not text or a part step")
+        self.events += 1
+        return made
+
+    def _index(self, key: str) -> int:
+        index = self._open.get(key)
+        if index is None:
+            raise _invalid(f"part {key!r} is not open")
+        return index
+
+    def _end(self, key: str, value: Any, error: str | None) -> _Step:
+        index = self._index(key)
+        part = self.answer.parts[index]
+        state = "complete"
+        if part.kind == "tool_call":
+            value, error = parse_arguments(part.text)
+            state = "invalid" if error else "complete"
+        else:
+            try:
+                msgspec.json.encode(value)
+            except (TypeError, msgspec.EncodeError) as exc:
+                raise _invalid(f"part {key!r}: its value is not JSON ({exc})") from None
+        del self._open[key]
+        self.answer.end(index, state, value, error)
+        return PartEnd, {"part": index, "state": state, "value": value, "error": error}
+
+    def open_keys(self) -> list[str]:
+        """Keys of the parts still open, in order."""
+        return sorted(self._open, key=self._open.__getitem__)
+
+
+def _invalid(message: str) -> AdapterError:
+    return AdapterError("invalid_part", f"the agent sent a part that does not fit: {message}")
 
 
 @dataclass
@@ -106,7 +197,7 @@ class _Producer:
     grace_timer: asyncio.TimerHandle | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
     # Whose running-answers quota the answer counts against, until it ends.
-    starter: Principal | None = None
+    starter: Starter | None = None
 
 
 class StreamingCore:
@@ -116,6 +207,8 @@ class StreamingCore:
         self,
         broker: Broker,
         policy: StreamPolicy,
+        *,
+        store: AnswerStore,
         adapters: Mapping[str, Adapter] | None = None,
         sse_ping_interval: float = 15.0,
         credential_recheck: float = 60.0,
@@ -123,13 +216,14 @@ class StreamingCore:
     ) -> None:
         self.broker = broker
         self.policy = policy
+        self.store = store
         self.quotas = quotas or Quotas()
         # Reserved generations not launched yet, with the caller whose answer quota they hold.
-        self._reserved: dict[UUID, Principal] = {}
+        self._reserved: dict[UUID, Starter] = {}
         self.sse_ping_interval = sse_ping_interval
         # Seconds between re-checks of the open connections' credentials.
         self.credential_recheck = credential_recheck
-        self.credentials = CredentialHolders()
+        self.credentials = CredentialHolders(store.invalid_credentials)
         self.adapters = dict(build_adapters() if adapters is None else adapters)
         self._producers: dict[UUID, _Producer] = {}
         self._background: set[asyncio.Task[Any]] = set()
@@ -145,7 +239,7 @@ class StreamingCore:
         self.broker.on_control(self._on_control)
         self._spawn(self._every(self.credential_recheck, self.credentials.recheck, "re-checking credentials"))
         if not self.broker.shared:
-            count = await interrupt_orphans()
+            count = await self.store.interrupt_orphans()
             if count:
                 logger.warning("marked %d generation(s) left running by a previous run as interrupted", count)
             return
@@ -175,9 +269,9 @@ class StreamingCore:
 
     async def cancel_conversation(self, conversation_id: UUID, reason: str) -> None:
         """Cancel the conversation's running answer, wherever it is produced."""
-        running = await running_generation(conversation_id)
+        running = await self.store.running_generation_id(conversation_id)
         if running is not None:
-            await self.cancel(running["id"], reason)
+            await self.cancel(running, reason)
 
     async def cancel_all(self, reason: str) -> None:
         """Cancel every generation this process produces and wait until their outcomes are stored."""
@@ -226,7 +320,7 @@ class StreamingCore:
         do it; the first one wins. Returns how many this call ended."""
         candidates = {
             gid: node
-            for gid, node in await running_producers()
+            for gid, node in await self.store.running_producers()
             if node is not None and gid not in self._producers and self.broker.is_peer(node)
         }
         if not candidates:
@@ -243,9 +337,9 @@ class StreamingCore:
         last = await self.broker.last_seq(generation_id)  # None: the log is gone too
         chunks = max(last - 1, 0) if last else 0
         message = "the server process producing this answer stopped"
-        if not await interrupt(generation_id, chunks, f"{PRODUCER_LOST}: {message}"):
+        if not await self.store.interrupt(generation_id, chunks, f"{PRODUCER_LOST}: {message}"):
             return False
-        generation = await load_generation(generation_id)
+        generation = await self.store.load_generation(generation_id)
         if last is None or generation is None:
             return True
         ids: dict[str, Any] = {"generation_id": generation_id, "conversation_id": generation.conversation_id}
@@ -293,7 +387,7 @@ class StreamingCore:
         await self.broker.open_log(generation_id, conversation_id)
         return generation_id
 
-    def count_answer(self, generation_id: UUID, starter: Principal) -> None:
+    def count_answer(self, generation_id: UUID, starter: Starter) -> None:
         """Count a reserved generation against `starter`'s running answers until it ends
         (or is released); past the key's or company's cap, raise `TooManyRequests`
         (`too_many_answers`) and count nothing."""
@@ -307,7 +401,7 @@ class StreamingCore:
         self._end_quota(self._reserved.pop(generation_id, None))
         await self.broker.discard_log(generation_id)
 
-    def _end_quota(self, starter: Principal | None) -> None:
+    def _end_quota(self, starter: Starter | None) -> None:
         if starter is not None:
             self.quotas.answers.release(starter.key_id, starter.company_id)
 
@@ -347,7 +441,7 @@ class StreamingCore:
     ) -> None:
         gen = producer.generation
         seq = 0
-        pieces: list[str] = []
+        built = _AnswerBuilder()
         ttft_ms: int | None = None
         end = AnswerEnd()
 
@@ -375,12 +469,12 @@ class StreamingCore:
                 try:
                     # Shielded: a second cancellation must not leave the row `running` or the message half-written.
                     message_id = await asyncio.shield(
-                        finish_generation(
+                        self.store.finish_generation(
                             gen.id,
                             status,
-                            text="".join(pieces) if keep else None,
-                            token_count=len(pieces) if end.token_count is None else end.token_count,
-                            chunk_count=len(pieces),
+                            parts=built.answer.ended(complete=status is GenerationStatus.done) if keep else None,
+                            token_count=built.pieces if end.token_count is None else end.token_count,
+                            chunk_count=built.events,
                             ttft_ms=ttft_ms,
                             finish_reason=end.finish_reason if status is GenerationStatus.done else None,
                             error=error,
@@ -393,7 +487,7 @@ class StreamingCore:
                     logger.warning("generation %s: storing its outcome failed, retrying", gen.id, exc_info=True)
                     await asyncio.sleep(0.2 * 2**attempt)
             if message_id is not None:
-                message = await load_message(message_id)
+                message = await self.store.load_message(message_id)
                 if message is not None:
                     await self.publish(MessageCreated(conversation_id=gen.conversation_id, message=message))
             return message_id
@@ -416,26 +510,31 @@ class StreamingCore:
                     config = parse_config(adapter_name, settings)
                 except AdapterConfigError as exc:
                     raise AdapterError("invalid_agent_config", f"the agent's config: {exc}") from None
-                history = await load_history(gen.conversation_id)
+                history = await self.store.load_history(gen.conversation_id)
                 # aclosing: a cancel while the core awaits an emit still closes the adapter's
                 # stream (and its upstream connection) at once, not when garbage collected.
-                async with contextlib.aclosing(adapter.stream(history, config)) as answer:
+                items: AsyncGenerator[AnswerItem] = adapter.stream(history, config)
+                async with contextlib.aclosing(items) as answer:
                     async for item in answer:
                         if isinstance(item, AnswerEnd):
                             end = item
                             continue
-                        if not item:
+                        step = built.event(item)
+                        if step is None:
                             continue
                         if ttft_ms is None:
                             ttft_ms = round((time.monotonic() - started) * 1000)
-                        pieces.append(item)
-                        await emit(Token, text=item)
+                        await emit(step[0], **step[1])
+                for key in built.open_keys():  # parts the adapter left open end with the answer
+                    closing = built.event(EndPart(key))
+                    if closing is not None:
+                        await emit(closing[0], **closing[1])
                 producer.finishing = True  # from here on, a cancel request only reports the outcome
                 status, keep, error = GenerationStatus.done, True, None
                 terminal = (
                     Done,
                     {
-                        "token_count": len(pieces) if end.token_count is None else end.token_count,
+                        "token_count": built.pieces if end.token_count is None else end.token_count,
                         "finish_reason": end.finish_reason,
                     },
                 )
@@ -464,7 +563,7 @@ class StreamingCore:
             except Exception:
                 logger.exception("generation %s failed", gen.id)
             try:
-                message_id = await finish(status, keep and bool(pieces), error)
+                message_id = await finish(status, keep and bool(built.answer.parts), error)
             except Exception:
                 logger.exception("generation %s: its outcome could not be stored", gen.id)
                 terminal, message_id = (
@@ -505,7 +604,7 @@ class StreamingCore:
         await producer.done.wait()
 
     async def _cancel_remote(self, generation_id: UUID, reason: str) -> None:
-        generation = await load_generation(generation_id)
+        generation = await self.store.load_generation(generation_id)
         if generation is None or generation.status is not GenerationStatus.running:
             return
         after = await self.broker.last_seq(generation_id) or 0
@@ -518,34 +617,33 @@ class StreamingCore:
                     pass
 
     async def answer_unanswered(
-        self, conversation: dict[str, Any], starter: Principal | None = None
+        self, conversation: dict[str, Any], starter: Starter | None = None
     ) -> GenerationOut | None:
-        """Start answering the conversation's last message if it is an unanswered user
-        message and the conversation has an agent (what a stream reader arriving first
-        expects), counted against `starter`'s quota. Returns the generation that is now
-        running, if any."""
-        message = await unanswered_user_message(conversation["id"])
-        agent = await agent_of(conversation) if message is not None else None
-        if message is None or agent is None:
+        """Start answering the conversation's last turn if it waits for an answer (an
+        unanswered user message, or the last tool result an answer waited for) and the
+        conversation has an agent (what a stream reader arriving first expects), counted
+        against `starter`'s quota. Returns the generation that is now running, if any."""
+        answering = await self.store.waiting_turn(conversation)
+        if answering is None:
             return None
         generation_id = await self.reserve(conversation["id"])
         generation = None
+
+        def admit() -> None:
+            # Counted once the conversation was free (readers racing to start it are not
+            # refused); past the cap this raises 429 and the row is rolled back.
+            if starter is not None:
+                self.count_answer(generation_id, starter)
+
         try:
-            async with write_transaction(Generation._meta.db):
-                started = await create_running(
-                    conversation["id"], message["id"], agent.id, generation_id, producer=self.broker.node
-                )
-                # Counted once the conversation was free (readers racing to start it are not
-                # refused); past the cap this raises 429 and the row is rolled back.
-                if starter is not None:
-                    self.count_answer(generation_id, starter)
-            generation = started
-        except GenerationBusy:
-            return None  # someone else started it: the caller will find it running
+            generation = await self.store.start_generation(
+                conversation["id"], answering, generation_id, self.broker.node, admit
+            )
         finally:
-            if generation is None:
+            if generation is None:  # someone else started it: the caller will find it running
                 await self.release(generation_id)
-        await self.launch(generation, agent.adapter, agent.config)
+        if generation is not None:
+            await self.launch(generation, answering.adapter, answering.config)
         return generation
 
     async def resolve_stream(
@@ -556,14 +654,14 @@ class StreamingCore:
         start_unanswered: bool = True,
         cursor_field: str = "cursor",
         cursor_source: str = "query",
-        starter: Principal | None = None,
+        starter: Starter | None = None,
     ) -> tuple[UUID, int] | None:
         """What a stream reader of this conversation follows, as (generation, after seq):
         the cursor's generation while the reader is missing any of it; else the running
         generation from its start; else (with `start_unanswered`) a new answer to an
         unanswered user message, started as `starter`'s; else None (nothing to stream)."""
         if cursor is not None:
-            generation = await load_generation(cursor.generation_id)
+            generation = await self.store.load_generation(cursor.generation_id)
             if generation is None or generation.conversation_id != conversation["id"]:
                 raise invalid_field(
                     cursor_field, "not a cursor of this conversation", source=cursor_source, code="invalid_cursor"
@@ -579,9 +677,9 @@ class StreamingCore:
             if live or cursor.seq < terminal_seq(generation):
                 return generation.id, cursor.seq
         for _ in range(2):  # a second look if a concurrent reader started the answer first
-            running = await running_generation(conversation["id"])
+            running = await self.store.running_generation_id(conversation["id"])
             if running is not None:
-                return running["id"], 0
+                return running, 0
             started = await self.answer_unanswered(conversation, starter) if start_unanswered else None
             if started is not None:
                 return started.id, 0
@@ -673,7 +771,7 @@ class StreamingCore:
                 if is_terminal(batch[-1]):
                     return
             else:
-                generation = await load_generation(generation_id)
+                generation = await self.store.load_generation(generation_id)
                 ended = generation is not None and generation.status is not GenerationStatus.running
                 if ended and generation is not None and after >= terminal_seq(generation):
                     return  # the reader already has the end
@@ -682,7 +780,7 @@ class StreamingCore:
     async def stored_events(self, generation_id: UUID, after: int) -> list[GenerationEvent]:
         """What a reader at `after` is missing of an ended generation whose log is gone:
         a `snapshot` of the stored answer (if it missed any of it) and the terminal event."""
-        gen = await load_generation(generation_id)
+        gen = await self.store.load_generation(generation_id)
         if gen is None:
             return []
         ids: dict[str, Any] = {"generation_id": gen.id, "conversation_id": gen.conversation_id}
@@ -691,15 +789,15 @@ class StreamingCore:
             return [Error(**ids, seq=after + 1, code="log_unavailable", message=message)]
         if gen.status is GenerationStatus.interrupted and gen.chunk_count == 0 and after >= 2:
             # The first reader back after a crash fixes where the interrupted answer ends.
-            gen = await settle_interrupted_length(gen.id, after - 1) or gen
+            gen = await self.store.settle_interrupted_length(gen.id, after - 1) or gen
         end = terminal_seq(gen)
         if after >= end:
             return []
         events: list[GenerationEvent] = []
         if gen.result_message_id is not None and after < end - 1:
-            text = await stored_answer(gen.result_message_id)
-            if text is not None:
-                events.append(Snapshot(**ids, seq=end - 1, text=text))
+            parts = await self.store.stored_answer(gen.result_message_id)
+            if parts is not None:
+                events.append(Snapshot(**ids, seq=end - 1, text=text_of(parts), parts=parts))
         code, _, message = (gen.error or "").partition(": ")
         terminal: GenerationEvent
         if gen.status is GenerationStatus.done and gen.result_message_id is not None:

@@ -8,12 +8,12 @@ sessions that expire while a connection is open.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from uuid import UUID
 
-from app.auth.service import Credential, invalid_credentials
+from app.streaming.store import Credential
 
 
 @dataclass(eq=False)
@@ -26,7 +26,8 @@ class _Holder:
 class CredentialHolders:
     """Who holds which credential in this process, and telling them it is gone."""
 
-    def __init__(self) -> None:
+    def __init__(self, invalid: Callable[[set[Credential]], Awaitable[set[Credential]]]) -> None:
+        self._invalid = invalid  # which of the given credentials no longer authenticate
         self._by_key: dict[UUID, set[_Holder]] = {}
 
     @contextmanager
@@ -67,4 +68,5 @@ class CredentialHolders:
         if not held:
             return 0
         # (key, None) is a Bearer key that is revoked or gone: every holder of that key goes.
-        return sum(self.revoke(key_id, session_id) for key_id, session_id in await invalid_credentials(held))
+        gone = await self._invalid(held)
+        return sum(self.revoke(key_id, session_id) for key_id, session_id in gone)

@@ -8,11 +8,13 @@ to its `seq` for a reader whose cursor fell out of the retained log.
 
 from __future__ import annotations
 
+from typing import Any, Literal
 from uuid import UUID
 
 import msgspec
 
 from app.errors import InvalidInput
+from app.streaming.parts import AnswerParts, Part
 
 
 class _Event(msgspec.Struct, tag_field="type", rename="camel", kw_only=True):
@@ -29,15 +31,45 @@ class Start(_Event, tag="start"):
 
 
 class Token(_Event, tag="token"):
-    """The next piece of the answer."""
+    """The next piece of the answer's text: it grows the last part if that is an open text
+    part, else opens a new text part (text parts have no start or end event)."""
 
     text: str
+
+
+class PartStart(_Event, tag="part.start"):
+    """Part number `part` (its index in the answer; text parts count too) opens: reasoning,
+    a tool call (`name`, `toolCallId`), a tool result or data. An open text part closes."""
+
+    part: int
+    kind: Literal["reasoning", "tool_call", "tool_result", "data"]
+    name: str | None = None
+    tool_call_id: str | None = None
+
+
+class PartDelta(_Event, tag="part.delta"):
+    """More of an open part: reasoning text, or a piece of a tool call's arguments (JSON text)."""
+
+    part: int
+    text: str
+
+
+class PartEnd(_Event, tag="part.end"):
+    """An open part is complete. A tool call's `value` is its parsed arguments (`invalid`,
+    with `error`, when they are not a JSON object); a tool result's, its output; data's, the data."""
+
+    part: int
+    state: Literal["complete", "invalid"] = "complete"
+    value: Any = None
+    error: str | None = None
 
 
 class Snapshot(_Event, tag="snapshot"):
-    """The whole answer up to `seq`, for a reader that missed events no longer retained."""
+    """The whole answer up to `seq`, for a reader that missed events no longer retained:
+    every part so far (`streaming` while open), and `text`, its text parts concatenated."""
 
     text: str
+    parts: list[Part] = msgspec.field(default_factory=list)
 
 
 class Done(_Event, tag="done"):
@@ -66,8 +98,10 @@ class Error(_Event, tag="error"):
     retry_after: float | None = None
 
 
-GenerationEvent = Start | Token | Snapshot | Done | Cancelled | Error
+GenerationEvent = Start | Token | PartStart | PartDelta | PartEnd | Snapshot | Done | Cancelled | Error
 TERMINAL_EVENTS = (Done, Cancelled, Error)
+# The events that make the answer (what a `snapshot` stands in for).
+ANSWER_EVENTS = (Token, PartStart, PartDelta, PartEnd)
 
 # One encoder and decoder for the whole process (hot path: every token of every reader).
 json_encoder = msgspec.json.Encoder()
@@ -77,6 +111,21 @@ json_decoder = msgspec.json.Decoder(GenerationEvent)
 def is_terminal(event: GenerationEvent) -> bool:
     """True for `done`, `cancelled` and `error`."""
     return isinstance(event, TERMINAL_EVENTS)
+
+
+def fold(answer: AnswerParts, event: GenerationEvent) -> None:
+    """Apply one event to the answer's parts (events that do not change them are ignored;
+    a `snapshot` replaces them). Raises ValueError for a part event that does not fit."""
+    if isinstance(event, Token):
+        answer.add_text(event.text)
+    elif isinstance(event, PartDelta):
+        answer.delta(event.part, event.text)
+    elif isinstance(event, PartStart):
+        answer.start(event.part, event.kind, event.name, event.tool_call_id)
+    elif isinstance(event, PartEnd):
+        answer.end(event.part, event.state, event.value, event.error)
+    elif isinstance(event, Snapshot):
+        answer.reset(event.parts)
 
 
 class Cursor(msgspec.Struct, frozen=True):

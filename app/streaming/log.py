@@ -1,7 +1,7 @@
 """The event log of one generation: the producer appends, readers read after a cursor.
 
 Readers are positions (ints), not queues: a reader that stops reading costs nothing,
-and the log's memory is bounded by `retain` events plus the answer's text (kept so
+and the log's memory is bounded by `retain` events plus the answer's parts (kept so
 that a reader older than the window can be given one `snapshot`).
 """
 
@@ -11,7 +11,8 @@ import asyncio
 from collections import deque
 from uuid import UUID
 
-from app.streaming.events import GenerationEvent, Snapshot, Token, is_terminal
+from app.streaming.events import ANSWER_EVENTS, GenerationEvent, Snapshot, fold, is_terminal
+from app.streaming.parts import AnswerParts
 
 
 class GenerationLog:
@@ -23,8 +24,8 @@ class GenerationLog:
         self.generation_id = generation_id
         self.conversation_id = conversation_id
         self._events: deque[GenerationEvent] = deque(maxlen=retain)
-        self._text: list[str] = []
-        self._text_seq = 0  # seq of the last event whose text is in `_text`
+        self.answer = AnswerParts()
+        self._answer_seq = 0  # seq of the last event `answer` covers
         self.last_seq = 0
         self.closed = False
         self._changed = asyncio.Event()
@@ -35,12 +36,12 @@ class GenerationLog:
             raise RuntimeError(f"generation {self.generation_id} already ended")
         if event.seq != self.last_seq + 1:
             raise ValueError(f"event seq {event.seq} does not follow {self.last_seq}")
+        if isinstance(event, ANSWER_EVENTS):
+            fold(self.answer, event)  # first: a part event that does not fit is refused, not logged
         self._events.append(event)
         self.last_seq = event.seq
-        if isinstance(event, Token):
-            self._text.append(event.text)
         if not is_terminal(event):
-            self._text_seq = event.seq
+            self._answer_seq = event.seq
         else:
             self.closed = True
         changed, self._changed = self._changed, asyncio.Event()
@@ -48,8 +49,8 @@ class GenerationLog:
 
     @property
     def text(self) -> str:
-        """The answer so far."""
-        return "".join(self._text)
+        """The answer's text so far."""
+        return self.answer.text
 
     def read_after(self, seq: int) -> list[GenerationEvent]:
         """Every event after `seq`, at once. A cursor older than the retained window gets a
@@ -62,10 +63,11 @@ class GenerationLog:
         snapshot = Snapshot(
             generation_id=self.generation_id,
             conversation_id=self.conversation_id,
-            seq=self._text_seq,
-            text=self.text,
+            seq=self._answer_seq,
+            text=self.answer.text,
+            parts=self.answer.copy(),
         )
-        return [snapshot, *self._newer_than(self._text_seq)]
+        return [snapshot, *self._newer_than(self._answer_seq)]
 
     def _newer_than(self, seq: int) -> list[GenerationEvent]:
         # From the end: a reader usually lacks only the last few events of a long log.

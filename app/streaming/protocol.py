@@ -14,9 +14,9 @@ from uuid import UUID
 
 import msgspec
 
-from app.chat.schemas import ConversationOut, GenerationOut, MessageOut
 from app.streaming.events import GenerationEvent
 from app.streaming.policy import BusyPolicy, PartialPolicy
+from app.streaming.records import ConversationOut, GenerationOut, MessageOut
 from app.text_types import ClientMessageId, Text
 
 Ref = Annotated[str, msgspec.Meta(max_length=64)]

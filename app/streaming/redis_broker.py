@@ -8,7 +8,10 @@ keys in one cluster slot, so that one script may touch them all):
   the event as JSON; only the last `retain` entries are kept (``XADD … MAXLEN retain``).
 - ``P gen:{g}:meta`` — hash: ``conv`` (conversation id), ``last`` (seq of the last event),
   ``tseq`` (seq of the last event the text covers), ``closed`` (1 once a terminal event is in).
-- ``P gen:{g}:text`` — string: the answer so far (every token APPENDed), for `snapshot`s.
+- ``P gen:{g}:text`` — string: the answer's text so far (every token APPENDed), for `snapshot`s.
+- ``P gen:{g}:parts`` — string: the answer's part events (`part.start`, `part.delta`, `part.end`),
+  one line each, ``<byte length of text when it came> <event JSON>``: with the text, a
+  `snapshot`'s parts (app/streaming/events.py `fold`). Plain-text answers never create it.
 - ``P gen:{g}:readers`` — hash: broker id -> how many of that process's readers read `g`.
 - ``P conv:<c>`` — pub/sub channel of conversation `c`'s events.
 - ``P wake:<broker id>`` — stream that wakes this broker's reading loop (see `_wake_reader`).
@@ -52,7 +55,19 @@ from redis.typing import EncodableT, KeyT, StreamIdT
 
 from app.streaming.broker import BrokerUnavailable, ConversationFeed, ConversationFeeds
 from app.streaming.control import ControlMessage, control_decoder, control_encoder
-from app.streaming.events import GenerationEvent, Snapshot, Token, is_terminal, json_decoder, json_encoder
+from app.streaming.events import (
+    GenerationEvent,
+    PartDelta,
+    PartEnd,
+    PartStart,
+    Snapshot,
+    Token,
+    fold,
+    is_terminal,
+    json_decoder,
+    json_encoder,
+)
+from app.streaming.parts import AnswerParts
 from app.streaming.protocol import ConversationEvent
 
 logger = logging.getLogger("chatstream.streaming.redis")
@@ -85,10 +100,10 @@ _CONVERSATION_DECODERS: dict[str, msgspec.json.Decoder[Any]] = {
     cls.__name__: msgspec.json.Decoder(cls) for cls in get_args(ConversationEvent)
 }
 
-# KEYS: meta, log, text, readers. ARGV: seq, event JSON, token text ('' for other events), terminal (1/0),
-# retain, ttl ms. The expiry of the generation's keys is pushed back every EXPIRY_EVERY events (not
-# at every token: that was the largest part of Redis's cost per token), and set on the text key
-# when its first token creates it.
+# KEYS: meta, log, text, parts, readers. ARGV: seq, event JSON, token text ('' for other events),
+# terminal (1/0), retain, ttl ms, part event (1/0). The expiry of the generation's keys is pushed
+# back every 64 events (not at every token: that was the largest part of Redis's cost per token),
+# and set on the text and parts keys when their first append creates them.
 _APPEND = """
 local last = redis.call('HGET', KEYS[1], 'last')
 if not last then return redis.error_reply('UNKNOWN no such generation log') end
@@ -99,28 +114,33 @@ redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[5], '0-' .. ARGV[1], 'e', ARGV[2])
 if redis.call('APPEND', KEYS[3], ARGV[3]) == string.len(ARGV[3]) and ARGV[3] ~= '' then
   redis.call('PEXPIRE', KEYS[3], ARGV[6])
 end
+if ARGV[7] == '1' then
+  local line = redis.call('STRLEN', KEYS[3]) .. ' ' .. ARGV[2] .. '\\n'
+  if redis.call('APPEND', KEYS[4], line) == string.len(line) then redis.call('PEXPIRE', KEYS[4], ARGV[6]) end
+end
 if ARGV[4] == '1' then
   redis.call('HSET', KEYS[1], 'last', ARGV[1], 'closed', '1')
 else
   redis.call('HSET', KEYS[1], 'last', ARGV[1], 'tseq', ARGV[1])
 end
 if tonumber(ARGV[1]) % 64 == 1 then
-  for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], ARGV[6]) end
+  for i = 1, 5 do redis.call('PEXPIRE', KEYS[i], ARGV[6]) end
 end
 return 1
 """
 
-# KEYS: meta, log, text. ARGV: after. Returns nil for an unknown log, else
-# {last, closed, snapshot seq (-1: none), snapshot text, conversation id, event JSON...}.
+# KEYS: meta, log, text, parts. ARGV: after. Returns nil for an unknown log, else
+# {last, closed, snapshot seq (-1: none), snapshot text, conversation id, snapshot part events, event JSON...}.
 _READ = """
 local m = redis.call('HMGET', KEYS[1], 'last', 'tseq', 'closed', 'conv')
 if not m[1] then return false end
-local out = {tonumber(m[1]), tonumber(m[3]), -1, '', ''}
+local out = {tonumber(m[1]), tonumber(m[3]), -1, '', '', ''}
 if tonumber(ARGV[1]) >= out[1] then return out end
 local entries = redis.call('XRANGE', KEYS[2], '(0-' .. ARGV[1], '+')
 if entries[1] == nil or entries[1][1] ~= '0-' .. (tonumber(ARGV[1]) + 1) then
   -- The cursor is in a gap (trimmed or lost entries): the answer so far, then what follows it.
   out[3], out[4], out[5] = tonumber(m[2]), redis.call('GET', KEYS[3]) or '', m[4]
+  out[6] = redis.call('GET', KEYS[4]) or ''
   entries = redis.call('XRANGE', KEYS[2], '(0-' .. m[2], '+')
 end
 for _, entry in ipairs(entries) do out[#out + 1] = entry[2][2] end
@@ -154,6 +174,23 @@ def _append_error(event: GenerationEvent, error: Exception) -> Exception:
     if reason.startswith("ORDER") or "equal or smaller" in reason:
         return ValueError(f"event seq {event.seq} does not follow the log's last event")
     return error
+
+
+def _answer_from(text: bytes, part_events: bytes) -> AnswerParts:
+    """The answer's parts from its text and its part events (each with the text's byte length
+    when it came): the text between two part events is the text they were interleaved with."""
+    answer = AnswerParts()
+    at = 0
+    for line in part_events.splitlines():
+        offset, _, raw = line.partition(b" ")
+        upto = int(offset)
+        if upto > at:
+            answer.add_text(text[at:upto].decode())
+            at = upto
+        fold(answer, json_decoder.decode(raw))
+    if len(text) > at:
+        answer.add_text(text[at:].decode())
+    return answer
 
 
 @contextlib.contextmanager
@@ -298,7 +335,7 @@ class RedisBroker:
 
     def _keys(self, generation_id: UUID) -> list[str]:
         base = f"{self.prefix}gen:{{{generation_id}}}"
-        return [f"{base}:meta", f"{base}:log", f"{base}:text"]
+        return [f"{base}:meta", f"{base}:log", f"{base}:text", f"{base}:parts"]
 
     def _readers_key(self, generation_id: UUID) -> str:
         return f"{self.prefix}gen:{{{generation_id}}}:readers"
@@ -307,10 +344,10 @@ class RedisBroker:
 
     async def open_log(self, generation_id: UUID, conversation_id: UUID) -> None:
         """Create the empty log of a new generation (it expires on its own if never appended to or closed)."""
-        meta, log, text = self._keys(generation_id)
+        meta, log, text, parts = self._keys(generation_id)
         # Not a transaction: no other process knows the generation's id yet.
         await self._execute(
-            _Command(("DEL", meta, log, text)),
+            _Command(("DEL", meta, log, text, parts)),
             _Command(("HSET", meta, "conv", str(conversation_id), "last", 0, "tseq", 0, "closed", 0)),
             _Command(("PEXPIRE", meta, self._orphan_ms)),
         )
@@ -440,21 +477,25 @@ class RedisBroker:
 
     def _append_args(self, event: GenerationEvent) -> tuple[EncodableT, ...]:
         text = event.text if isinstance(event, Token) else ""
-        return (event.seq, json_encoder.encode(event), text, int(is_terminal(event)), self.retain, self._orphan_ms)
+        part = int(isinstance(event, (PartStart, PartDelta, PartEnd)))
+        encoded = json_encoder.encode(event)
+        return (event.seq, encoded, text, int(is_terminal(event)), self.retain, self._orphan_ms, part)
 
     async def _read_now(self, generation_id: UUID, after: int) -> tuple[list[GenerationEvent], int, bool] | None:
         """(events after `after`, last seq, closed) in one round trip; None for an unknown log."""
         [reply] = await self._execute(_Command((after,), self._read_script, tuple(self._keys(generation_id))))
         if reply is None:
             return None
-        last, closed, snapshot_seq, text, conversation = reply[:5]
-        events: list[GenerationEvent] = [json_decoder.decode(raw) for raw in reply[5:]]
+        last, closed, snapshot_seq, text, conversation, part_events = reply[:6]
+        events: list[GenerationEvent] = [json_decoder.decode(raw) for raw in reply[6:]]
         if snapshot_seq >= 0:
+            answer = _answer_from(text, part_events)
             snapshot = Snapshot(
                 generation_id=generation_id,
                 conversation_id=UUID(conversation.decode()),
                 seq=snapshot_seq,
-                text=text.decode(),
+                text=answer.text,
+                parts=answer.parts,
             )
             events.insert(0, snapshot)
         return events, last, bool(closed)

@@ -922,3 +922,21 @@ async def test_method_not_allowed_and_unknown_path(client: httpx.AsyncClient, wo
         assert_error(r, 405, "method_not_allowed")
         r = await client.get("/api/no-such-thing", headers=world.headers("alice"))
         assert_error(r, 404, "not_found")
+
+
+_OBJECT_SCHEMA = {"type": "object", "properties": {}}
+BAD_AGENT_TOOLS = {
+    "tools not a list": {"name": "f", "parameters": _OBJECT_SCHEMA},
+    "two tools of one name": [{"name": "f", "parameters": _OBJECT_SCHEMA}, {"name": "f", "parameters": _OBJECT_SCHEMA}],
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_AGENT_TOOLS))
+@pytest.mark.parametrize("endpoint", ["POST agents", "PATCH agent"])
+async def test_bad_agent_tools(client: httpx.AsyncClient, world: World, endpoint: str, case: str) -> None:
+    """An `openai` agent's bad `tools` are 400 `invalid_request` naming `config.tools`; nothing changes."""
+    method, path, who, valid = BODY_ENDPOINTS[endpoint]
+    config = {"baseUrl": "https://models.example/v1", "model": "m", "tools": BAD_AGENT_TOOLS[case]}
+    async with unchanged(world):
+        r = await send(client, world, method, path, who, json={**valid, "adapter": "openai", "config": config})
+        assert_error(r, 400, "invalid_request", field="config.tools")

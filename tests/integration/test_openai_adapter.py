@@ -28,6 +28,7 @@ from httpx_sse import aconnect_sse
 from app.agents.schemas import AgentCreate
 from app.agents.service import create_agent
 from app.auth.principal import Principal
+from app.chat.answer_store import ChatAnswerStore
 from app.chat.conversations import create_conversation
 from app.chat.generations import load_generation
 from app.chat.messages import edit_message, post_message
@@ -37,11 +38,12 @@ from app.streaming.adapters import build_adapters
 from app.streaming.adapters.openai import OpenAIAdapter
 from app.streaming.broker import InProcessBroker
 from app.streaming.core import StreamingCore
-from app.streaming.events import Done, Error, GenerationEvent, Token
+from app.streaming.events import Done, Error, GenerationEvent, PartDelta, PartEnd, PartStart, Token
+from app.streaming.parts import Part, decode_parts, encode_parts
 from app.streaming.policy import StreamPolicy
 from app.tables import Agent, Conversation, GenerationStatus, Message, MessageRole
 from tests.factories import Tenant, make_tenant
-from tests.fake_model_server import FakeModelServer, Reply, answer
+from tests.fake_model_server import FakeModelServer, Reply, Step, answer, chunk, tool_call, tool_calls_chunk
 from tests.integration.live_server import LiveServer, free_port
 
 pytestmark = pytest.mark.anyio
@@ -79,7 +81,10 @@ def operator_policy(monkeypatch: pytest.MonkeyPatch, *, allow: str, keys: str) -
 def core_with(**settings: Any) -> StreamingCore:
     """A streaming core whose adapters use these settings (the rest as the test's)."""
     return StreamingCore(
-        InProcessBroker(), StreamPolicy(), adapters=build_adapters(msgspec.structs.replace(get_settings(), **settings))
+        InProcessBroker(),
+        StreamPolicy(),
+        store=ChatAnswerStore(),
+        adapters=build_adapters(msgspec.structs.replace(get_settings(), **settings)),
     )
 
 
@@ -165,6 +170,43 @@ async def test_a_bad_config_is_a_400_naming_the_field(
     updated = await client.patch(path, json={"adapter": "openai", "config": config}, headers=acme.headers("admin"))
     assert updated.status_code == 400 and updated.json()["details"][0]["field"] == field
     assert (await client.get("/api/agents", headers=acme.headers("admin"))).json() == before
+
+
+TOOL = {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+BAD_TOOL_CONFIGS: dict[str, tuple[dict[str, Any], str, str]] = {
+    "tools not a list": ({"tools": {"name": "f"}}, "config.tools", "array"),
+    "65 tools": ({"tools": [{**TOOL, "name": f"t{i}"} for i in range(65)]}, "config.tools", "length <= 64"),
+    "a bad name": ({"tools": [{**TOOL, "name": "get weather"}]}, "config.tools", "regex"),
+    "a long description": ({"tools": [{**TOOL, "description": "d" * 1025}]}, "config.tools", "1024"),
+    "parameters not an object schema": (
+        {"tools": [{**TOOL, "parameters": {"type": "array"}}]},
+        "config.tools",
+        '"type": "object"',
+    ),
+    "parameters over 16 KiB": (
+        {"tools": [{**TOOL, "parameters": {"type": "object", "description": "x" * 17_000}}]},
+        "config.tools",
+        "16384 bytes",
+    ),
+    "two tools of one name": ({"tools": [TOOL, TOOL]}, "config.tools", "unique"),
+    "a bad toolChoice": ({"tools": [TOOL], "toolChoice": "always"}, "config.toolChoice", "Invalid enum value"),
+    "a toolChoice without tools": ({"toolChoice": "required"}, "config.toolChoice", "needs tools"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TOOL_CONFIGS))
+async def test_a_bad_tools_config_is_a_400_naming_the_field(client: httpx.AsyncClient, acme: Tenant, case: str) -> None:
+    extra, field, says = BAD_TOOL_CONFIGS[case]
+    config = {"baseUrl": "http://127.0.0.1:1/v1", "model": "m", **extra}
+    created = await client.post(
+        "/api/agents", json={"name": "M", "adapter": "openai", "config": config}, headers=acme.headers("admin")
+    )
+    assert created.status_code == 400, created.text
+    body = created.json()
+    # `config.tools`, or (once parse_config keeps nested paths) a path in it, `config.tools[0].name`.
+    named = body["details"][0]["field"]
+    assert body["code"] == "invalid_request" and (named == field or named.startswith(f"{field}[")), body
+    assert says in body["error"], body
 
 
 async def test_a_config_must_suit_the_adapter_the_agent_ends_up_with(client: httpx.AsyncClient, acme: Tenant) -> None:
@@ -381,6 +423,111 @@ async def test_the_newest_message_is_sent_even_over_the_budget(fake: FakeModelSe
     assert (await fake.next_request(1)).body["messages"] == [{"role": "user", "content": "a much longer question"}]
 
 
+# -- 2b. tools, reasoning and tool calls ------------------------------------------------
+
+WEATHER_TOOL = {
+    "name": "get_weather",
+    "description": "The weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}
+
+# Reasoning (vLLM's `reasoning_content`), a sentence, then two calls whose arguments come
+# interleaved, as OpenAI streams them (first chunk: id, type, name, `"arguments": ""`).
+TOOL_ROUND: list[Step] = [
+    chunk(role="assistant", content=""),
+    chunk(reasoning_content="Two cities,"),
+    chunk(reasoning_content=" two calls."),
+    chunk("Checking."),
+    tool_calls_chunk(tool_call(0, id="call_paris", name="get_weather", arguments="")),
+    tool_calls_chunk(tool_call(1, id="call_rome", name="get_weather", arguments="")),
+    tool_calls_chunk(tool_call(0, arguments='{"city":')),
+    tool_calls_chunk(tool_call(1, arguments='{"city":"Rome"}')),
+    tool_calls_chunk(tool_call(0, arguments='"Paris"}')),
+    chunk(finish_reason="tool_calls"),
+]
+
+
+async def test_declared_tools_reach_the_model_server(fake: FakeModelServer, core: StreamingCore) -> None:
+    _, alice, cid = await openai_conversation(fake.url, tools=[WEATHER_TOOL], toolChoice="auto")
+    await read_all(core, await ask(core, alice, cid))
+    sent = (await fake.next_request(1)).body
+    assert sent["tools"] == [{"type": "function", "function": WEATHER_TOOL}]
+    assert sent["tool_choice"] == "auto"
+
+
+async def test_reasoning_and_tool_calls_stream_as_parts_and_are_stored(
+    fake: FakeModelServer, core: StreamingCore
+) -> None:
+    _, alice, cid = await openai_conversation(fake.url, tools=[WEATHER_TOOL])
+    fake.queue(Reply(steps=TOOL_ROUND))
+    events = await read_all(core, await ask(core, alice, cid, "Weather in Paris and Rome?"))
+    starts = [(e.part, e.kind, e.name, e.tool_call_id) for e in events if isinstance(e, PartStart)]
+    assert starts == [
+        (0, "reasoning", None, None),
+        (2, "tool_call", "get_weather", "call_paris"),
+        (3, "tool_call", "get_weather", "call_rome"),
+    ]
+    deltas = [(e.part, e.text) for e in events if isinstance(e, PartDelta)]
+    assert deltas == [(0, "Two cities,"), (0, " two calls."), (2, '{"city":'), (3, '{"city":"Rome"}'), (2, '"Paris"}')]
+    ends = {e.part: (e.state, e.value) for e in events if isinstance(e, PartEnd)}
+    assert ends == {0: ("complete", None), 2: ("complete", {"city": "Paris"}), 3: ("complete", {"city": "Rome"})}
+    assert [e.text for e in events if isinstance(e, Token)] == ["Checking."]
+    done = events[-1]
+    assert isinstance(done, Done) and done.finish_reason == "tool_calls", events
+
+    stored = await Message.select().where(Message.id == done.message_id).first()
+    assert stored is not None and stored["content"] == "Checking."
+    parts = decode_parts(stored["parts"])
+    assert [(p.kind, p.state, p.text) for p in parts] == [
+        ("reasoning", "complete", "Two cities, two calls."),
+        ("text", "complete", "Checking."),
+        ("tool_call", "complete", '{"city":"Paris"}'),
+        ("tool_call", "complete", '{"city":"Rome"}'),
+    ]
+
+
+async def test_a_history_with_a_tool_round_is_sent_as_tool_calls_and_tool_messages(
+    fake: FakeModelServer, core: StreamingCore
+) -> None:
+    _, alice, cid = await openai_conversation(fake.url, tools=[WEATHER_TOOL])
+    fake.queue(Reply(steps=TOOL_ROUND))
+    await read_all(core, await ask(core, alice, cid, "Weather in Paris and Rome?"))
+    # The clients' results, stored as tool messages (as the tool-results route stores them).
+    for call_id, output in (("call_paris", {"temp": 21}), ("call_rome", {"temp": 25})):
+        await Message(
+            conversation=cid,
+            role=MessageRole.tool.value,
+            content=json.dumps(output),
+            parts=encode_parts([Part(kind="tool_result", name="get_weather", tool_call_id=call_id, value=output)]),
+        ).save()
+    fake.queue(Reply(steps=answer("Rome is warmer.")))
+    await read_all(core, await ask(core, alice, cid, "Which is warmer?"))
+
+    sent = (await fake.next_request(2)).body
+    assert sent["messages"] == [
+        {"role": "user", "content": "Weather in Paris and Rome?"},
+        {
+            "role": "assistant",
+            "content": "Checking.",
+            "tool_calls": [
+                {
+                    "id": "call_paris",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'},
+                },
+                {
+                    "id": "call_rome",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city":"Rome"}'},
+                },
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_paris", "content": '{"temp":21}'},
+        {"role": "tool", "tool_call_id": "call_rome", "content": '{"temp":25}'},
+        {"role": "user", "content": "Which is warmer?"},
+    ]
+
+
 # -- 3. streaming, usage and time to first token ---------------------------------------
 
 
@@ -500,6 +647,22 @@ FAILURES = {
         "upstream_error",
         "failed mid-answer",
     ),
+    "malformed tool call": (
+        Reply(steps=[*answer("Hel")[:2], tool_calls_chunk({"id": "call_x", "function": {"name": "f"}})]),
+        "upstream_malformed_tool_call",
+        "malformed tool call: a tool call has no index",
+    ),
+    "tool call renamed": (
+        Reply(
+            steps=[
+                *answer("Hel")[:2],
+                tool_calls_chunk(tool_call(0, id="call_x", name="f", arguments='{"a":')),
+                tool_calls_chunk(tool_call(0, name="g", arguments="1}")),
+            ]
+        ),
+        "upstream_malformed_tool_call",
+        "the function name changed mid-call",
+    ),
     "stall": (Reply(steps=answer("Hel")[:2], hang=True), "upstream_timeout", "sent nothing for 0.5 s"),
     "no [DONE]": (Reply(steps=answer("Hel", "lo"), done=False), "upstream_incomplete", "without [DONE]"),
     "cut off": (Reply(steps=[*answer("Hel")[:2], b'data: {"choi'], done=False), "upstream_incomplete", "[DONE]"),
@@ -541,6 +704,7 @@ LEAKS = {
     "404 body": Reply(status=404, body=f"<html>{SECRET}</html>".encode()),
     "error chunk": Reply(steps=[*answer("Hel")[:2], json.dumps({"error": {"message": SECRET}})]),
     "non-JSON chunk": Reply(steps=[*answer("Hel")[:2], f"<{SECRET}>"]),
+    "malformed tool call": Reply(steps=[*answer("Hel")[:2], tool_calls_chunk({"index": 0, "id": SECRET})]),
 }
 
 
@@ -597,7 +761,7 @@ async def test_answers_share_one_pooled_connection_and_shutdown_closes_it(fake: 
     from app.streaming.broker import InProcessBroker
     from app.streaming.policy import StreamPolicy
 
-    core = StreamingCore(InProcessBroker(), StreamPolicy())
+    core = StreamingCore(InProcessBroker(), StreamPolicy(), store=ChatAnswerStore())
     _, alice, cid = await openai_conversation(fake.url)
     try:
         for number in (1, 2):

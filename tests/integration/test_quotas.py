@@ -27,6 +27,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from app.auth.principal import Principal
+from app.chat.answer_store import ChatAnswerStore
 from app.chat.conversations import create_conversation
 from app.chat.generations import GenerationBusy
 from app.chat.messages import post_message
@@ -150,7 +151,9 @@ async def test_only_an_admin_may_ask_for_a_longer_disconnect_grace(http: httpx.A
 async def capped_core(broker_kind: str, **adapters: Any) -> AsyncIterator[StreamingCore]:
     quotas = Quotas(msgspec.structs.replace(Settings(), max_answers_per_key=1))
     async with any_broker(broker_kind) as broker:
-        core = StreamingCore(broker, StreamPolicy(disconnect_grace=0), adapters=adapters or None, quotas=quotas)
+        core = StreamingCore(
+            broker, StreamPolicy(disconnect_grace=0), store=ChatAnswerStore(), adapters=adapters or None, quotas=quotas
+        )
         try:
             yield core
         finally:

@@ -15,6 +15,7 @@ import pytest
 from app.agents.schemas import AgentCreate
 from app.agents.service import create_agent
 from app.auth.principal import Principal
+from app.chat.answer_store import ChatAnswerStore
 from app.chat.conversations import create_conversation, load_conversation
 from app.chat.generations import GenerationBusy, load_generation
 from app.chat.messages import edit_message, post_message
@@ -217,7 +218,7 @@ async def test_a_generation_without_readers_runs_to_the_end(streaming: Streaming
 
 async def test_resume_from_the_database_after_the_log_expired(db: str, broker_kind: str) -> None:
     async with any_broker(broker_kind, log_ttl=0) as broker:
-        await _resume_from_the_database(StreamingCore(broker, StreamPolicy()))
+        await _resume_from_the_database(StreamingCore(broker, StreamPolicy(), store=ChatAnswerStore()))
 
 
 async def _resume_from_the_database(streaming: StreamingCore) -> None:
@@ -243,7 +244,7 @@ async def _resume_from_the_database(streaming: StreamingCore) -> None:
 
 async def test_a_reader_older_than_the_window_gets_a_snapshot(db: str, broker_kind: str) -> None:
     async with any_broker(broker_kind, retain=3) as broker:
-        await _snapshot_for_an_old_reader(StreamingCore(broker, StreamPolicy()))
+        await _snapshot_for_an_old_reader(StreamingCore(broker, StreamPolicy(), store=ChatAnswerStore()))
 
 
 async def _snapshot_for_an_old_reader(streaming: StreamingCore) -> None:
@@ -259,7 +260,7 @@ async def _snapshot_for_an_old_reader(streaming: StreamingCore) -> None:
 
 
 async def test_shutdown_cancels_running_answers(db: str) -> None:
-    streaming = StreamingCore(InProcessBroker(), StreamPolicy())
+    streaming = StreamingCore(InProcessBroker(), StreamPolicy(), store=ChatAnswerStore())
     alice, cid = await conversation_with_agent(pace=10)
     gid = await ask(streaming, alice, cid)
     await streaming.shutdown()
@@ -327,7 +328,9 @@ class FailingAdapter:
 
 @pytest.mark.parametrize("partial", ["keep", "discard"])
 async def test_an_adapter_failure_is_an_error_event_with_the_kept_text(db: str, partial: str) -> None:
-    streaming = StreamingCore(InProcessBroker(), StreamPolicy(partial=partial), adapters={"echo": FailingAdapter()})
+    streaming = StreamingCore(
+        InProcessBroker(), StreamPolicy(partial=partial), store=ChatAnswerStore(), adapters={"echo": FailingAdapter()}
+    )
     try:
         alice, cid = await conversation_with_agent()
         gid = await ask(streaming, alice, cid)
@@ -374,7 +377,7 @@ async def test_an_outcome_that_cannot_be_stored_still_ends_the_stream(
     async def refuse(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("database unavailable")
 
-    monkeypatch.setattr(core_module, "finish_generation", refuse)
+    monkeypatch.setattr(streaming.store, "finish_generation", refuse)
     monkeypatch.setattr(core_module, "STORE_ATTEMPTS", 2)
     alice, cid = await conversation_with_agent()
     gid = await ask(streaming, alice, cid)

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from app.agents.schemas import AgentCreate
 from app.agents.service import create_agent
 from app.auth.principal import Principal
+from app.chat.answer_store import ChatAnswerStore
 from app.chat.conversations import create_conversation
 from app.chat.messages import post_message
 from app.chat.schemas import ConversationCreate, MessageCreate
@@ -36,7 +37,12 @@ async def _tenant() -> tuple[Principal, UUID, UUID]:
 async def _run(who: Principal, agent: UUID, words: int, retain: int, drop_after: int, ttl: float, kind: str) -> None:
     async with any_broker(kind, retain=retain, log_ttl=ttl) as broker:
         await _drop_and_resume(
-            who, agent, words, drop_after, ttl, StreamingCore(broker, StreamPolicy(disconnect_grace=60))
+            who,
+            agent,
+            words,
+            drop_after,
+            ttl,
+            StreamingCore(broker, StreamPolicy(disconnect_grace=60), store=ChatAnswerStore()),
         )
 
 

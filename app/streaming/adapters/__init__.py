@@ -13,7 +13,16 @@ from typing import Any
 import msgspec
 
 from app.config import Settings, get_settings
-from app.streaming.adapters.base import Adapter, AdapterConfigError, AdapterError, AnswerEnd
+from app.streaming.adapters.base import (
+    Adapter,
+    AdapterConfigError,
+    AdapterError,
+    AnswerEnd,
+    AnswerItem,
+    AppendPart,
+    EndPart,
+    StartPart,
+)
 from app.streaming.adapters.echo import EchoAdapter, EchoConfig
 from app.streaming.adapters.openai import OpenAIAdapter, OpenAIConfig, check_upstream
 from app.upstream_policy import UpstreamPolicy
@@ -51,13 +60,19 @@ def parse_config(adapter: str, raw: Mapping[str, Any]) -> Any:
     try:
         return msgspec.convert(raw, config_type)
     except msgspec.ValidationError as exc:
+        # The field's whole path (`tools[2].name`), so a nested one is named as such.
         message, _, path = str(exc).partition(" - at `$.")
-        field = path.rstrip("`").split(".")[0].split("[")[0] if path else ""
-        if message.startswith("Object missing required field `"):
-            field, message = message.split("`")[1], "required"
-        elif message.startswith("Object contains unknown field `"):
-            known = ", ".join(config_type.__struct_encode_fields__)
-            field, message = message.split("`")[1], f"unknown field; {adapter!r} takes: {known}"
+        field = path.rstrip("`")
+        if message.startswith(("Object missing required field `", "Object contains unknown field `")):
+            name = message.split("`")[1]
+            missing = message.startswith("Object missing")
+            if field:
+                field, message = f"{field}.{name}", "required" if missing else "unknown field"
+            elif missing:
+                field, message = name, "required"
+            else:
+                known = ", ".join(config_type.__struct_encode_fields__)
+                field, message = name, f"unknown field; {adapter!r} takes: {known}"
         elif "matching regex" in message:
             message = _PATTERN_HINTS.get(field, message)
         raise AdapterConfigError(field, message) from exc
@@ -85,6 +100,10 @@ __all__ = [
     "AdapterConfigError",
     "AdapterError",
     "AnswerEnd",
+    "AnswerItem",
+    "AppendPart",
+    "EndPart",
+    "StartPart",
     "build_adapters",
     "normalize_config",
     "parse_config",

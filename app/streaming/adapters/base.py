@@ -7,7 +7,8 @@ from typing import Any, Protocol
 
 import msgspec
 
-from app.chat.schemas import HistoryItem
+from app.streaming.parts import PartKind
+from app.streaming.records import HistoryItem
 
 
 class AdapterError(Exception):
@@ -38,14 +39,45 @@ class AnswerEnd(msgspec.Struct, frozen=True):
     finish_reason: str = "stop"
 
 
+class StartPart(msgspec.Struct, frozen=True, kw_only=True):
+    """Open a part other than text: `key` is the adapter's own name for it (e.g. `call:0`),
+    used by the :class:`AppendPart` and :class:`EndPart` that follow."""
+
+    key: str
+    kind: PartKind
+    name: str | None = None
+    tool_call_id: str | None = None
+
+
+class AppendPart(msgspec.Struct, frozen=True):
+    """More of an open part: reasoning text, or a piece of a tool call's arguments (JSON text)."""
+
+    key: str
+    text: str
+
+
+class EndPart(msgspec.Struct, frozen=True):
+    """Close a part: a tool result's output or a data part's data in `value` (a tool
+    result's failure in `error`). A tool call's value is its parsed arguments (the core parses them)."""
+
+    key: str
+    value: Any = None
+    error: str | None = None
+
+
+# What an adapter's stream yields: text, part steps, and optionally an AnswerEnd last.
+AnswerItem = str | StartPart | AppendPart | EndPart | AnswerEnd
+
+
 class Adapter(Protocol):
     """Produces an answer to the last turn of `history`, piece by piece. `stream` is given
     the agent's config converted to the adapter's config struct (see `CONFIG_TYPES`)."""
 
     name: str
 
-    def stream(self, history: Sequence[HistoryItem], config: Any) -> AsyncGenerator[str | AnswerEnd]:
-        """Yield the answer's text in order, optionally one :class:`AnswerEnd` last.
+    def stream(self, history: Sequence[HistoryItem], config: Any) -> AsyncGenerator[AnswerItem]:
+        """Yield the answer in order: text as `str`, other parts as :class:`StartPart`,
+        :class:`AppendPart`, :class:`EndPart`; optionally one :class:`AnswerEnd` last.
         Cancelling the iteration must stop the work. Raise :class:`AdapterError` on failure."""
         ...
 

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import msgspec
 
-from app.chat.schemas import HistoryItem
+from app.streaming.records import HistoryItem
 from app.tables import MessageRole
 
 # A word with the whitespace before it, so the pieces concatenate back to the text.

@@ -3,10 +3,14 @@
 Spoken by OpenAI itself and by local model servers (vLLM, llama.cpp's server, Ollama,
 LM Studio...). The request is `POST {baseUrl}/chat/completions` with `stream: true`;
 the answer comes back as Server-Sent Events whose `data:` is a JSON chunk, ended by
-`data: [DONE]`. Every way that can go wrong becomes an :class:`AdapterError` with a code
-a client can act on and a generic message (see `docs/protocol.md`, "Model errors"); what
-the model server said, and where, goes to the server log only, so that an agent's
-`baseUrl` cannot be used to read other services' answers or to tell their ports apart.
+`data: [DONE]`. Its deltas become the answer's items: `content` text, `reasoning_content`
+or `reasoning` a reasoning part, `tool_calls` one tool call part per `index`; an agent's
+declared `tools` are sent along, and tool calls and results in the history are sent back
+as `tool_calls` and `tool` messages. Every way that can go wrong becomes an
+:class:`AdapterError` with a code a client can act on and a generic message (see
+`docs/protocol.md`, "Model errors"); what the model server said, and where, goes to the
+server log only, so that an agent's `baseUrl` cannot be used to read other services'
+answers or to tell their ports apart.
 
 Requests go only where the operator's :class:`UpstreamPolicy` allows: the host is
 resolved here, every address checked, and the connection made to a checked address.
@@ -20,17 +24,27 @@ import email.utils
 import ipaddress
 import logging
 import os
+import secrets
 import socket
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import httpcore
 import httpx
 import msgspec
 
-from app.chat.schemas import HistoryItem
-from app.streaming.adapters.base import AdapterConfigError, AdapterError, AnswerEnd
+from app.streaming.adapters.base import (
+    AdapterConfigError,
+    AdapterError,
+    AnswerEnd,
+    AnswerItem,
+    AppendPart,
+    EndPart,
+    StartPart,
+)
+from app.streaming.parts import Part
+from app.streaming.records import HistoryItem
 from app.tables import MessageRole
 from app.upstream_policy import IPAddress, UpstreamPolicy, literal_address
 
@@ -41,6 +55,28 @@ _ERROR_BODY_LIMIT = 16 * 1024
 _MESSAGE_LIMIT = 300
 # How long to wait for the end of a response after its `[DONE]`.
 _DRAIN_SECONDS = 0.5
+# Limits of an agent's tool declarations.
+MAX_TOOLS = 64
+MAX_TOOL_PARAMETERS_BYTES = 16 * 1024
+
+
+class Tool(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """A function the model may call, as an agent declares it (sent upstream as
+    `{"type": "function", "function": {...}}`)."""
+
+    name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    # The arguments' JSON Schema: an object schema (`"type": "object"`).
+    parameters: dict[str, Any]
+    description: Annotated[str, msgspec.Meta(max_length=1024)] | None = None
+
+    def __post_init__(self) -> None:
+        # Raised here, msgspec reports these at `$.tools[i]`: the error names the field.
+        if self.parameters.get("type") != "object":
+            raise ValueError(f'tool {self.name!r}: parameters must be a JSON Schema with "type": "object"')
+        if len(msgspec.json.encode(self.parameters)) > MAX_TOOL_PARAMETERS_BYTES:
+            raise ValueError(
+                f"tool {self.name!r}: parameters must be at most {MAX_TOOL_PARAMETERS_BYTES} bytes of JSON"
+            )
 
 
 class OpenAIConfig(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
@@ -61,39 +97,141 @@ class OpenAIConfig(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
     history_budget_chars: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] = 48_000
     # Ask for the token count (`stream_options.include_usage`); turn off for servers that refuse it.
     include_usage: bool = True
+    # Functions the model may call; its calls end the answer with finishReason `tool_calls`.
+    tools: Annotated[list[Tool], msgspec.Meta(max_length=MAX_TOOLS)] | None = None
+    # Sent as `tool_choice` when set; the model server's default otherwise.
+    tool_choice: Literal["auto", "none", "required"] | None = None
+
+
+def check_tools(config: OpenAIConfig) -> None:
+    """What the config struct alone cannot refuse about tools, as an
+    :class:`AdapterConfigError` naming the field: repeated names, a `toolChoice` without tools."""
+    seen: set[str] = set()
+    for tool in config.tools or []:
+        if tool.name in seen:
+            raise AdapterConfigError("tools", f"two tools are named {tool.name!r}; names must be unique")
+        seen.add(tool.name)
+    if config.tool_choice is not None and not config.tools:
+        raise AdapterConfigError("toolChoice", "needs tools to choose from")
 
 
 # -- the request -----------------------------------------------------------------------
 
-_ROLES = {MessageRole.user: "user", MessageRole.agent: "assistant"}
+
+def _result_text(part: Part) -> str:
+    """A tool result as the model reads it: its output as JSON text, or its error."""
+    if part.error is not None:
+        return part.error
+    return msgspec.json.encode(part.value).decode()
+
+
+def _sendable_call(part: Part) -> bool:
+    """A tool call that can be sent back: complete (incomplete or invalid ones are left out), with an id."""
+    return part.kind == "tool_call" and part.state == "complete" and bool(part.tool_call_id)
+
+
+def _calls(item: HistoryItem) -> list[Part]:
+    """An agent message's tool calls that can be sent back."""
+    return [p for p in item.parts if _sendable_call(p)]
+
+
+def _size(item: HistoryItem) -> int:
+    """Characters an item costs in the request: its text, tool call arguments and results."""
+    if item.role is MessageRole.tool:
+        return sum(len(_result_text(p)) for p in item.parts if p.kind == "tool_result") or len(item.effective_content)
+    size = len(item.effective_content)
+    if item.role is MessageRole.agent:
+        size += sum(len(p.text) for p in _calls(item))
+        size += sum(len(_result_text(p)) for p in item.parts if p.kind == "tool_result")
+    return size
 
 
 def fit_history(history: Sequence[HistoryItem], budget_chars: int) -> list[HistoryItem]:
-    """The newest messages whose contents fit in `budget_chars`, in order; whole messages
-    only. The newest message is always kept (it is what the model answers), and a cut
-    history never starts with an agent message (chat templates expect a user turn first)."""
-    kept: list[HistoryItem] = []
-    used = 0
-    for item in reversed(history):
-        size = len(item.effective_content)
-        if kept and used + size > budget_chars:
+    """The newest messages whose contents (with tool call arguments and results) fit in
+    `budget_chars`, in order; whole messages only. The current turn (from the last user
+    message on: the question, and the tool round answering it) is always kept; an agent
+    message and the tool messages right after it are kept or cut together, and a cut
+    history never starts with an agent or tool message (chat templates expect a user
+    turn first)."""
+    # Units kept or cut whole: a message, with the tool messages that follow it.
+    units: list[list[HistoryItem]] = []
+    for item in history:
+        if item.role is MessageRole.tool and units:
+            units[-1].append(item)
+        else:
+            units.append([item])
+    if not units:
+        return []
+    tail = next((i for i in range(len(units) - 1, -1, -1) if units[i][0].role is MessageRole.user), len(units) - 1)
+    kept = units[tail:]
+    used = sum(_size(item) for unit in kept for item in unit)
+    for unit in reversed(units[:tail]):
+        size = sum(_size(item) for item in unit)
+        if used + size > budget_chars:
             break
-        kept.append(item)
+        kept.insert(0, unit)
         used += size
-    kept.reverse()
-    if len(kept) < len(history):
-        while len(kept) > 1 and kept[0].role is not MessageRole.user:
+    if len(kept) < len(units):
+        while len(kept) > len(units) - tail and kept[0][0].role is not MessageRole.user:
             kept.pop(0)
-    return kept
+    return [item for unit in kept for item in unit]
+
+
+def upstream_messages(history: Sequence[HistoryItem]) -> list[dict[str, Any]]:
+    """`history` as Chat Completions messages. An agent message with tool calls becomes an
+    assistant message with `tool_calls`, followed by a `tool` message per result (a result
+    given by a client in a tool message, or by a server-side tool inside the agent
+    message). Only calls that have a result are sent (a server refuses a call left
+    unanswered), and only results whose call is sent; reasoning and data are not sent."""
+    # The first result of each call, counted only after the call itself.
+    called: set[str] = set()
+    results: dict[str, str] = {}
+    for item in history:
+        for part in item.parts:
+            if part.tool_call_id is None:
+                continue
+            if item.role is MessageRole.agent and _sendable_call(part):
+                called.add(part.tool_call_id)
+            elif part.kind == "tool_result" and part.tool_call_id in called:
+                results.setdefault(part.tool_call_id, _result_text(part))
+    messages: list[dict[str, Any]] = []
+    sent: set[str] = set()
+    for item in history:
+        if item.role is MessageRole.user:
+            messages.append({"role": "user", "content": item.effective_content})
+            continue
+        if item.role is MessageRole.tool:
+            continue  # sent right after the call it answers, or not at all
+        calls = [p for p in _calls(item) if p.tool_call_id in results and p.tool_call_id not in sent]
+        if not calls:
+            messages.append({"role": "assistant", "content": item.effective_content})
+            continue
+        messages.append(
+            {
+                "role": "assistant",
+                "content": item.effective_content or None,
+                "tool_calls": [
+                    {
+                        "id": call.tool_call_id,
+                        "type": "function",
+                        # Blank arguments were a call without any: servers expect a JSON object.
+                        "function": {"name": call.name, "arguments": call.text if call.text.strip() else "{}"},
+                    }
+                    for call in calls
+                ],
+            }
+        )
+        for call in calls:
+            assert call.tool_call_id is not None  # _calls keeps calls with an id
+            sent.add(call.tool_call_id)
+            messages.append({"role": "tool", "tool_call_id": call.tool_call_id, "content": results[call.tool_call_id]})
+    return messages
 
 
 def request_body(config: OpenAIConfig, history: Sequence[HistoryItem]) -> dict[str, Any]:
     """The Chat Completions request for an answer to `history`."""
     messages = [{"role": "system", "content": config.system_prompt}] if config.system_prompt else []
-    messages += [
-        {"role": _ROLES[item.role], "content": item.effective_content}
-        for item in fit_history(history, config.history_budget_chars)
-    ]
+    messages += upstream_messages(fit_history(history, config.history_budget_chars))
     body: dict[str, Any] = {"model": config.model, "messages": messages, "stream": True}
     if config.temperature is not None:
         body["temperature"] = config.temperature
@@ -101,6 +239,10 @@ def request_body(config: OpenAIConfig, history: Sequence[HistoryItem]) -> dict[s
         body["max_tokens"] = config.max_tokens
     if config.include_usage:
         body["stream_options"] = {"include_usage": True}
+    if config.tools:
+        body["tools"] = [{"type": "function", "function": msgspec.to_builtins(tool)} for tool in config.tools]
+    if config.tool_choice is not None:
+        body["tool_choice"] = config.tool_choice
     return body
 
 
@@ -109,6 +251,11 @@ def request_body(config: OpenAIConfig, history: Sequence[HistoryItem]) -> dict[s
 
 class _Delta(msgspec.Struct):
     content: str | None = None
+    # Reasoning text: `reasoning_content` (DeepSeek, vLLM, llama.cpp) or `reasoning` (Ollama, newer vLLM).
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+    # Checked by hand (:class:`_ToolCalls`), to say what is wrong with a malformed one.
+    tool_calls: Any = None
 
 
 class _Choice(msgspec.Struct):
@@ -216,7 +363,9 @@ def check_upstream(config: OpenAIConfig, policy: UpstreamPolicy) -> None:
     """Refuse, with an :class:`AdapterConfigError` naming the field, what
     :func:`check_key_destination` refuses and a literal address (an IP, `localhost`) the
     policy does not allow: caught when the agent is saved. (Every address, also of a host
-    name, is checked again when connecting.)"""
+    name, is checked again when connecting.) The tools are checked here too (:func:`check_tools`):
+    this is what runs on a config being saved, after its struct."""
+    check_tools(config)
     url = check_key_destination(config, policy)
     address = literal_address(url.host)
     if address is not None and not policy.address_allowed(url.host, address, _port_of(url)):
@@ -375,7 +524,7 @@ class OpenAIAdapter:
             raise AdapterError("api_key_missing", f"{variable} is not set on this server")
         return key
 
-    async def stream(self, history: Sequence[HistoryItem], config: OpenAIConfig) -> AsyncGenerator[str | AnswerEnd]:
+    async def stream(self, history: Sequence[HistoryItem], config: OpenAIConfig) -> AsyncGenerator[AnswerItem]:
         # Where the key may go is checked again here, not only when the agent was saved: the
         # policy may have changed since, and a stored row proves nothing. (Addresses are
         # checked when connecting.)
@@ -406,7 +555,7 @@ class OpenAIAdapter:
                     yield item
                 await _drain(lines)
         except AdapterError as exc:
-            if exc.code in ("upstream_malformed", "upstream_error"):
+            if exc.code in ("upstream_malformed", MALFORMED_TOOL_CALL, "upstream_error"):
                 logger.warning("the model server at %s: %s", url, exc.__cause__ or exc.message)
             raise
         except httpx.HTTPError as exc:
@@ -455,12 +604,94 @@ async def _head(response: httpx.Response) -> bytes:
     return body[:_ERROR_BODY_LIMIT]
 
 
-async def _answer(events: AsyncIterator[str]) -> AsyncGenerator[str | AnswerEnd]:
-    """Text pieces from the stream's chunks, then an AnswerEnd; requires the closing `[DONE]`."""
+# The code of a tool call chunk we cannot follow (its message says what was wrong).
+MALFORMED_TOOL_CALL = "upstream_malformed_tool_call"
+
+
+class _BadToolCall(ValueError):
+    """What is wrong with a tool call chunk (a fixed text: nothing the server sent)."""
+
+
+class _ToolCalls:
+    """The answer's tool calls, followed by their `index` across chunks: the first chunk
+    of an index opens the call (its name, its id), later ones bring argument pieces."""
+
+    __slots__ = ("closed", "names", "prefix")
+
+    def __init__(self) -> None:
+        self.names: dict[int, str] = {}  # open calls: index -> name
+        self.closed: set[int] = set()
+        # For calls the server sends without an id: unique per answer, so a client's result
+        # names one call of the conversation.
+        self.prefix = f"call_{secrets.token_hex(6)}"
+
+    def items(self, raw: Any) -> list[AnswerItem]:
+        """The part steps of one chunk's `delta.tool_calls`; :class:`_BadToolCall` when malformed."""
+        if not isinstance(raw, list):
+            raise _BadToolCall("tool_calls is not a list")
+        out: list[AnswerItem] = []
+        for entry in raw:
+            if not isinstance(entry, dict):
+                raise _BadToolCall("a tool call is not an object")
+            index = entry.get("index")
+            if type(index) is not int or index < 0:  # (bool is an int: refused too)
+                what = "has no index" if index is None else "has an index that is not a non-negative integer"
+                raise _BadToolCall(f"a tool call {what}")
+            function = entry.get("function")
+            if function is None:
+                function = {}  # later chunks of OpenAI's own stream carry only the index (and arguments)
+            elif not isinstance(function, dict):
+                raise _BadToolCall(f"tool call {index}: function is not an object")
+            name, arguments, call_id = function.get("name"), function.get("arguments"), entry.get("id")
+            if name is not None and not isinstance(name, str):
+                raise _BadToolCall(f"tool call {index}: the function name is not a string")
+            if arguments is not None and not isinstance(arguments, str):
+                raise _BadToolCall(f"tool call {index}: arguments are not a string")
+            if call_id is not None and not isinstance(call_id, str):
+                raise _BadToolCall(f"tool call {index}: id is not a string")
+            key = f"call:{index}"
+            if index in self.closed:
+                raise _BadToolCall(f"tool call {index} continues after the answer finished")
+            known = self.names.get(index)
+            if known is None:
+                if not name:
+                    raise _BadToolCall(f"tool call {index} starts without a function name")
+                self.names[index] = name
+                out.append(
+                    StartPart(key=key, kind="tool_call", name=name, tool_call_id=call_id or f"{self.prefix}_{index}")
+                )
+            elif name and name != known:
+                # (Later chunks usually carry no name; some servers repeat it, unchanged.)
+                raise _BadToolCall(f"tool call {index}: the function name changed mid-call")
+            if arguments:
+                out.append(AppendPart(key, arguments))
+        return out
+
+    def end(self) -> list[AnswerItem]:
+        """Close every open call (the core parses their arguments)."""
+        out: list[AnswerItem] = [EndPart(f"call:{index}") for index in sorted(self.names)]
+        self.closed.update(self.names)
+        self.names.clear()
+        return out
+
+
+async def _answer(events: AsyncIterator[str]) -> AsyncGenerator[AnswerItem]:
+    """The answer's items from the stream's chunks: text as str, a reasoning part, tool
+    call parts (keys `reasoning`, `call:{index}`), then an AnswerEnd; requires the closing `[DONE]`."""
     token_count: int | None = None
     finish_reason: str | None = None
+    reasoning = False  # a reasoning part is open
+    calls: _ToolCalls | None = None  # made at the first tool call
     async for data in events:
         if data.strip() == "[DONE]":
+            if reasoning:
+                yield EndPart("reasoning")
+            if calls is not None:
+                for item in calls.end():
+                    yield item
+                # Some servers say `stop` after tool calls: the answer still waits for their results.
+                if calls.closed and finish_reason in (None, "stop", "function_call"):
+                    finish_reason = "tool_calls"
             yield AnswerEnd(token_count=token_count, finish_reason=finish_reason or "stop")
             return
         try:
@@ -476,8 +707,41 @@ async def _answer(events: AsyncIterator[str]) -> AsyncGenerator[str | AnswerEnd]
         for choice in chunk.choices:
             if choice.index != 0:
                 continue  # we ask for one answer; ignore any other
+            delta = choice.delta
+            # The hot path: a chunk of text only, while no reasoning part is open.
+            if not reasoning and delta.tool_calls is None and not delta.reasoning_content and not delta.reasoning:
+                if delta.content:
+                    yield delta.content
+            else:
+                # A server sending both fields sends the same text in each: one of them is taken.
+                thought = delta.reasoning_content or delta.reasoning
+                if thought:
+                    if not reasoning:
+                        reasoning = True
+                        yield StartPart(key="reasoning", kind="reasoning")
+                    yield AppendPart("reasoning", thought)
+                if reasoning and (delta.content or delta.tool_calls):
+                    reasoning = False  # the reasoning ends where text or a tool call begins
+                    yield EndPart("reasoning")
+                if delta.content:
+                    yield delta.content
+                if delta.tool_calls is not None:
+                    if calls is None:
+                        calls = _ToolCalls()
+                    try:
+                        steps = calls.items(delta.tool_calls)
+                    except _BadToolCall as exc:
+                        detail = ValueError(f"{exc}; the chunk: {_short(data)}")
+                        message = f"the model server sent a malformed tool call: {exc}"
+                        raise AdapterError(MALFORMED_TOOL_CALL, message) from detail
+                    for item in steps:
+                        yield item
             if choice.finish_reason:
                 finish_reason = choice.finish_reason
-            if choice.delta.content:
-                yield choice.delta.content
+                if reasoning:
+                    reasoning = False
+                    yield EndPart("reasoning")
+                if calls is not None:
+                    for item in calls.end():
+                        yield item
     raise AdapterError("upstream_incomplete", "the model server ended the stream without [DONE]")

@@ -15,6 +15,7 @@ import pytest
 
 from app.streaming.broker import Broker, FeedOverflow, InProcessBroker
 from app.streaming.events import Done, GenerationEvent, Snapshot, Start, Token
+from app.streaming.parts import Part
 from app.streaming.protocol import ConversationDeleted, GenerationStarted
 from tests.redis_support import eventually, redis_scope
 
@@ -126,7 +127,9 @@ async def test_reader_older_than_the_window_gets_a_snapshot(
     await fill(broker, g, c, words)
     events = await broker.read(g, 3, 0)
     assert events is not None and len(events) == 1
-    assert events[0] == Snapshot(generation_id=g, conversation_id=c, seq=21, text="".join(words))
+    text = "".join(words)
+    parts = [Part(kind="text", state="streaming", text=text)]
+    assert events[0] == Snapshot(generation_id=g, conversation_id=c, seq=21, text=text, parts=parts)
     await broker.append(done(g, c, m, 22, 20))
     events = await broker.read(g, 3, 0)
     assert events is not None

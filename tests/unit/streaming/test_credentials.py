@@ -5,12 +5,17 @@ from __future__ import annotations
 import uuid
 
 from app.streaming.credentials import CredentialHolders
+from app.streaming.store import Credential
+
+
+async def _none_invalid(held: set[Credential]) -> set[Credential]:
+    return set()
 
 
 def test_a_revoked_key_tells_all_its_holders_a_session_only_its_own_once() -> None:
     """Revoking a key tells every holder of it (Bearer or any session); ending a session
     tells that session's holders only; nobody is told twice; a holder that left is not told."""
-    holders = CredentialHolders()
+    holders = CredentialHolders(_none_invalid)
     key, other_key = uuid.uuid4(), uuid.uuid4()
     session, other_session = uuid.uuid4(), uuid.uuid4()
     told: list[str] = []

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import msgspec
 
-from app.limits import MAX_CLIENT_MESSAGE_ID_CHARS, MAX_NAME_CHARS
+from app.limits import MAX_CLIENT_MESSAGE_ID_CHARS, MAX_NAME_CHARS, MAX_TOOL_CALL_ID_CHARS
 
 NO_NUL_PATTERN = "^[^\x00]*$"
 
@@ -21,3 +21,5 @@ Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME_CHARS, patt
 ClientMessageId = Annotated[
     str, msgspec.Meta(min_length=1, max_length=MAX_CLIENT_MESSAGE_ID_CHARS, pattern=NO_NUL_PATTERN)
 ]
+# A tool call's id as the model gave it (the stored result is keyed by it).
+ToolCallId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_TOOL_CALL_ID_CHARS, pattern=NO_NUL_PATTERN)]

@@ -13,7 +13,7 @@ from litestar.params import FromPath, JSONBody, QueryParameter
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
 
 from app.auth.principal import Principal
-from app.chat import conversations, generations, messages
+from app.chat import conversations, generations, messages, tool_results
 from app.chat.schemas import (
     ConversationCreate,
     ConversationOut,
@@ -26,6 +26,7 @@ from app.chat.schemas import (
     MessageOut,
     MessagePage,
     MessagePosted,
+    ToolResultCreate,
 )
 from app.limits import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from app.openapi import errors
@@ -116,6 +117,29 @@ class ConversationController(Controller):
         data: JSONBody[MessageCreate],
     ) -> Response[MessagePosted]:
         result, created = await messages.post_message(principal, conversation_id, data, core)
+        return Response(result, status_code=HTTP_201_CREATED if created else HTTP_200_OK)
+
+    @post(
+        "/{conversation_id:uuid}/tool-results",
+        summary="Answer a tool call of the agent's last answer",
+        description=(
+            "201 with the stored result (a message with role `tool`) and, when it was the last result "
+            "the answer waited for, the agent's next answer (else null). 200 with the first result when "
+            "this call was answered the same way before; 409 `tool_call_answered` when differently."
+        ),
+        responses={
+            HTTP_200_OK: ResponseSpec(MessagePosted, description="The result first posted for this call"),
+            **errors(400, 404, 409, 413, 429),
+        },
+    )
+    async def post_tool_result(
+        self,
+        principal: NamedDependency[Principal],
+        core: NamedDependency[StreamingCore],
+        conversation_id: FromPath[UUID],
+        data: JSONBody[ToolResultCreate],
+    ) -> Response[MessagePosted]:
+        result, created = await tool_results.post_tool_result(principal, conversation_id, data, core)
         return Response(result, status_code=HTTP_201_CREATED if created else HTTP_200_OK)
 
     @put(

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 from uuid import UUID
 
 import msgspec
 
 from app.streaming.policy import BusyPolicy, PartialPolicy
 from app.streaming.records import ConversationOut, GenerationOut, HistoryItem, MessageOut
-from app.text_types import ClientMessageId, Text
+from app.text_types import ClientMessageId, Text, ToolCallId
 
 
 class ConversationCreate(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
@@ -43,6 +43,15 @@ class MessageCreate(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
     disconnect_grace: Annotated[float, msgspec.Meta(ge=0, le=3600)] | None = None
 
 
+class ToolResultCreate(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
+    """A client's result for a tool call of the agent's last answer: `output` (any JSON), or
+    `error` when the tool failed. Posting the same result again is safe (one result per call)."""
+
+    tool_call_id: ToolCallId
+    output: Any = msgspec.UNSET
+    error: Text | None = None
+
+
 class MessageEdit(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
     content: Text
 
@@ -73,4 +82,5 @@ __all__ = [
     "MessageOut",
     "MessagePage",
     "MessagePosted",
+    "ToolResultCreate",
 ]

@@ -9,7 +9,7 @@ they are. `ref` is a string the client may put on any frame; the `ack`, `error` 
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 from uuid import UUID
 
 import msgspec
@@ -17,7 +17,7 @@ import msgspec
 from app.streaming.events import GenerationEvent
 from app.streaming.policy import BusyPolicy, PartialPolicy
 from app.streaming.records import ConversationOut, GenerationOut, MessageOut
-from app.text_types import ClientMessageId, Text
+from app.text_types import ClientMessageId, Text, ToolCallId
 
 Ref = Annotated[str, msgspec.Meta(max_length=64)]
 
@@ -50,6 +50,17 @@ class Send(_ClientFrame, tag="send"):
     disconnect_grace: Annotated[float, msgspec.Meta(ge=0, le=3600)] | None = None
 
 
+class ToolResult(_ClientFrame, tag="tool_result"):
+    """Answer a tool call of the agent's last answer with `output` (any JSON), or `error` when
+    the tool failed; as `POST /api/conversations/{id}/tool-results`. Acked with the result
+    message and the agent's next answer (once every call of the answer has its result)."""
+
+    conversation_id: UUID
+    tool_call_id: ToolCallId
+    output: Any = msgspec.UNSET
+    error: Text | None = None
+
+
 class Cancel(_ClientFrame, tag="cancel"):
     """Stop an answer (idempotent)."""
 
@@ -60,7 +71,7 @@ class Ping(_ClientFrame, tag="ping"):
     """Application-level ping; answered by `pong` (protocol pings are handled by the server too)."""
 
 
-ClientFrame = Subscribe | Unsubscribe | Send | Cancel | Ping
+ClientFrame = Subscribe | Unsubscribe | Send | ToolResult | Cancel | Ping
 
 
 class _ServerFrame(msgspec.Struct, tag_field="type", rename="camel", kw_only=True, omit_defaults=True):

@@ -30,7 +30,8 @@ from app.auth.principal import Principal
 from app.chat.conversations import load_conversation
 from app.chat.generations import get_generation, running_generation
 from app.chat.messages import post_message
-from app.chat.schemas import MessageCreate
+from app.chat.schemas import MessageCreate, ToolResultCreate
+from app.chat.tool_results import post_tool_result
 from app.config import Settings, get_settings
 from app.errors import ApiError, Unauthorized
 from app.http_security import same_origin_request
@@ -50,6 +51,7 @@ from app.streaming.protocol import (
     Pong,
     Send,
     Subscribe,
+    ToolResult,
     Unsubscribe,
     json_client_decoder,
     msgpack_client_decoder,
@@ -291,6 +293,11 @@ class Session:
                 disconnect_grace=frame.disconnect_grace,
             )
             posted, created = await post_message(self.principal, frame.conversation_id, data, self.core)
+            ack = Ack(ref=frame.ref, message=posted.message, generation=posted.generation, created=created)
+            await self.deliver([ack])
+        elif isinstance(frame, ToolResult):
+            result = ToolResultCreate(tool_call_id=frame.tool_call_id, output=frame.output, error=frame.error)
+            posted, created = await post_tool_result(self.principal, frame.conversation_id, result, self.core)
             ack = Ack(ref=frame.ref, message=posted.message, generation=posted.generation, created=created)
             await self.deliver([ack])
         elif isinstance(frame, Cancel):

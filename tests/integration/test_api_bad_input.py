@@ -24,6 +24,7 @@ from litestar import Litestar
 from litestar.routes import HTTPRoute
 
 from app.config import get_settings
+from app.streaming.parts import Part, encode_parts
 from app.tables import Agent, ApiKey, Conversation, Generation, Message
 from tests.factories import Tenant
 
@@ -220,6 +221,12 @@ BODY_ENDPOINTS: dict[str, tuple[str, str, str | None, dict[str, Any]]] = {
     "PATCH conversation": ("PATCH", "/api/conversations/{conversation}", "alice", {"title": "ok"}),
     "POST messages": ("POST", "/api/conversations/{conversation}/messages", "alice", {"content": "ok"}),
     "PUT message": ("PUT", "/api/conversations/{conversation}/messages/{message}", "alice", {"content": "ok"}),
+    "POST tool result": (
+        "POST",
+        "/api/conversations/{conversation}/tool-results",
+        "alice",
+        {"toolCallId": "call_1", "output": {"ok": True}},
+    ),
     "POST agents": ("POST", "/api/agents", "admin", {"name": "ok"}),
     "PATCH agent": ("PATCH", "/api/agents/{agent}", "admin", {"name": "ok"}),
     "POST keys": ("POST", "/api/keys", "admin", {"name": "ok"}),
@@ -940,3 +947,54 @@ async def test_bad_agent_tools(client: httpx.AsyncClient, world: World, endpoint
     async with unchanged(world):
         r = await send(client, world, method, path, who, json={**valid, "adapter": "openai", "config": config})
         assert_error(r, 400, "invalid_request", field="config.tools")
+
+
+# --- tool results -----------------------------------------------------------------------
+
+TOOL_RESULTS = "/api/conversations/{conversation}/tool-results"
+
+
+async def _pending_call(world: World) -> str:
+    """An agent answer in alice's conversation that waits for the result of one tool call."""
+    call = Part(kind="tool_call", name="book", tool_call_id="call_1", text="{}", value={})
+    answer = Message(conversation=world.conversation, role="agent", content="", parts=encode_parts([call]))
+    await answer.save()
+    return "call_1"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code", "field"),
+    [
+        ({"toolCallId": "call_1"}, 400, "invalid_request", "output"),  # neither output nor error
+        ({"toolCallId": "call_1", "output": 1, "error": "no"}, 400, "invalid_request", "output"),  # both
+        ({"toolCallId": "x" * 96, "output": 1}, 400, "invalid_request", "toolCallId"),
+        ({"toolCallId": "call_1", "output": "x" * MAX_CONTENT}, 413, "too_large", "output"),
+        ({"toolCallId": "call_1", "error": "x" * (MAX_CONTENT + 1)}, 413, "too_large", "error"),
+        ({"toolCallId": "call_nobody_made", "output": 1}, 404, "tool_call_not_found", None),
+    ],
+    ids=["neither", "both", "id-too-long", "output-too-large", "error-too-large", "unknown-call"],
+)
+async def test_bad_tool_results(
+    client: httpx.AsyncClient, world: World, body: dict[str, Any], status: int, code: str, field: str | None
+) -> None:
+    await _pending_call(world)
+    async with unchanged(world):
+        r = await send(client, world, "POST", TOOL_RESULTS, "alice", json=body)
+        assert_error(r, status, code, field=field)
+
+
+async def test_tool_results_for_another_tenant_or_answered_twice(client: httpx.AsyncClient, world: World) -> None:
+    """Another company's conversation is 404; a second, different result for a call is 409 and
+    the first stands; the same result again is 200 with the first."""
+    call_id = await _pending_call(world)
+    async with unchanged(world):
+        r = await send(client, world, "POST", TOOL_RESULTS, "globex", json={"toolCallId": call_id, "output": 1})
+        assert_error(r, 404, "not_found")
+    first = await send(client, world, "POST", TOOL_RESULTS, "alice", json={"toolCallId": call_id, "output": 1})
+    assert first.status_code == 201, first.text
+    assert first.json()["message"]["role"] == "tool" and first.json()["generation"] is None  # no agent here
+    async with unchanged(world):
+        again = await send(client, world, "POST", TOOL_RESULTS, "alice", json={"toolCallId": call_id, "output": 1})
+        assert again.status_code == 200 and again.json()["message"]["id"] == first.json()["message"]["id"]
+        other = await send(client, world, "POST", TOOL_RESULTS, "alice", json={"toolCallId": call_id, "error": "x"})
+        assert_error(other, 409, "tool_call_answered")

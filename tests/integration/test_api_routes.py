@@ -190,7 +190,18 @@ async def test_messages_idempotent_post_pages_edit_history(client, acme):
 
     history = (await client.get(f"/api/conversations/{conv['id']}/history", headers=h)).json()
     assert [m["effectiveContent"] for m in history] == ["ONE", *[f"msg {i}" for i in range(2, 8)]]
-    assert set(history[0]) == {"id", "role", "effectiveContent", "createdAt"}
+    assert set(history[0]) == {"id", "role", "effectiveContent", "createdAt", "parts"}
+    assert history[0]["parts"] == [
+        {
+            "kind": "text",
+            "state": "complete",
+            "text": "ONE",
+            "name": None,
+            "toolCallId": None,
+            "value": None,
+            "error": None,
+        }
+    ]
 
 
 async def test_admin_edits_agent_message(client, acme):

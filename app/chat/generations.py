@@ -295,20 +295,34 @@ class ToolCalls:
 
 
 async def pending_tool_calls(conversation_id: UUID) -> ToolCalls | None:
-    """The last answer's tool calls, when only tool results came after it (a user message
-    after the answer leaves its calls behind). None when there is no such answer."""
+    """The tool calls the last answer waits for: it ended with finish reason `tool_calls`,
+    complete, and only tool results came after it (a user message after the answer leaves
+    its calls behind). Calls the agent answered itself (a tool result in the same answer)
+    wait for nothing. None when there is no such answer."""
     latest = (
         await Message.select()
         .where(Message.conversation == conversation_id, Message.role != MessageRole.tool.value)
         .order_by(Message.created_at, Message.id, ascending=False)
         .first()
     )
-    if latest is None or latest["role"] != MessageRole.agent.value:
+    if latest is None or latest["role"] != MessageRole.agent.value or latest["generation"] is None:
         return None
+    waits = await Generation.exists().where(
+        Generation.id == latest["generation"],
+        Generation.status == GenerationStatus.done.value,
+        Generation.finish_reason == "tool_calls",
+    )
+    if not waits:
+        return None
+    parts = stored_parts(latest)
+    answered_inside = {p.tool_call_id for p in parts if p.kind == "tool_result"}
     calls = {
         part.tool_call_id: part
-        for part in stored_parts(latest)
-        if part.kind == "tool_call" and part.state == "complete" and part.tool_call_id
+        for part in parts
+        if part.kind == "tool_call"
+        and part.state == "complete"
+        and part.tool_call_id
+        and part.tool_call_id not in answered_inside
     }
     answers = await Message.select().where(
         Message.conversation == conversation_id,

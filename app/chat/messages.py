@@ -43,6 +43,10 @@ if TYPE_CHECKING:  # the core imports this module (history); only the type is ne
     from app.streaming.core import StreamingCore
 
 
+# clientMessageId of a tool result: `tool:<toolCallId>` (the database keeps one per call).
+TOOL_RESULT_ID_PREFIX = "tool:"
+
+
 def message_out(row: dict[str, Any]) -> MessageOut:
     """Build the response struct from a `message` row."""
     return MessageOut(
@@ -110,6 +114,8 @@ async def post_message(
     conversation = await load_conversation(principal, conversation_id)
     _check_content(data.content)
     check_text("clientMessageId", data.client_message_id)
+    if data.client_message_id is not None and data.client_message_id.startswith(TOOL_RESULT_ID_PREFIX):
+        raise invalid_field("clientMessageId", f"{TOOL_RESULT_ID_PREFIX!r} starts the ids of tool results")
     if data.client_message_id is not None:
         existing = await _by_client_id(conversation_id, data.client_message_id)
         if existing is not None:
@@ -222,6 +228,9 @@ async def edit_message(
     row = await Message.select().where(Message.id == message_id, Message.conversation == conversation_id).first()
     if row is None:
         raise NotFound("message not found", details={"messageId": str(message_id)})
+    if row["role"] == MessageRole.tool.value:
+        why = "a tool result cannot be edited; it is what the tool returned"
+        raise invalid_field("messageId", why, source="path", code="not_editable")
     if not principal.is_admin:
         if row["role"] == MessageRole.agent.value:
             raise Forbidden("only an admin can edit an agent's message", code="forbidden")

@@ -16,7 +16,7 @@ import msgspec
 from app.auth.principal import Principal
 from app.chat.conversations import conversation_not_found, load_conversation
 from app.chat.generations import generation_for_message, pending_tool_calls
-from app.chat.messages import message_out
+from app.chat.messages import TOOL_RESULT_ID_PREFIX, message_out
 from app.chat.schemas import MessagePosted, ToolResultCreate
 from app.db import is_foreign_key_violation, is_unique_violation
 from app.errors import Conflict, NotFound, check_length, check_text, invalid_field
@@ -43,7 +43,7 @@ async def post_tool_result(
     content = data.error if data.error is not None else msgspec.json.encode(data.output).decode()
     check_length("output" if data.error is None else "error", content, MAX_CONTENT_CHARS)
     output: Any = None if data.output is msgspec.UNSET else data.output
-    client_id = f"tool:{data.tool_call_id}"
+    client_id = f"{TOOL_RESULT_ID_PREFIX}{data.tool_call_id}"
     answered = await _result_of(conversation_id, client_id)
     if answered is not None:
         return await _replay(answered, output, data.error, conversation, principal, core), False
@@ -112,7 +112,10 @@ async def _replay(
         raise Conflict(
             "this tool call already has a different result",
             code="tool_call_answered",
-            details={"toolCallId": first.tool_call_id if first else None, "messageId": str(row["id"])},
+            details={
+                "toolCallId": row["client_message_id"].removeprefix(TOOL_RESULT_ID_PREFIX),
+                "messageId": str(row["id"]),
+            },
         )
     # An answer a limit refused to start the first time starts now (if the turn still waits).
     generation = await generation_for_message(row["id"]) or await core.answer_unanswered(conversation, principal)

@@ -512,7 +512,8 @@
     li.dataset.id = m.id;
     const author = document.createElement("p");
     author.className = "author";
-    author.textContent = m.role === "user" ? "You" : agentName(state.current && state.current.agentId);
+    author.textContent =
+      m.role === "user" ? "You" : m.role === "tool" ? "Tool result" : agentName(state.current && state.current.agentId);
     const content = document.createElement("p");
     content.className = "content";
     content.id = `message-${m.id}-content`;

@@ -88,6 +88,9 @@ async def test_a_mixed_answer_streams_every_part_kind_and_is_stored_as_parts(str
     [stored] = await agent_messages(alice, cid)
     assert stored.parts == parts
     assert stored.content == SENTENCE + " (echoed)"  # the text parts only
+    with pytest.raises(NotFound):  # the agent answered its own call: it waits for no result
+        assert call.tool_call_id is not None
+        await post_tool_result(alice, cid, ToolResultCreate(tool_call_id=call.tool_call_id, output=1), streaming)
     turns = await history(alice, cid)
     assert turns[0].parts == [Part(kind="text", text=SENTENCE)] and turns[1].parts == parts
 

@@ -957,7 +957,11 @@ TOOL_RESULTS = "/api/conversations/{conversation}/tool-results"
 async def _pending_call(world: World) -> str:
     """An agent answer in alice's conversation that waits for the result of one tool call."""
     call = Part(kind="tool_call", name="book", tool_call_id="call_1", text="{}", value={})
-    answer = Message(conversation=world.conversation, role="agent", content="", parts=encode_parts([call]))
+    answered = Generation(conversation=world.conversation, status="done", finish_reason="tool_calls")
+    await answered.save()
+    answer = Message(
+        conversation=world.conversation, role="agent", content="", parts=encode_parts([call]), generation=answered.id
+    )
     await answer.save()
     return "call_1"
 
@@ -998,3 +1002,19 @@ async def test_tool_results_for_another_tenant_or_answered_twice(client: httpx.A
         assert again.status_code == 200 and again.json()["message"]["id"] == first.json()["message"]["id"]
         other = await send(client, world, "POST", TOOL_RESULTS, "alice", json={"toolCallId": call_id, "error": "x"})
         assert_error(other, 409, "tool_call_answered")
+
+
+async def test_a_tool_result_cannot_be_edited_and_its_id_prefix_is_reserved(
+    client: httpx.AsyncClient, world: World
+) -> None:
+    call_id = await _pending_call(world)
+    posted = await send(client, world, "POST", TOOL_RESULTS, "alice", json={"toolCallId": call_id, "output": 1})
+    assert posted.status_code == 201, posted.text
+    result = posted.json()["message"]["id"]
+    async with unchanged(world):
+        path = f"/api/conversations/{{conversation}}/messages/{result}"
+        r = await send(client, world, "PUT", path, "admin", json={"content": "something else"})
+        assert_error(r, 400, "not_editable", field="messageId", source="path")
+        body = {"content": "hi", "clientMessageId": f"tool:{call_id}"}
+        r = await send(client, world, "POST", POST_MESSAGES[1], "alice", json=body)
+        assert_error(r, 400, "invalid_request", field="clientMessageId")

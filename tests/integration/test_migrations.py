@@ -6,6 +6,7 @@ import sqlite3
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -84,6 +85,7 @@ def test_forwards_check_backwards_forwards(fresh_db: tuple[str, dict[str, str], 
     assert "token" not in columns["api_key"]
     assert {"api_key", "token_hash", "expires_at", "ended_at", "last_used_at"} <= columns["session"]
     assert {"token_count", "chunk_count", "finish_reason", "ttft_ms"} <= columns["generation"]
+    assert "parts" in columns["message"]
 
     check = piccolo_cli("migrations", "check", env=env).stdout
     ran = [line for line in check.splitlines() if line.startswith("chatstream")]
@@ -99,6 +101,77 @@ def test_forwards_check_backwards_forwards(fresh_db: tuple[str, dict[str, str], 
     assert _schema(engine, where) == _schema(engine, where)
     tables, indexes, columns_again = _schema(engine, where)
     assert tables >= TABLES and indexes >= INDEXES and columns_again == columns
+
+
+PARTS_MIGRATION = "2026-12-03T13:17:19:933039"
+NOW = "CURRENT_TIMESTAMP"
+
+
+def _sql(engine: str, where: str, statements: list[str], query: str) -> list[tuple[Any, ...]]:
+    """Run `statements`, then return the rows of `query`."""
+    import asyncio
+
+    import asyncpg
+
+    from tests.conftest import PG_SERVER
+
+    if engine == "sqlite":
+        conn = sqlite3.connect(where)
+        try:
+            for statement in statements:
+                conn.execute(statement)
+            conn.commit()
+            return [tuple(r) for r in conn.execute(query)]
+        finally:
+            conn.close()
+
+    async def run() -> list[tuple[Any, ...]]:
+        conn = await asyncpg.connect(f"{PG_SERVER}/{where}")
+        try:
+            for statement in statements:
+                await conn.execute(statement)
+            return [tuple(r) for r in await conn.fetch(query)]
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
+def test_the_parts_migration_goes_back_and_forth_keeping_answers(fresh_db: tuple[str, dict[str, str], str]) -> None:
+    """Backwards from the parts migration keeps user and agent messages (their `content` is the
+    text) and drops tool results, which the older version cannot read; forwards adds `parts` again."""
+    engine, env, where = fresh_db
+    piccolo_cli("migrations", "forwards", "all", env=env)
+    ids = [str(uuid.uuid4()) for _ in range(5)]
+    company, conversation, user_msg, agent_msg, tool_msg = ids
+    parts = '[{"kind":"text","state":"complete","text":"hi"}]'
+    _sql(
+        engine,
+        where,
+        [
+            f"INSERT INTO company (id, name, created_at) VALUES ('{company}', 'c', CURRENT_TIMESTAMP)",
+            "INSERT INTO conversation (id, company, owner_id, last_message_at, created_at, updated_at) "
+            f"VALUES ('{conversation}', '{company}', '{company}', {NOW}, {NOW}, {NOW})",
+            *(
+                "INSERT INTO message (id, conversation, role, content, status, created_at, parts) "
+                f"VALUES ('{mid}', '{conversation}', '{role}', 'hi', 'complete', CURRENT_TIMESTAMP, {value})"
+                for mid, role, value in [
+                    (user_msg, "user", "NULL"),
+                    (agent_msg, "agent", f"'{parts}'"),
+                    (tool_msg, "tool", "'[]'"),
+                ]
+            ),
+        ],
+        "SELECT 1",
+    )
+    piccolo_cli("migrations", "backwards", "chatstream", f"--migration_id={PARTS_MIGRATION}", "--auto_agree", env=env)
+    _, _, columns = _schema(engine, where)
+    assert "parts" not in columns["message"]
+    rows = _sql(engine, where, [], "SELECT role, content FROM message ORDER BY role")
+    assert rows == [("agent", "hi"), ("user", "hi")]
+    piccolo_cli("migrations", "forwards", "all", env=env)
+    assert "parts" in _schema(engine, where)[2]["message"]
+    assert _sql(engine, where, [], "SELECT role, parts FROM message ORDER BY role") == [("agent", None), ("user", None)]
 
 
 def test_tables_match_migrations(tmp_path: Path) -> None:

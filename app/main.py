@@ -25,6 +25,7 @@ from app.exception_handlers import EXCEPTION_HANDLERS
 from app.health import healthz, readyz
 from app.http_security import HttpSecurityMiddleware, add_security_headers
 from app.streaming.adapters import build_adapters
+from app.streaming.ai_sdk import ai_sdk_chat, ai_sdk_resume
 from app.streaming.broker import Broker, InProcessBroker
 from app.streaming.core import StreamingCore
 from app.streaming.policy import StreamPolicy
@@ -91,6 +92,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             GenerationController,
             stream_conversation,
             ws_endpoint,
+            ai_sdk_chat,
+            ai_sdk_resume,
         ],
         middleware=[DefineMiddleware(ApiKeyAuthMiddleware)],
         dependencies={

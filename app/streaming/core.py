@@ -164,10 +164,9 @@ class _AnswerBuilder:
 
     def _end(self, key: str, value: Any, error: str | None) -> _Step:
         index = self._index(key)
-        part = self.answer.parts[index]
         state = "complete"
-        if part.kind == "tool_call":
-            value, error = parse_arguments(part.text)
+        if self.answer.parts[index].kind == "tool_call":
+            value, error = parse_arguments(self.answer.part_text(index))
             state = "invalid" if error else "complete"
         else:
             try:

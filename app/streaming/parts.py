@@ -68,26 +68,32 @@ def parse_arguments(text: str) -> tuple[Any, str | None]:
 
 
 class AnswerParts:
-    """The parts of an answer so far, folded from its events (tokens and part events)."""
+    """The parts of an answer so far, folded from its events (tokens and part events).
 
-    __slots__ = ("_open_text", "parts")
+    The pieces of an open part are kept in a list and joined when the part is read or
+    closed: adding a piece costs the same however long the answer already is."""
+
+    __slots__ = ("_open_text", "_pieces", "parts")
 
     def __init__(self, parts: list[Part] | None = None) -> None:
         self.parts: list[Part] = []
+        self._pieces: dict[int, list[str]] = {}
         self._open_text = False
         self.reset(parts or [])
 
     def reset(self, parts: list[Part]) -> None:
         """Start again from these parts (a `snapshot`)."""
         self.parts = [msgspec.structs.replace(p) for p in parts]
+        self._pieces = {}
         self._open_text = bool(self.parts) and self.parts[-1].kind == "text" and self.parts[-1].state == "streaming"
 
     def add_text(self, text: str) -> None:
         """A `token`: grows the open text part, or opens one."""
         if self._open_text:
-            self.parts[-1].text += text
+            self._pieces.setdefault(len(self.parts) - 1, []).append(text)
         else:
-            self.parts.append(Part(kind="text", state="streaming", text=text))
+            self.parts.append(Part(kind="text", state="streaming"))
+            self._pieces[len(self.parts) - 1] = [text]
             self._open_text = True
 
     def start(self, index: int, kind: str, name: str | None, tool_call_id: str | None) -> None:
@@ -99,22 +105,35 @@ class AnswerParts:
 
     def delta(self, index: int, text: str) -> None:
         """A `part.delta`: grows open part `index`."""
-        self._open(index).text += text
+        self._open(index)
+        self._pieces.setdefault(index, []).append(text)
 
     def end(self, index: int, state: str, value: Any, error: str | None) -> None:
         """A `part.end`: closes part `index`."""
         part = self._open(index)
+        self._join(index)
         part.state = state  # type: ignore[assignment]
         part.value = value
         part.error = error
+
+    def part_text(self, index: int) -> str:
+        """The text of part `index` so far (a tool call's arguments as streamed)."""
+        self._join(index)
+        return self.parts[index].text
 
     def _open(self, index: int) -> Part:
         if not 0 <= index < len(self.parts) or self.parts[index].state != "streaming":
             raise ValueError(f"part {index} is not open")
         return self.parts[index]
 
+    def _join(self, index: int) -> None:
+        pieces = self._pieces.pop(index, None)
+        if pieces:
+            self.parts[index].text += "".join(pieces)
+
     def _close_text(self) -> None:
         if self._open_text:
+            self._join(len(self.parts) - 1)
             self.parts[-1].state = "complete"
             self._open_text = False
 
@@ -122,19 +141,22 @@ class AnswerParts:
         """The parts still open (a text part excepted: it needs no end event)."""
         return [i for i, p in enumerate(self.parts) if p.state == "streaming" and p.kind != "text"]
 
+    def copy(self) -> list[Part]:
+        """Every part so far (open ones `streaming`), detached from this fold."""
+        for index in list(self._pieces):
+            self._join(index)
+        return [msgspec.structs.replace(p) for p in self.parts]
+
     def ended(self, complete: bool) -> list[Part]:
         """The parts as stored: every part still open is `complete` text (answer done) or
         `incomplete` (cut by a cancel or failure; a tool call keeps its raw arguments, no value)."""
-        out = [msgspec.structs.replace(p) for p in self.parts]
+        out = self.copy()
         for part in out:
             if part.state == "streaming":
                 part.state = "complete" if complete and part.kind == "text" else "incomplete"
         return out
 
-    def copy(self) -> list[Part]:
-        """Every part so far (open ones `streaming`), detached from this fold."""
-        return [msgspec.structs.replace(p) for p in self.parts]
-
     @property
     def text(self) -> str:
-        return text_of(self.parts)
+        """The answer's text: its text parts, concatenated."""
+        return text_of(self.copy())

@@ -10,7 +10,7 @@ key is revoked, or whose session ends, gets `event: revoked` and the response en
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated
 from uuid import UUID
 
@@ -84,12 +84,22 @@ class _Revocation:
         return self.revoked and self.task is not None and self.task.uncancel() == 0
 
 
-async def sse_frames(
-    core: StreamingCore, principal: Principal, generation_id: UUID, after: int, ping_interval: float
+async def reader_frames(
+    core: StreamingCore,
+    principal: Principal,
+    generation_id: UUID,
+    after: int,
+    ping_interval: float,
+    encode: Callable[[list[GenerationEvent]], bytes],
+    *,
+    revoked: bytes,
+    unavailable: bytes,
+    end: bytes = b"",
 ) -> AsyncIterator[bytes]:
-    """The response body: `:ok` at once, then every event after `after` (a backlog as one
-    write), `: ping` when idle, and the end after the terminal event, or `revoked` when the
-    principal's key is revoked or its session ends."""
+    """A stream response's body, whatever its encoding: `:ok` at once, then every event after
+    `after` (a backlog as one write, through `encode`), `: ping` when idle, and `end` after
+    the terminal event; `revoked` when the principal's key is revoked or its session ends,
+    `unavailable` when the broker is lost."""
     attached = False
     revocation = _Revocation()
     try:
@@ -111,14 +121,29 @@ async def sse_frames(
                         break
                     finally:
                         revocation.waiting = False
-                    yield b"".join(encode_frame(event) for event in batch) if batch else PING_COMMENT
+                    yield encode(batch) if batch else PING_COMMENT
                 if revocation.revoked:
-                    yield REVOKED
+                    yield revoked
             except BrokerUnavailable:
-                yield UNAVAILABLE
+                yield unavailable
+            if end:
+                yield end
     finally:
         if attached:
             core.detach(generation_id)
+
+
+def _sse_batch(batch: list[GenerationEvent]) -> bytes:
+    return b"".join(encode_frame(event) for event in batch)
+
+
+def sse_frames(
+    core: StreamingCore, principal: Principal, generation_id: UUID, after: int, ping_interval: float
+) -> AsyncIterator[bytes]:
+    """The SSE response body: every event after `after` as `event:`/`id:`/`data:` messages."""
+    return reader_frames(
+        core, principal, generation_id, after, ping_interval, _sse_batch, revoked=REVOKED, unavailable=UNAVAILABLE
+    )
 
 
 class StreamQuota(ASGIMiddleware):

@@ -12,7 +12,7 @@ from collections import deque
 from uuid import UUID
 
 from app.streaming.events import ANSWER_EVENTS, GenerationEvent, Snapshot, fold, is_terminal
-from app.streaming.parts import AnswerParts
+from app.streaming.parts import AnswerParts, text_of
 
 
 class GenerationLog:
@@ -60,12 +60,13 @@ class GenerationLog:
         first = self._events[0].seq
         if seq + 1 >= first:
             return self._newer_than(seq)
+        parts = self.answer.copy()
         snapshot = Snapshot(
             generation_id=self.generation_id,
             conversation_id=self.conversation_id,
             seq=self._answer_seq,
-            text=self.answer.text,
-            parts=self.answer.copy(),
+            text=text_of(parts),
+            parts=parts,
         )
         return [snapshot, *self._newer_than(self._answer_seq)]
 

@@ -137,10 +137,6 @@ class AnswerParts:
             self.parts[-1].state = "complete"
             self._open_text = False
 
-    def open_indexes(self) -> list[int]:
-        """The parts still open (a text part excepted: it needs no end event)."""
-        return [i for i, p in enumerate(self.parts) if p.state == "streaming" and p.kind != "text"]
-
     def copy(self) -> list[Part]:
         """Every part so far (open ones `streaming`), detached from this fold."""
         for index in list(self._pieces):

@@ -67,7 +67,7 @@ from app.streaming.events import (
     json_decoder,
     json_encoder,
 )
-from app.streaming.parts import AnswerParts
+from app.streaming.parts import AnswerParts, text_of
 from app.streaming.protocol import ConversationEvent
 
 logger = logging.getLogger("chatstream.streaming.redis")
@@ -489,13 +489,13 @@ class RedisBroker:
         last, closed, snapshot_seq, text, conversation, part_events = reply[:6]
         events: list[GenerationEvent] = [json_decoder.decode(raw) for raw in reply[6:]]
         if snapshot_seq >= 0:
-            answer = _answer_from(text, part_events)
+            parts = _answer_from(text, part_events).copy()
             snapshot = Snapshot(
                 generation_id=generation_id,
                 conversation_id=UUID(conversation.decode()),
                 seq=snapshot_seq,
-                text=answer.text,
-                parts=answer.parts,
+                text=text_of(parts),
+                parts=parts,
             )
             events.insert(0, snapshot)
         return events, last, bool(closed)

@@ -31,6 +31,17 @@ from websockets.asyncio.client import ClientConnection, connect
 from tests.factories import Tenant, make_tenant
 from tests.integration.live_server import LiveServer, free_port
 from tests.integration.wire_api import make_agent, new_conversation, text_of
+from tests.parts_support import (
+    PART_EVENTS,
+    answer_of,
+    echo_parts,
+    echo_text,
+    folded,
+    in_tool_call,
+    kinds,
+    make_parts_agent,
+    parts_of,
+)
 from tests.redis_support import REDIS_URL
 
 pytestmark = pytest.mark.anyio
@@ -154,9 +165,12 @@ async def read_sse(
     cursor: str | None = None,
     tokens: int | None = None,
     first_token: asyncio.Event | None = None,
+    stop: Callable[[dict[str, Any]], bool] | None = None,
+    reached: tuple[Callable[[dict[str, Any]], bool], asyncio.Event] | None = None,
 ) -> list[dict[str, Any]]:
     """Events of the conversation's stream on `url` (resuming after `cursor` by
-    Last-Event-ID), until the terminal event or `tokens` tokens (then the reader drops).
+    Last-Event-ID), until the terminal event, `tokens` tokens or an event `stop` matches
+    (then the reader drops); `reached`: (a match, the event set once an event matched).
     A broker outage shows as an `unavailable` event, returned as it is."""
     headers = {**tenant.headers("alice"), **({"Last-Event-ID": cursor} if cursor else {})}
     events: list[dict[str, Any]] = []
@@ -176,9 +190,13 @@ async def read_sse(
                 events.append(event)
                 if event["type"] == "token" and first_token is not None:
                     first_token.set()
+                if reached is not None and reached[0](event):
+                    reached[1].set()
                 if event["type"] in TERMINAL:
                     break
                 if tokens is not None and sum(e["type"] == "token" for e in events) >= tokens:
+                    break
+                if stop is not None and stop(event):
                     break
     return events
 
@@ -333,7 +351,9 @@ async def test_a_reader_resumes_on_another_process_exactly_once(cluster: Cluster
 
 async def test_a_cursor_in_a_gap_gets_a_snapshot_and_memory_stays_bounded(tenant: Tenant) -> None:
     """Logs keep 4 events (and expire 1 s after the end): a reader further behind is given
-    the text so far, never a silent skip; an ended answer leaves nothing in Redis."""
+    the text so far, never a silent skip; an ended answer leaves nothing in Redis. With
+    parts: a reader on B whose cursor is in the gap while A streams the tool call gets
+    every part so far (open ones `streaming`), what a reader on A had folded up to there."""
     with Cluster(2, env={"CHATSTREAM_LOG_RETAIN": "4", "CHATSTREAM_LOG_TTL": "1"}) as small:
         a, b = small.servers
         cid = await conversation(tenant, a, pace=0.01)
@@ -348,6 +368,73 @@ async def test_a_cursor_in_a_gap_gets_a_snapshot_and_memory_stays_bounded(tenant
         assert text_of(behind) == content
         assert [e["seq"] for e in behind] == sorted({e["seq"] for e in behind})
         await until(lambda: not small.keys(gid))
+
+        mixed, mixed_gid, user = await mixed_answer(tenant, a, pace=0.02)
+        passed = asyncio.Event()  # the reader on A is inside the tool call, far past the cursor
+        on_a = asyncio.create_task(
+            read_sse(a.url, tenant, mixed, cursor=f"{mixed_gid}.0", reached=(in_tool_call, passed))
+        )
+        with anyio.fail_after(STEP):
+            await passed.wait()
+        cursor = f"{mixed_gid}.3"  # in the reasoning, long trimmed
+        behind = await read_sse(b.url, tenant, mixed, cursor=cursor)
+        whole = await on_a
+        snapshot = behind[0]
+        assert snapshot["type"] == "snapshot" and snapshot["seq"] > 21, snapshot  # after the call started
+        assert [e["seq"] for e in behind] == list(range(snapshot["seq"], snapshot["seq"] + len(behind)))
+        so_far = folded(e for e in whole if e["seq"] <= snapshot["seq"])
+        assert parts_of(snapshot) == so_far.copy() and snapshot["text"] == so_far.text
+        assert [p["kind"] for p in snapshot["parts"][:3]] == ["reasoning", "text", "tool_call"]
+        assert behind[-1] == whole[-1] and behind[-1]["type"] == "done"
+        stored = (await get(b.url, tenant, f"/api/conversations/{mixed}/messages"))["items"][-1]
+        assert answer_of(behind) == answer_of(whole) == parts_of(stored) == echo_parts(MIXED_CONTENT, user)
+        await until(lambda: not small.keys(mixed_gid))
+
+
+MIXED_CONTENT = "Grüße aus 日本 🚀 " + words(6)
+
+
+async def mixed_answer(tenant: Tenant, server: LiveServer, pace: float) -> tuple[str, str, str]:
+    """An answer of every part kind by the echo agent (`parts` mode) to MIXED_CONTENT, started
+    on `server`: (conversation, generation, the user message)."""
+    agent = await make_parts_agent(tenant, pace)
+    async with httpx.AsyncClient(base_url=server.url, timeout=STEP) as http:
+        cid = await new_conversation(http, tenant, agent)
+    response = await post(server.url, tenant, cid, MIXED_CONTENT, disconnectGrace=30)
+    assert response.status_code == 201, response.text
+    return cid, response.json()["generation"]["id"], response.json()["message"]["id"]
+
+
+async def test_a_mixed_answer_produced_on_a_resumes_on_b_and_c_with_the_same_parts(
+    cluster: Cluster, tenant: Tenant
+) -> None:
+    """Rule: through Redis, an answer of every part kind (reasoning, text, a tool call whose
+    arguments come in pieces, its result, data) produced on A and dropped there inside its
+    tool call resumes on B (SSE) and C (WebSocket) with the same events exactly once; the
+    parts folded from it are the stored ones. Once the log expired, the same cursor gets
+    the stored parts as a snapshot (from the database), then the same `done`."""
+    a, b, c = cluster.servers
+    cid, gid, user = await mixed_answer(tenant, a, pace=0.02)
+    first = await read_sse(a.url, tenant, cid, cursor=f"{gid}.0", stop=in_tool_call)  # then it drops
+    assert in_tool_call(first[-1])
+    cursor = f"{gid}.{first[-1]['seq']}"
+    rest_b, rest_c = await asyncio.gather(
+        read_sse(b.url, tenant, cid, cursor=cursor),
+        read_ws(c, tenant, cid, after=cursor),
+    )
+    assert rest_b == rest_c
+    whole = first + rest_b
+    assert [e["seq"] for e in whole] == list(range(1, len(whole) + 1))  # each event exactly once
+    assert kinds(whole) == {"start", "token", *PART_EVENTS, "done"}
+    stored = (await get(c.url, tenant, f"/api/conversations/{cid}/messages"))["items"][-1]
+    assert stored["id"] == whole[-1]["messageId"] and stored["content"] == echo_text(MIXED_CONTENT) == text_of(whole)
+    assert answer_of(whole) == parts_of(stored) == echo_parts(MIXED_CONTENT, user)
+
+    await until(lambda: not cluster.keys(gid))
+    from_db = await read_sse(b.url, tenant, cid, cursor=cursor)
+    assert [e["type"] for e in from_db] == ["snapshot", "done"] and from_db[-1] == whole[-1]
+    assert from_db[0]["seq"] == whole[-2]["seq"]
+    assert parts_of(from_db[0]) == parts_of(stored) and from_db[0]["text"] == stored["content"]
 
 
 # -- 4. cancel and policies from anywhere ------------------------------------------------------

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import re
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -30,6 +30,17 @@ from httpx_sse import EventSource, aconnect_sse
 from tests.factories import Tenant
 from tests.integration.live_server import LiveServer
 from tests.integration.wire_api import make_agent, messages_of, new_conversation, post_message, text_of
+from tests.parts_support import (
+    PART_EVENTS,
+    answer_of,
+    echo_parts,
+    echo_text,
+    folded,
+    in_tool_call,
+    kinds,
+    make_parts_agent,
+    parts_of,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -127,6 +138,15 @@ class Events:
         assert sse.id == f"{data['generationId']}.{data['seq']}", (sse.id, data)
         assert data["conversationId"] == self.conversation_id
         return data
+
+    async def until(self, match: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
+        """Read until an event that matches (the last one returned) has come; returns every event read."""
+        got: list[dict[str, Any]] = []
+        while not got or not match(got[-1]):
+            event = await self.next()
+            assert event is not None and event["type"] not in TERMINAL, [*got, event]
+            got.append(event)
+        return got
 
     async def until_tokens(self, count: int) -> list[dict[str, Any]]:
         """Read until `count` token events have come; returns every event read."""
@@ -866,6 +886,121 @@ async def test_resume_after_the_log_expired_uses_the_stored_answer(small_http: h
             stream_url(conversation), headers={**acme.headers("alice"), "Last-Event-ID": f"{generation}.{end}"}
         )
     assert response.status_code == 204
+
+
+# -- answers of every part kind --------------------------------------------------------------------------
+
+MIXED_CONTENT = "Grüße aus 日本 🚀 " + words(6)
+
+
+def in_reasoning(event: dict[str, Any]) -> bool:
+    """A piece of the reasoning (part 0 of the echo agent's `parts` answer)."""
+    return bool(event["type"] == "part.delta" and event["part"] == 0)
+
+
+def assert_mixed_answer(events: list[dict[str, Any]], stored: dict[str, Any], content: str, user: str) -> None:
+    """`events` (from `start`, or a snapshot, to `done`) make the echo agent's `parts` answer to
+    `content`: what they fold to is the stored message's parts, its content the text parts."""
+    assert events[-1]["type"] == "done" and events[-1]["finishReason"] == "stop", events[-1]
+    assert stored["id"] == events[-1]["messageId"] and stored["role"] == "agent" and stored["status"] == "complete"
+    assert stored["content"] == echo_text(content) == text_of(events)
+    assert answer_of(events) == parts_of(stored) == echo_parts(content, user)
+
+
+@pytest.mark.parametrize("drop", ["in the reasoning", "in the tool call"])
+async def test_a_mixed_answer_resumes_exactly_once(http: httpx.AsyncClient, acme: Tenant, drop: str) -> None:
+    """Rule: an answer of every part kind (reasoning, text, a tool call whose arguments come in
+    pieces, its result, data, more text) resumes like text: a reader dropped inside a part
+    and back with `Last-Event-ID` gets every later event exactly once, to `done`; the parts
+    it folds from what it got are the stored message's parts, its content the text parts."""
+    agent = await make_parts_agent(acme, 0.01)
+    conversation = await new_conversation(http, acme, agent)
+    posted = await post_message(http, acme, conversation, MIXED_CONTENT, disconnectGrace=30)
+    async with events_of(http, conversation, acme.headers("alice")) as stream:
+        first = await stream.until(in_tool_call if drop == "in the tool call" else in_reasoning)
+    cursor = f"{first[-1]['generationId']}.{first[-1]['seq']}"
+    async with events_of(http, conversation, acme.headers("alice"), last_event_id=cursor) as stream:
+        rest = await stream.to_end()
+    whole = first + rest
+    assert_whole_answer(whole)
+    assert whole[0]["type"] == "start" and whole[0]["generationId"] == posted["generation"]["id"]
+    assert kinds(whole) == {"start", "token", *PART_EVENTS, "done"}
+    stored = (await messages_of(http, acme, conversation))[-1]
+    assert_mixed_answer(whole, stored, MIXED_CONTENT, posted["message"]["id"])
+
+
+async def test_reader_older_than_the_window_gets_every_part_in_its_snapshot(
+    small_http: httpx.AsyncClient, acme: Tenant
+) -> None:
+    """Rule: a reader of an answer with parts whose cursor fell out of the retained window
+    gets one `snapshot` with every part so far (the open ones `streaming`), exactly the
+    answer another reader had folded up to that seq, then the rest exactly once."""
+    agent = await make_parts_agent(acme, 0.02)
+    conversation = await new_conversation(small_http, acme, agent)
+    posted = await post_message(small_http, acme, conversation, MIXED_CONTENT, disconnectGrace=30)
+    async with events_of(small_http, conversation, acme.headers("alice")) as stream:
+        first = await stream.until(in_reasoning)
+    cursor = f"{first[-1]['generationId']}.{first[-1]['seq']}"
+    async with events_of(small_http, conversation, acme.headers("alice")) as other:
+        # Well past the window (5 events): inside the tool call, waiting on the other reader's data.
+        seen = await other.until(lambda e: in_tool_call(e) and e["seq"] > first[-1]["seq"] + 10)
+        reached = seen[-1]["seq"]
+        async with events_of(small_http, conversation, acme.headers("alice"), last_event_id=cursor) as stream:
+            rest = await stream.to_end()
+        seen += await other.to_end()
+    snapshot = rest[0]
+    assert snapshot["type"] == "snapshot" and snapshot["seq"] >= reached, (reached, snapshot)
+    assert_contiguous(rest, snapshot["seq"])
+    assert_whole_answer(seen)
+    so_far = folded(e for e in seen if e["seq"] <= snapshot["seq"])
+    assert parts_of(snapshot) == so_far.copy() and snapshot["text"] == so_far.text
+    assert [p["kind"] for p in snapshot["parts"][:3]] == ["reasoning", "text", "tool_call"]
+    assert snapshot["parts"][0]["state"] == "complete"  # the reasoning ended before the call
+    stored = (await messages_of(small_http, acme, conversation))[-1]
+    assert_mixed_answer(rest, stored, MIXED_CONTENT, posted["message"]["id"])
+    assert_mixed_answer(seen, stored, MIXED_CONTENT, posted["message"]["id"])
+    assert seen[-1] == rest[-1]
+
+
+async def resume_from_the_database(
+    http: httpx.AsyncClient, tenant: Tenant, conversation_id: str, cursor: str
+) -> list[dict[str, Any]]:
+    """The rest of an ended answer from `cursor`, once its log is gone (ttl 0): the log is
+    dropped just after the terminal event, so a reader right after it may still get the log's
+    snapshot, whose last text part is open (bounded poll: nothing tells the log was dropped)."""
+    with anyio.fail_after(STEP):
+        while True:
+            async with events_of(http, conversation_id, tenant.headers("alice"), after=cursor) as stream:
+                rest = await stream.to_end()
+            if rest[0]["type"] != "snapshot" or all(p["state"] != "streaming" for p in rest[0]["parts"]):
+                return rest
+            await anyio.sleep(0.05)
+
+
+async def test_resume_of_a_mixed_answer_after_the_log_expired_gets_the_stored_parts(
+    small_http: httpx.AsyncClient, acme: Tenant
+) -> None:
+    """Rule: resuming an answer with parts after its log is gone gives a `snapshot` of the
+    stored answer, every part of it (the tool call with its parsed arguments, its result,
+    the data), then `done`, with the seqs the live events had; one event later, only `done`."""
+    agent = await make_parts_agent(acme, 0.01)
+    conversation = await new_conversation(small_http, acme, agent)
+    posted = await post_message(small_http, acme, conversation, MIXED_CONTENT, disconnectGrace=30)
+    generation = posted["generation"]["id"]
+    async with events_of(small_http, conversation, acme.headers("alice")) as stream:
+        first = await stream.until(in_tool_call)
+    final = await settled(small_http, acme, generation)
+    assert final["status"] == "done"
+    end = final["chunkCount"] + 2
+
+    rest = await resume_from_the_database(small_http, acme, conversation, f"{generation}.{first[-1]['seq']}")
+    assert [e["type"] for e in rest] == ["snapshot", "done"] and seqs(rest) == [end - 1, end]
+    stored = (await messages_of(small_http, acme, conversation))[-1]
+    assert parts_of(rest[0]) == parts_of(stored) and rest[0]["text"] == stored["content"]
+    assert_mixed_answer(rest, stored, MIXED_CONTENT, posted["message"]["id"])
+    assert rest[1]["messageId"] == final["resultMessageId"] and rest[1]["tokenCount"] == final["tokenCount"]
+    async with events_of(small_http, conversation, acme.headers("alice"), after=f"{generation}.{end - 1}") as s:
+        assert await s.to_end() == [rest[1]]
 
 
 # -- shutdown with a reader connected ---------------------------------------------------------------------

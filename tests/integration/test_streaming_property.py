@@ -1,6 +1,10 @@
-"""Property: whatever the answer's length, the retained window and the moment a reader
-drops, resuming from its cursor gives a text equal to the stored message, and no seq is
-ever repeated or skipped (a snapshot may stand for the events it replaces)."""
+"""Property: whatever the answer's length, the retained window, the moment a reader drops
+and how far the answer moves on while it is away, resuming from its cursor gives a text
+equal to the stored message, and no seq is ever repeated or skipped (a snapshot may stand
+for the events it replaces). The same for
+answers of every part kind (the echo agent's `parts` mode: reasoning, text, a tool call
+and its result, data): the parts a reader folds from what it got, snapshot included,
+are the stored message's parts."""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import itertools
 from uuid import UUID
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from app.agents.schemas import AgentCreate
@@ -21,20 +25,38 @@ from app.chat.messages import post_message
 from app.chat.schemas import ConversationCreate, MessageCreate
 from app.streaming.core import StreamingCore
 from app.streaming.events import Done, GenerationEvent, Snapshot, Token
+from app.streaming.parts import Part, decode_parts
 from app.streaming.policy import StreamPolicy
 from app.tables import Message
 from tests.factories import make_tenant
+from tests.parts_support import answer_of, echo_parts, echo_text
 from tests.redis_support import any_broker
 
+MODES = ("text", "parts")
 
-async def _tenant() -> tuple[Principal, UUID, UUID]:
+
+async def _tenant() -> tuple[Principal, dict[tuple[bool, str], UUID]]:
+    """A member, and echo agents by (paced, mode)."""
     tenant = await make_tenant()
-    fast = await create_agent(tenant.company_id, AgentCreate(name="fast", config={"pace": 0}))
-    paced = await create_agent(tenant.company_id, AgentCreate(name="paced", config={"pace": 0.001}))
-    return tenant.principals["alice"], fast.id, paced.id
+    agents: dict[tuple[bool, str], UUID] = {}
+    for mode in MODES:
+        for paced, pace in ((False, 0.0), (True, 0.001)):
+            config = {"pace": pace, "mode": mode}
+            agents[paced, mode] = (await create_agent(tenant.company_id, AgentCreate(name=mode, config=config))).id
+    return tenant.principals["alice"], agents
 
 
-async def _run(who: Principal, agent: UUID, words: int, retain: int, drop_after: int, ttl: float, kind: str) -> None:
+async def _run(
+    who: Principal,
+    agent: UUID,
+    words: int,
+    retain: int,
+    drop_after: int,
+    ttl: float,
+    kind: str,
+    mode: str = "text",
+    lag: int = 0,
+) -> None:
     async with any_broker(kind, retain=retain, log_ttl=ttl) as broker:
         await _drop_and_resume(
             who,
@@ -43,15 +65,25 @@ async def _run(who: Principal, agent: UUID, words: int, retain: int, drop_after:
             drop_after,
             ttl,
             StreamingCore(broker, StreamPolicy(disconnect_grace=60), store=ChatAnswerStore()),
+            mode,
+            lag,
         )
 
 
 async def _drop_and_resume(
-    who: Principal, agent: UUID, words: int, drop_after: int, ttl: float, core: StreamingCore
+    who: Principal,
+    agent: UUID,
+    words: int,
+    drop_after: int,
+    ttl: float,
+    core: StreamingCore,
+    mode: str = "text",
+    lag: int = 0,
 ) -> None:
     try:
         conversation = await create_conversation(who, ConversationCreate(agent_id=agent))
-        content = " ".join(f"w{i}" for i in range(words))
+        # Answers with parts: multi-byte text too (the Redis broker keeps the text's byte offsets).
+        content = " ".join(f"w{i}" if mode == "text" or i % 3 else f"ü{i}🚀" for i in range(words))
         posted, _ = await post_message(who, conversation.id, MessageCreate(content=content), core)
         assert posted.generation is not None
         gid = posted.generation.id
@@ -61,10 +93,14 @@ async def _drop_and_resume(
             received += batch
             if len(received) >= drop_after:
                 break
+        cursor = received[-1].seq
+        if lag:  # the answer moves `lag` events on while the reader is away (seen by another reader, not a clock)
+            async for batch in core.follow(gid, cursor, None):
+                if batch[-1].seq >= cursor + lag:
+                    break
         if ttl == 0:  # let the ended log expire, when it has ended: resume comes from the database
             for _ in range(10):
                 await asyncio.sleep(0)
-        cursor = received[-1].seq
         async for batch in core.follow(gid, cursor, None):  # reconnect with the cursor
             received += batch
 
@@ -78,15 +114,23 @@ async def _drop_and_resume(
             text = (
                 event.text if isinstance(event, Snapshot) else text + (event.text if isinstance(event, Token) else "")
             )
-        stored = await Message.select(Message.content).where(Message.id == received[-1].message_id).first()
-        assert text == stored["content"] == content
+        stored = await (
+            Message.select(Message.content, Message.parts).where(Message.id == received[-1].message_id).first()
+        )
+        assert stored is not None
+        expected = content if mode == "text" else echo_text(content)
+        assert text == stored["content"] == expected
+        # Every part kind: folded from what the reader got (a snapshot replacing what came
+        # before it; a part started or ended twice would not fold), equal to the stored parts.
+        parts = [Part(kind="text", text=content)] if mode == "text" else echo_parts(content, posted.message.id)
+        assert answer_of(received) == decode_parts(stored["parts"]) == parts
     finally:
         await core.shutdown()
 
 
 @pytest.mark.parametrize("db", ["postgres", "sqlite"], indirect=True)
 def test_resume_reconstructs_the_stored_answer(db: str, broker_kind: str) -> None:
-    who, fast, paced = asyncio.run(_tenant())
+    who, agents = asyncio.run(_tenant())
 
     @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
     @given(
@@ -95,9 +139,17 @@ def test_resume_reconstructs_the_stored_answer(db: str, broker_kind: str) -> Non
         drop_after=st.integers(min_value=1, max_value=70),
         paced_agent=st.booleans(),
         expire=st.booleans(),
+        mode=st.sampled_from(MODES),
+        lag=st.integers(min_value=0, max_value=40),
     )
-    def check(words: int, retain: int, drop_after: int, paced_agent: bool, expire: bool) -> None:
-        agent = paced if paced_agent else fast
-        asyncio.run(_run(who, agent, words, retain, drop_after, 0 if expire else 300, broker_kind))
+    # Always among the examples: answers with parts resumed from a snapshot of the log (the
+    # cursor in the reasoning, the answer by then in its text; the cursor in the text, the
+    # answer by then inside its tool call), and from the database (the answer ended, its log gone).
+    @example(words=10, retain=3, drop_after=3, paced_agent=False, expire=False, mode="parts", lag=12)
+    @example(words=10, retain=2, drop_after=12, paced_agent=True, expire=False, mode="parts", lag=11)
+    @example(words=10, retain=3, drop_after=3, paced_agent=False, expire=True, mode="parts", lag=40)
+    def check(words: int, retain: int, drop_after: int, paced_agent: bool, expire: bool, mode: str, lag: int) -> None:
+        agent = agents[paced_agent, mode]
+        asyncio.run(_run(who, agent, words, retain, drop_after, 0 if expire else 300, broker_kind, mode, lag))
 
     check()

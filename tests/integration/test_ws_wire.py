@@ -40,6 +40,17 @@ from websockets.frames import Close, Frame, Opcode
 from tests.factories import Tenant
 from tests.integration.live_server import LiveServer
 from tests.integration.wire_api import make_agent, messages_of, new_conversation, post_message, text_of
+from tests.parts_support import (
+    PART_EVENTS,
+    answer_of,
+    echo_parts,
+    echo_text,
+    folded,
+    in_tool_call,
+    kinds,
+    make_parts_agent,
+    parts_of,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -111,6 +122,13 @@ def unread_server() -> Iterator[LiveServer]:
     yield from live_server(
         {"CHATSTREAM_WS_SEND_TIMEOUT": "1", "CHATSTREAM_LOG_RETAIN": "10000", "CHATSTREAM_TCP_USER_TIMEOUT": "3"}
     )
+
+
+@pytest.fixture(scope="module")
+def small_log_server() -> Iterator[LiveServer]:
+    """Keeps 5 events per answer and drops a log as soon as its answer ends: readers get
+    snapshots, then the stored outcome."""
+    yield from live_server({"CHATSTREAM_LOG_RETAIN": "5", "CHATSTREAM_LOG_TTL": "0"})
 
 
 # Server output a test checked itself (server id -> lines checked), left out of the general check.
@@ -278,6 +296,14 @@ class Socket:
         """Take the generation's events until `tokens` token events came (no terminal event)."""
         got: list[dict[str, Any]] = []
         while sum(e["type"] == "token" for e in got) < tokens:
+            got.append(await self.wait_for(of_generation(generation_id)))
+            assert got[-1]["type"] not in TERMINAL, got
+        return got
+
+    async def events_until(self, generation_id: str, match: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
+        """Take the generation's events until one that matches (the last one returned; no terminal event)."""
+        got: list[dict[str, Any]] = []
+        while not got or not match(got[-1]):
             got.append(await self.wait_for(of_generation(generation_id)))
             assert got[-1]["type"] not in TERMINAL, got
         return got
@@ -458,6 +484,14 @@ class SSE:
         data: dict[str, Any] = json.loads(sse.data)
         assert sse.event == data["type"] and sse.id == cursor_of(data), (sse, data)
         return data
+
+    async def until(self, match: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
+        got: list[dict[str, Any]] = []
+        while not got or not match(got[-1]):
+            event = await self.next()
+            assert event is not None and event["type"] not in TERMINAL, [*got, event]
+            got.append(event)
+        return got
 
     async def until_tokens(self, count: int) -> list[dict[str, Any]]:
         got: list[dict[str, Any]] = []
@@ -885,6 +919,119 @@ async def test_resume_from_an_sse_cursor_and_sse_agrees_with_ws(
     assert by_sse[-1]["type"] == "done" and text_of(by_sse) == content
     assert by_ws == by_sse
     assert rest == by_sse[len(first) :]
+
+
+MIXED_CONTENT = "Grüße aus 日本 🚀 " + words(6)
+
+
+def in_reasoning(event: dict[str, Any]) -> bool:
+    """A piece of the reasoning (part 0 of the echo agent's `parts` answer)."""
+    return bool(event["type"] == "part.delta" and event["part"] == 0)
+
+
+def assert_mixed_answer(events: list[dict[str, Any]], stored: dict[str, Any], user: str) -> None:
+    """`events` (from `start`, or a snapshot, to `done`) make the echo agent's `parts` answer to
+    MIXED_CONTENT: what they fold to is the stored message's parts, its content the text parts."""
+    assert events[-1]["type"] == "done" and events[-1]["finishReason"] == "stop", events[-1]
+    assert stored["id"] == events[-1]["messageId"] and stored["role"] == "agent" and stored["status"] == "complete"
+    assert stored["content"] == echo_text(MIXED_CONTENT) == text_of(events)
+    assert answer_of(events) == parts_of(stored) == echo_parts(MIXED_CONTENT, user)
+
+
+async def test_a_mixed_answer_is_the_same_on_sse_and_ws_and_resumes_exactly_once(
+    server: LiveServer, http: httpx.AsyncClient, acme: Tenant, encoding: str
+) -> None:
+    """Rule: an answer of every part kind (reasoning, text, a tool call whose arguments come
+    in pieces, its result, data) carries one seq on both transports: a socket following it
+    and an SSE reader get the same events, fields and seqs; a socket subscribing with an
+    SSE cursor taken inside the tool call gets the rest exactly once; the parts folded
+    from what each got are the stored message's."""
+    agent = await make_parts_agent(acme, 0.01)
+    conversation = await new_conversation(http, acme, agent)
+    alice = acme.headers("alice")
+    async with open_socket(server, encoding, alice) as ws:
+        await ws.ack(subscribe(conversation))
+        posted = await post_message(http, acme, conversation, MIXED_CONTENT, disconnectGrace=30)
+        generation = posted["generation"]["id"]
+        async with sse_stream(http, conversation, alice) as stream:
+            first = await stream.until(in_tool_call)
+            async with open_socket(server, encoding, alice) as resumed:
+                await resumed.ack(subscribe(conversation, after=cursor_of(first[-1])))
+                rest = await resumed.answer(generation)
+            by_sse = first + await stream.to_end()
+        by_ws = await ws.answer(generation)
+    assert_contiguous(by_sse, 1)
+    assert by_sse[0]["type"] == "start" and kinds(by_sse) == {"start", "token", *PART_EVENTS, "done"}
+    assert by_ws == by_sse
+    assert rest == by_sse[len(first) :]
+    stored = (await messages_of(http, acme, conversation))[-1]
+    assert_mixed_answer(by_ws, stored, posted["message"]["id"])
+    assert answer_of(first + rest) == parts_of(stored)
+
+
+async def sse_events(live: LiveServer, tenant: Tenant, conversation_id: str, cursor: str) -> list[dict[str, Any]]:
+    """The conversation's stream on `live` from `cursor` (by Last-Event-ID), to the terminal event."""
+    async with (
+        httpx.AsyncClient(base_url=live.url, timeout=STEP) as http,
+        sse_stream(http, conversation_id, {**tenant.headers("alice"), "Last-Event-ID": cursor}) as stream,
+    ):
+        return await stream.to_end()
+
+
+async def test_a_mixed_answer_beyond_the_window_and_after_the_log_expired(
+    small_log_server: LiveServer, acme: Tenant, encoding: str
+) -> None:
+    """Rule: a socket whose cursor (inside the reasoning) fell out of the retained window
+    gets one `snapshot` with every part so far (open ones `streaming`), exactly what a
+    socket that followed the answer had folded up to that seq, then the rest exactly
+    once. Once the answer's log is gone, the same cursor gets, on a socket and on SSE
+    alike, a `snapshot` of the stored parts and `done`, with the live events' seqs."""
+    alice = acme.headers("alice")
+    async with httpx.AsyncClient(base_url=small_log_server.url, timeout=STEP) as http:
+        agent = await make_parts_agent(acme, 0.02)
+        conversation = await new_conversation(http, acme, agent)
+        async with open_socket(small_log_server, encoding, alice) as witness:
+            await witness.ack(subscribe(conversation))
+            posted = await post_message(http, acme, conversation, MIXED_CONTENT)
+            generation = posted["generation"]["id"]
+            first = await witness.events_until(generation, in_reasoning)
+            cursor = cursor_of(first[-1])
+            # Well past the window (5 events), inside the tool call: waiting on the witness's frames.
+            seen = first + await witness.events_until(
+                generation, lambda e: in_tool_call(e) and e["seq"] > first[-1]["seq"] + 10
+            )
+            reached = seen[-1]["seq"]
+            async with open_socket(small_log_server, encoding, alice) as resumed:
+                await resumed.ack(subscribe(conversation, after=cursor))
+                rest = await resumed.answer(generation)
+            seen += await witness.answer(generation)
+        assert_contiguous(seen, 1)
+        snapshot = rest[0]
+        assert snapshot["type"] == "snapshot" and snapshot["seq"] >= reached, (reached, snapshot)
+        assert_contiguous(rest, snapshot["seq"])
+        assert rest[1:] == seen[snapshot["seq"] :]
+        so_far = folded(seen[: snapshot["seq"]])
+        assert parts_of(snapshot) == so_far.copy() and snapshot["text"] == so_far.text
+        assert [p["kind"] for p in snapshot["parts"][:3]] == ["reasoning", "text", "tool_call"]
+        stored = (await messages_of(http, acme, conversation))[-1]
+        assert_mixed_answer(rest, stored, posted["message"]["id"])
+        assert_mixed_answer(seen, stored, posted["message"]["id"])
+
+        # The log is dropped just after `done`: a reader right then may still get the log's
+        # snapshot (its last text part open). Bounded poll: nothing tells the log was dropped.
+        end = seen[-1]["seq"]
+        with anyio.fail_after(STEP):
+            while True:
+                async with open_socket(small_log_server, encoding, alice) as late:
+                    await late.ack(subscribe(conversation, after=cursor))
+                    stored_rest = await late.answer(generation)
+                if all(p["state"] != "streaming" for p in stored_rest[0].get("parts", [])):
+                    break
+                await anyio.sleep(0.05)
+        assert [e["type"] for e in stored_rest] == ["snapshot", "done"] and seqs(stored_rest) == [end - 1, end]
+        assert parts_of(stored_rest[0]) == parts_of(stored) and stored_rest[0]["text"] == stored["content"]
+        assert stored_rest[1] == seen[-1]
+        assert await sse_events(small_log_server, acme, conversation, cursor) == stored_rest
 
 
 # -- 5. bad frames and limits ---------------------------------------------------------------------------------

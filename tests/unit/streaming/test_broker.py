@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from app.streaming.broker import Broker, FeedOverflow, InProcessBroker
-from app.streaming.events import Done, GenerationEvent, Snapshot, Start, Token
+from app.streaming.events import Done, GenerationEvent, PartDelta, PartEnd, PartStart, Snapshot, Start, Token
+from app.streaming.log import GenerationLog
 from app.streaming.parts import Part
 from app.streaming.protocol import ConversationDeleted, GenerationStarted
 from tests.redis_support import eventually, redis_scope
@@ -235,3 +236,75 @@ async def test_a_feed_that_fills_up_overflows_and_a_lost_one_wakes_its_reader(id
     lost.lose()
     with pytest.raises(FeedOverflow):
         await asyncio.wait_for(waiter, 5)
+
+
+def mixed_answer(g: uuid.UUID, c: uuid.UUID) -> list[GenerationEvent]:
+    """An answer whose text is interleaved with part events: reasoning still open while text
+    comes, two tool calls open at once with interleaved argument pieces, multi-byte UTF-8
+    text right before and after part events, a tool result and data."""
+    steps: list[tuple[type[GenerationEvent], dict[str, Any]]] = [
+        (PartStart, {"part": 0, "kind": "reasoning"}),
+        (PartDelta, {"part": 0, "text": "Thinking ü"}),
+        (Token, {"text": "Grüße 🚀"}),  # part 1: text, while the reasoning is open
+        (PartDelta, {"part": 0, "text": " about 日本"}),  # the reasoning grows, the text stays open
+        (Token, {"text": " aus 日本"}),
+        (PartEnd, {"part": 0}),
+        (Token, {"text": "é"}),
+        (PartStart, {"part": 2, "kind": "tool_call", "name": "search", "tool_call_id": "call_a"}),
+        (PartStart, {"part": 3, "kind": "tool_call", "name": "fetch", "tool_call_id": "call_b"}),
+        (PartDelta, {"part": 2, "text": '{"q": "ü'}),
+        (PartDelta, {"part": 3, "text": '{"url": '}),
+        (Token, {"text": "✓"}),  # part 4: text between the calls' pieces
+        (PartDelta, {"part": 2, "text": '🚀"}'}),
+        (PartEnd, {"part": 2, "value": {"q": "ü🚀"}}),
+        (PartStart, {"part": 5, "kind": "tool_result", "name": "search", "tool_call_id": "call_a"}),
+        (PartEnd, {"part": 5, "value": {"hits": ["ö", 2]}}),
+        (PartStart, {"part": 6, "kind": "data", "name": "stats"}),
+        (PartDelta, {"part": 3, "text": '"x"}'}),
+        (PartEnd, {"part": 6, "value": {"n": 1}}),
+        (Token, {"text": "末尾"}),
+    ]
+    made = (kind(generation_id=g, conversation_id=c, seq=i + 2, **fields) for i, (kind, fields) in enumerate(steps))
+    return [start(g, c), *made]
+
+
+async def test_snapshot_of_text_interleaved_with_parts_equals_the_in_process_logs(
+    make_broker: MakeBroker, ids: tuple[uuid.UUID, ...]
+) -> None:
+    """Rule: after every event of an answer that mixes text and parts (several open at once,
+    multi-byte text around part events), a reader older than the window gets a snapshot
+    equal to the in-process log's: every part so far, open ones `streaming`; the snapshot
+    and the events after it fold to the whole answer."""
+    g, c, m = ids
+    broker = make_broker(retain=2)
+    reference = GenerationLog(g, c, retain=2)
+    events = mixed_answer(g, c)
+    await broker.open_log(g, c)
+    for event in events:
+        await broker.append(event)
+        reference.append(event)
+        if event.seq < 3:
+            continue
+        got = await broker.read(g, 0, 0)
+        assert got is not None and isinstance(got[0], Snapshot), got
+        assert got == reference.read_after(0), event
+    assert got is not None
+    snapshot = got[0]
+    assert isinstance(snapshot, Snapshot) and snapshot.seq == events[-1].seq
+    assert snapshot.text == "Grüße 🚀 aus 日本é✓末尾"
+    assert snapshot.parts == [
+        Part(kind="reasoning", text="Thinking ü about 日本"),
+        Part(kind="text", text="Grüße 🚀 aus 日本é"),
+        Part(kind="tool_call", name="search", tool_call_id="call_a", text='{"q": "ü🚀"}', value={"q": "ü🚀"}),
+        Part(kind="tool_call", state="streaming", name="fetch", tool_call_id="call_b", text='{"url": "x"}'),
+        Part(kind="text", text="✓"),
+        Part(kind="tool_result", name="search", tool_call_id="call_a", value={"hits": ["ö", 2]}),
+        Part(kind="data", name="stats", value={"n": 1}),
+        Part(kind="text", state="streaming", text="末尾"),
+    ]
+    # Within the window: the events themselves, exactly once.
+    assert await broker.read(g, events[-2].seq, 0) == events[-1:]
+    end = done(g, c, m, events[-1].seq + 1, 9)
+    await broker.append(end)
+    got = await broker.read(g, 3, 0)
+    assert got is not None and got[0] == snapshot and got[1:] == [end]

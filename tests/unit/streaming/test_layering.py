@@ -43,8 +43,7 @@ def test_the_core_does_not_import_the_domains() -> None:
     package = Path(app.streaming.__file__).parent
     files = [p for p in package.rglob("*.py") if p.name not in TRANSPORTS]
     offenders = {
-        str(p.relative_to(package)): sorted(m for m in imported_modules(p) if m.startswith(DOMAINS))
-        for p in files
+        str(p.relative_to(package)): sorted(m for m in imported_modules(p) if m.startswith(DOMAINS)) for p in files
     }
     assert {k: v for k, v in offenders.items() if v} == {}
 

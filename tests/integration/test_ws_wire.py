@@ -37,6 +37,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Close, Frame, Opcode
 
+from app.agents.schemas import AgentCreate
+from app.agents.service import create_agent
 from tests.factories import Tenant
 from tests.integration.live_server import LiveServer
 from tests.integration.wire_api import make_agent, messages_of, new_conversation, post_message, text_of
@@ -1444,3 +1446,36 @@ async def test_invalid_utf8_text_followed_by_a_close_logs_no_traceback(
         ws.conn.transport.write(b"".join(protocol.data_to_send()))
         await ws.closed()
     await assert_no_error_logged_since(server, mark, encoding, acme)
+
+
+async def test_a_tool_round_over_the_socket(
+    server: LiveServer, http: httpx.AsyncClient, acme: Tenant, encoding: str
+) -> None:
+    """Rule: an answer that ends with `finishReason: tool_calls` waits; the `tool_result`
+    frame answers its call and is acked with the stored result (role `tool`) and the
+    agent's next answer, which subscribers then get; the same result again is acked with
+    `created: false`; another result for the call, or a call nobody made, is an error frame
+    on a socket that stays usable."""
+    created = await create_agent(acme.company_id, AgentCreate(name="echo tool", config={"pace": 0, "mode": "tool"}))
+    conversation = await new_conversation(http, acme, str(created.id))
+    async with open_socket(server, encoding, acme.headers("alice")) as ws:
+        await ws.ack(subscribe(conversation))
+        first = await ws.ack(send(conversation, "look it up", "cm-tool"))
+        events = await ws.answer(first["generation"]["id"])
+        assert events[-1]["type"] == "done" and events[-1]["finishReason"] == "tool_calls"
+        [call] = [e for e in events if e["type"] == "part.start" and e["kind"] == "tool_call"]
+        frame = {"type": "tool_result", "conversationId": conversation, "toolCallId": call["toolCallId"]}
+
+        ack = await ws.ack({**frame, "output": {"found": True}})
+        assert ack["created"] is True and ack["message"]["role"] == "tool"
+        assert ack["message"]["parts"][0]["value"] == {"found": True}
+        continued = await ws.answer(ack["generation"]["id"])
+        assert continued[-1]["type"] == "done"
+        assert text_of(continued) == 'The tool said: echo returned {"found":true}'
+
+        again = await ws.ack({**frame, "output": {"found": True}})
+        assert again["created"] is False and again["message"]["id"] == ack["message"]["id"]
+        await ws.refused({**frame, "error": "changed my mind"}, "tool_call_answered")
+        await ws.refused({**frame, "toolCallId": "call_nobody_made", "output": 1}, "tool_call_not_found")
+        await ws.refused({**frame, "output": 1, "error": "both"}, "invalid_request")
+        assert (await ws.request({"type": "ping"}))["type"] == "pong"

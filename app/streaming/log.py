@@ -29,6 +29,7 @@ class GenerationLog:
         self.last_seq = 0
         self.closed = False
         self._changed = asyncio.Event()
+        self._idle_timer: asyncio.TimerHandle | None = None
 
     def append(self, event: GenerationEvent) -> None:
         """Add the next event (its seq must follow the last one) and wake every waiting reader."""
@@ -44,6 +45,9 @@ class GenerationLog:
             self._answer_seq = event.seq
         else:
             self.closed = True
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+                self._idle_timer = None
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
@@ -81,14 +85,36 @@ class GenerationLog:
         return newer
 
     async def wait_after(self, seq: int, max_wait: float | None = None) -> list[GenerationEvent]:
-        """Like :meth:`read_after`, but wait (up to `max_wait` seconds) for an event if there is none yet.
-        Returns [] on timeout or when the log is closed and the reader has everything."""
-        events = self.read_after(seq)
-        if events or self.closed:
-            return events
-        changed = self._changed
-        try:
-            await asyncio.wait_for(changed.wait(), max_wait)
-        except TimeoutError:
-            return []
-        return self.read_after(seq)
+        """Like :meth:`read_after`, but wait (up to about `max_wait` seconds) for an event if there
+        is none yet. Returns [] when the wait ends with nothing new, or when the log is closed and
+        the reader has everything.
+
+        The waits share one timer per log (a timer per wait was a large part of a token's cost
+        with many readers): it wakes every waiting reader at most `max_wait` seconds after the
+        earliest of them began, so an idle wait may end sooner than `max_wait`, never later."""
+        while True:
+            events = self.read_after(seq)
+            if events or self.closed:
+                return events
+            changed = self._changed
+            if max_wait is not None:
+                self._wake_by(max_wait)
+            await changed.wait()
+            events = self.read_after(seq)
+            if events or max_wait is not None:
+                return events
+
+    def _wake_by(self, max_wait: float) -> None:
+        loop = asyncio.get_running_loop()
+        at = loop.time() + max_wait
+        if self._idle_timer is not None:
+            if self._idle_timer.when() <= at:
+                return
+            self._idle_timer.cancel()
+        self._idle_timer = loop.call_at(at, self._idle)
+
+    def _idle(self) -> None:
+        """Wake every waiting reader: those that got nothing report an idle wait."""
+        self._idle_timer = None
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()

@@ -81,3 +81,24 @@ async def test_many_waiters_all_wake_with_a_backlog_in_one_batch() -> None:
     results = await asyncio.gather(*waiters)
     assert all([e.seq for e in r] in ([1], [1, 2]) for r in results)
     assert [e.seq for e in log.read_after(0)] == [1, 2]  # what a waiter gets after being woken late
+
+
+async def test_idle_waits_share_one_timer_and_never_outlast_max_wait() -> None:
+    """However many readers wait, the log holds at most one timer; it ends every idle wait
+    (each gets []) no later than its own `max_wait`, and a reader with no `max_wait` keeps
+    waiting through it until an event comes."""
+    log = GenerationLog(G, C)
+    patient = asyncio.create_task(log.wait_after(0, max_wait=None))
+    idle = [asyncio.create_task(log.wait_after(0, max_wait=0.05)) for _ in range(20)]
+    await asyncio.sleep(0)
+    assert log._idle_timer is not None  # one, for all of them
+    quick = asyncio.create_task(log.wait_after(0, max_wait=0.01))  # a shorter wait moves it earlier
+    assert await quick == []
+    await asyncio.sleep(0)
+    assert all(task.done() for task in idle)  # woken by the same timer, early rather than late
+    assert await asyncio.gather(*idle) == [[]] * 20
+    assert not patient.done()
+    log.append(Start(generation_id=G, conversation_id=C, seq=1))
+    assert [e.seq for e in await patient] == [1]
+    log.append(Done(generation_id=G, conversation_id=C, seq=2, message_id=G, token_count=0))
+    assert log._idle_timer is None  # an ended log keeps no timer

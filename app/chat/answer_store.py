@@ -61,8 +61,8 @@ class ChatAnswerStore:
         ttft_ms: int | None,
         finish_reason: str | None = None,
         error: str | None = None,
-    ) -> UUID | None:
-        return await generations.finish_generation(
+    ) -> MessageOut | None:
+        row = await generations.finish_generation(
             generation_id,
             status,
             parts=parts,
@@ -72,12 +72,10 @@ class ChatAnswerStore:
             finish_reason=finish_reason,
             error=error,
         )
+        return None if row is None else messages.message_out(row)
 
     async def stored_answer(self, message_id: UUID) -> list[Part] | None:
         return await generations.stored_answer(message_id)
-
-    async def load_message(self, message_id: UUID) -> MessageOut | None:
-        return await messages.load_message(message_id)
 
     async def load_history(self, conversation_id: UUID) -> list[HistoryItem]:
         return await messages.load_history(conversation_id)

@@ -91,10 +91,8 @@ async def create_running(
         if not is_unique_violation(exc):
             raise
         raise GenerationBusy(None) from exc
-    row = await Generation.select().where(Generation.id == generation.id).first()
-    if row is None:  # its conversation was deleted right after the insert
-        raise conversation_not_found(conversation_id)
-    return generation_out(row)
+    # As inserted (callers insert inside a transaction: no re-read needed to see the row).
+    return generation_out(generation.to_dict())
 
 
 async def generation_for_message(message_id: UUID) -> GenerationOut | None:
@@ -147,10 +145,10 @@ async def finish_generation(
     ttft_ms: int | None,
     finish_reason: str | None = None,
     error: str | None = None,
-) -> UUID | None:
+) -> dict[str, Any] | None:
     """End a generation. When `parts` are given, store them as the agent's message (`complete`
     for done, `partial` otherwise; `content` is their text) in the same transaction.
-    Returns that message's id.
+    Returns that message's row, as stored.
     A generation that already ended is left as it is (first ending wins)."""
     now = datetime.now(UTC)
     async with write_transaction(Generation._meta.db):
@@ -161,7 +159,7 @@ async def finish_generation(
         )
         if row is None or row["status"] != GenerationStatus.running.value:
             return None
-        message_id = None
+        message_id = stored = None
         if parts is not None:
             message = Message(
                 conversation=row["conversation"],
@@ -174,7 +172,7 @@ async def finish_generation(
                 created_at=now,
             )
             await message.save()
-            message_id = message.id
+            message_id, stored = message.id, message.to_dict()
             await Conversation.update({Conversation.last_message_at: now}).where(Conversation.id == row["conversation"])
         await Generation.update(
             {
@@ -188,7 +186,7 @@ async def finish_generation(
                 Generation.finished_at: now,
             }
         ).where(Generation.id == generation_id)
-    return message_id
+    return stored
 
 
 async def settle_interrupted_length(generation_id: UUID, chunk_count: int) -> GenerationOut | None:

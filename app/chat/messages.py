@@ -252,12 +252,6 @@ async def edit_message(
     return edited
 
 
-async def load_message(message_id: UUID) -> MessageOut | None:
-    """A message by id, unscoped (for the streaming core)."""
-    row = await Message.select().where(Message.id == message_id).first()
-    return message_out(row) if row else None
-
-
 async def load_history(conversation_id: UUID) -> list[HistoryItem]:
     """Every message of a conversation in order, with effective content: the agent's context."""
     rows = (

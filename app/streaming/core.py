@@ -381,7 +381,7 @@ class StreamingCore:
             for attempt in range(STORE_ATTEMPTS):
                 try:
                     # Shielded: a second cancellation must not leave the row `running` or the message half-written.
-                    message_id = await asyncio.shield(
+                    stored = await asyncio.shield(
                         self.store.finish_generation(
                             gen.id,
                             status,
@@ -399,11 +399,10 @@ class StreamingCore:
                         raise
                     logger.warning("generation %s: storing its outcome failed, retrying", gen.id, exc_info=True)
                     await asyncio.sleep(0.2 * 2**attempt)
-            if message_id is not None:
-                message = await self.store.load_message(message_id)
-                if message is not None:
-                    await self.publish(MessageCreated(conversation_id=gen.conversation_id, message=message))
-            return message_id
+            if stored is None:
+                return None
+            await self.publish(MessageCreated(conversation_id=gen.conversation_id, message=stored))
+            return stored.id
 
         # The outcome to store, and the terminal event that announces it (its messageId added).
         status = GenerationStatus.failed

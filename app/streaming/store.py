@@ -69,17 +69,13 @@ class AnswerStore(Protocol):
         ttft_ms: int | None,
         finish_reason: str | None = None,
         error: str | None = None,
-    ) -> UUID | None:
+    ) -> MessageOut | None:
         """End a running generation; with `parts`, store them as its answer message in the
-        same transaction. Returns that message's id. A generation already ended is left alone."""
+        same transaction. Returns that message. A generation already ended is left alone."""
         ...
 
     async def stored_answer(self, message_id: UUID) -> list[Part] | None:
         """The parts an answer was stored with."""
-        ...
-
-    async def load_message(self, message_id: UUID) -> MessageOut | None:
-        """A message by id (unscoped), to announce it."""
         ...
 
     async def load_history(self, conversation_id: UUID) -> list[HistoryItem]:

@@ -225,10 +225,29 @@ class _Watch:
     batch_from: int | None = None  # `batch` is every event after this seq; None: it follows a gap
     error: BrokerUnavailable | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    # One timer for every waiter's idle wait (a timer per wait was a large part of a token's cost).
+    idle_timer: asyncio.TimerHandle | None = None
 
     def wake(self) -> None:
         changed, self.changed = self.changed, asyncio.Event()
         changed.set()
+
+    def wake_by(self, deadline: float) -> None:
+        """Make sure the waiters are woken by `deadline` (loop time), new events or not."""
+        if self.idle_timer is not None:
+            if self.idle_timer.when() <= deadline:
+                return
+            self.idle_timer.cancel()
+        self.idle_timer = asyncio.get_running_loop().call_at(deadline, self._idle)
+
+    def _idle(self) -> None:
+        self.idle_timer = None
+        self.wake()
+
+    def drop(self) -> None:
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
 
 
 class RedisBroker:
@@ -553,13 +572,13 @@ class RedisBroker:
                 if events or closed:
                     return events
             changed = watch.changed
-            timeout = None if deadline is None else deadline - loop.time()
-            if timeout is not None and timeout <= 0:
-                return []
-            try:
-                await asyncio.wait_for(changed.wait(), timeout)
-            except TimeoutError:
-                return []
+            if deadline is not None:
+                if deadline <= loop.time():
+                    return []
+                watch.wake_by(deadline)  # may end the wait sooner (another waiter's deadline), never later
+            await changed.wait()
+            if deadline is not None and watch.pos <= after and watch.error is None:
+                return []  # woken by the idle timer: nothing new for this reader
 
     async def close_log(self, generation_id: UUID) -> None:
         """The generation ended: every key of it expires `log_ttl` seconds from now."""
@@ -626,6 +645,7 @@ class RedisBroker:
         now = asyncio.get_running_loop().time()
         for generation_id, watch in list(self._watches.items()):
             if watch.waiters == 0 and (watch.closed or now - watch.idle_since > WATCH_LINGER):
+                watch.drop()
                 del self._watches[generation_id]
         watches = {watch.key: watch for watch in self._watches.values() if not watch.closed}
         streams: dict[KeyT, StreamIdT] = {self._wake_key: self._wake_id}

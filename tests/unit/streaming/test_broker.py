@@ -154,6 +154,24 @@ async def test_waiting_read_wakes_on_append_and_times_out_when_idle(
     assert seqs(await broker.read(g, 0, 0)) == [1, 2]
 
 
+async def test_idle_reads_share_one_timer_and_a_patient_read_waits_through_it(
+    make_broker: MakeBroker, ids: tuple[uuid.UUID, ...]
+) -> None:
+    """Many readers waiting with a `max_wait` (they share one timer: the in-process log's, or the
+    Redis watch's) each get [] when nothing comes; a reader with no `max_wait` keeps waiting
+    through their wake-up and gets the next event."""
+    g, c, _ = ids
+    broker = make_broker()
+    await broker.open_log(g, c)
+    await broker.append(start(g, c))
+    patient = asyncio.create_task(broker.read(g, 1, None))
+    idle = [asyncio.create_task(broker.read(g, 1, 0.05)) for _ in range(20)]
+    assert await asyncio.wait_for(asyncio.gather(*idle), 5) == [[]] * 20
+    assert not patient.done()
+    await broker.append(token(g, c, 2, "a"))
+    assert seqs(await asyncio.wait_for(patient, 5)) == [2]
+
+
 async def test_a_cursor_ahead_of_the_log_waits_for_its_next_event(
     make_broker: MakeBroker, ids: tuple[uuid.UUID, ...]
 ) -> None:

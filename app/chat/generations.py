@@ -282,8 +282,7 @@ async def waiting_turn(conversation_id: UUID) -> UUID | None:
 class ToolCalls:
     """The tool calls of a conversation's last answer and the results given so far."""
 
-    def __init__(self, message_id: UUID, calls: dict[str, Part], results: dict[str, dict[str, Any]]) -> None:
-        self.message_id = message_id
+    def __init__(self, calls: dict[str, Part], results: dict[str, dict[str, Any]]) -> None:
         self.calls = calls  # complete tool_call parts by toolCallId
         self.results = results  # tool message rows by the toolCallId they answer
 
@@ -332,4 +331,4 @@ async def pending_tool_calls(conversation_id: UUID) -> ToolCalls | None:
         for part in stored_parts(row):
             if part.tool_call_id in calls:
                 results[part.tool_call_id] = row
-    return ToolCalls(latest["id"], calls, results)
+    return ToolCalls(calls, results)

@@ -77,7 +77,8 @@ def _check_content(content: str) -> None:
     check_length("content", content, MAX_CONTENT_CHARS)
 
 
-async def _by_client_id(conversation_id: UUID, client_message_id: str) -> dict[str, Any] | None:
+async def by_client_id(conversation_id: UUID, client_message_id: str) -> dict[str, Any] | None:
+    """The conversation's message with this clientMessageId (a user message, or a tool result's `tool:<id>`)."""
     return (
         await Message.select()
         .where(
@@ -117,7 +118,7 @@ async def post_message(
     if data.client_message_id is not None and data.client_message_id.startswith(TOOL_RESULT_ID_PREFIX):
         raise invalid_field("clientMessageId", f"{TOOL_RESULT_ID_PREFIX!r} starts the ids of tool results")
     if data.client_message_id is not None:
-        existing = await _by_client_id(conversation_id, data.client_message_id)
+        existing = await by_client_id(conversation_id, data.client_message_id)
         if existing is not None:
             return await _replay(existing, principal, data), False
     policy = core.policy_for(if_busy=data.if_busy, partial=data.partial, disconnect_grace=data.disconnect_grace)
@@ -158,7 +159,7 @@ async def post_message(
         # Two concurrent retries: the loser finds the winner's row.
         if data.client_message_id is None or not is_unique_violation(exc):
             raise
-        existing = await _by_client_id(conversation_id, data.client_message_id)
+        existing = await by_client_id(conversation_id, data.client_message_id)
         if existing is None:
             raise
         return await _replay(existing, principal, data), False

@@ -16,7 +16,7 @@ import msgspec
 from app.auth.principal import Principal
 from app.chat.conversations import conversation_not_found, load_conversation
 from app.chat.generations import generation_for_message, pending_tool_calls
-from app.chat.messages import TOOL_RESULT_ID_PREFIX, message_out
+from app.chat.messages import TOOL_RESULT_ID_PREFIX, by_client_id, message_out
 from app.chat.schemas import MessagePosted, ToolResultCreate
 from app.db import is_foreign_key_violation, is_unique_violation
 from app.errors import Conflict, NotFound, check_length, check_text, invalid_field
@@ -44,7 +44,7 @@ async def post_tool_result(
     check_length("output" if data.error is None else "error", content, MAX_CONTENT_CHARS)
     output: Any = None if data.output is msgspec.UNSET else data.output
     client_id = f"{TOOL_RESULT_ID_PREFIX}{data.tool_call_id}"
-    answered = await _result_of(conversation_id, client_id)
+    answered = await by_client_id(conversation_id, client_id)
     if answered is not None:
         return await _replay(answered, output, data.error, conversation, principal, core), False
     calls = await pending_tool_calls(conversation_id)
@@ -74,7 +74,7 @@ async def post_tool_result(
         if not is_unique_violation(exc):
             raise
         # A concurrent post of the same result won: the first one stands.
-        first = await _result_of(conversation_id, client_id)
+        first = await by_client_id(conversation_id, client_id)
         if first is None:
             raise
         return await _replay(first, output, data.error, conversation, principal, core), False
@@ -86,15 +86,6 @@ async def post_tool_result(
     await core.publish(MessageCreated(conversation_id=conversation_id, message=stored))
     generation = await core.answer_unanswered(conversation, principal)
     return MessagePosted(message=stored, generation=generation), True
-
-
-async def _result_of(conversation_id: UUID, client_id: str) -> dict[str, Any] | None:
-    row: dict[str, Any] | None = (
-        await Message.select()
-        .where(Message.conversation == conversation_id, Message.client_message_id == client_id)
-        .first()
-    )
-    return row
 
 
 async def _replay(

@@ -13,7 +13,7 @@ import msgspec
 
 from app.streaming.adapters import AdapterError, AppendPart, EndPart, StartPart
 from app.streaming.events import GenerationEvent, PartDelta, PartEnd, PartStart, Token
-from app.streaming.parts import OPENED_KINDS, AnswerParts, parse_arguments
+from app.streaming.parts import OPENED_KINDS, AnswerParts, PartState, parse_arguments
 
 # An event to emit: its type and its fields (seq and ids are added by `emit`).
 Step = tuple[type[GenerationEvent], dict[str, Any]]
@@ -74,7 +74,7 @@ class AnswerBuilder:
 
     def _end(self, key: str, value: Any, error: str | None) -> Step:
         index = self._index(key)
-        state = "complete"
+        state: PartState = "complete"
         if self.answer.parts[index].kind == "tool_call":
             value, error = parse_arguments(self.answer.part_text(index))
             state = "invalid" if error else "complete"

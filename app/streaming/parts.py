@@ -96,23 +96,23 @@ class AnswerParts:
             self._pieces[len(self.parts) - 1] = [text]
             self._open_text = True
 
-    def start(self, index: int, kind: str, name: str | None, tool_call_id: str | None) -> None:
+    def start(self, index: int, kind: PartKind, name: str | None, tool_call_id: str | None) -> None:
         """A `part.start`: closes an open text part and opens part `index` (the next one)."""
         if index != len(self.parts) or kind not in OPENED_KINDS:
             raise ValueError(f"part.start {index} ({kind}) does not follow {len(self.parts)} parts")
         self._close_text()
-        self.parts.append(Part(kind=kind, state="streaming", name=name, tool_call_id=tool_call_id))  # type: ignore[arg-type]
+        self.parts.append(Part(kind=kind, state="streaming", name=name, tool_call_id=tool_call_id))
 
     def delta(self, index: int, text: str) -> None:
         """A `part.delta`: grows open part `index`."""
         self._open(index)
         self._pieces.setdefault(index, []).append(text)
 
-    def end(self, index: int, state: str, value: Any, error: str | None) -> None:
+    def end(self, index: int, state: PartState, value: Any, error: str | None) -> None:
         """A `part.end`: closes part `index`."""
         part = self._open(index)
         self._join(index)
-        part.state = state  # type: ignore[assignment]
+        part.state = state
         part.value = value
         part.error = error
 
@@ -137,10 +137,13 @@ class AnswerParts:
             self.parts[-1].state = "complete"
             self._open_text = False
 
-    def copy(self) -> list[Part]:
-        """Every part so far (open ones `streaming`), detached from this fold."""
+    def _join_all(self) -> None:
         for index in list(self._pieces):
             self._join(index)
+
+    def copy(self) -> list[Part]:
+        """Every part so far (open ones `streaming`), detached from this fold."""
+        self._join_all()
         return [msgspec.structs.replace(p) for p in self.parts]
 
     def ended(self, complete: bool) -> list[Part]:
@@ -155,4 +158,5 @@ class AnswerParts:
     @property
     def text(self) -> str:
         """The answer's text: its text parts, concatenated."""
-        return text_of(self.copy())
+        self._join_all()
+        return text_of(self.parts)

@@ -588,7 +588,7 @@ def _stale_first_lookup(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     concurrent insert; later lookups are real. Returns the list of looked-up ids."""
     import app.chat.messages as messages
 
-    real = messages._by_client_id
+    real = messages.by_client_id
     calls: list[str] = []
 
     async def lookup(conversation_id: UUID, client_message_id: str) -> dict[str, Any] | None:
@@ -597,7 +597,7 @@ def _stale_first_lookup(monkeypatch: pytest.MonkeyPatch) -> list[str]:
             return None
         return await real(conversation_id, client_message_id)
 
-    monkeypatch.setattr(messages, "_by_client_id", lookup)
+    monkeypatch.setattr(messages, "by_client_id", lookup)
     return calls
 
 

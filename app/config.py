@@ -35,6 +35,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Seconds between re-checks of the credentials of open sockets and SSE streams (the
     # fallback when a revocation message is lost, and how an expired session is noticed).
     credential_recheck: Annotated[float, msgspec.Meta(gt=0)] = 60.0
+    # Seconds a process reuses an authenticated key or session for its next requests (0: look
+    # it up every time). Revocation clears it at once on every process; this bounds a lost message.
+    auth_cache_seconds: Annotated[float, msgspec.Meta(ge=0, le=60)] = 5.0
     log_level: str = "INFO"
     # Messages one API key may post per minute (HTTP and WebSocket `send` together; each
     # can start an answer), per server process.
@@ -116,6 +119,7 @@ ENV = {
     "cookie_secure": "CHATSTREAM_COOKIE_SECURE",
     "cookie_max_age": "CHATSTREAM_COOKIE_MAX_AGE",
     "credential_recheck": "CHATSTREAM_CREDENTIAL_RECHECK",
+    "auth_cache_seconds": "CHATSTREAM_AUTH_CACHE_SECONDS",
     "log_level": "CHATSTREAM_LOG_LEVEL",
     "messages_per_minute": "CHATSTREAM_MESSAGES_PER_MINUTE",
     "max_sockets_per_key": "CHATSTREAM_MAX_SOCKETS_PER_KEY",

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 from litestar import Litestar, Router
+from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
@@ -17,6 +18,7 @@ from app.agents.controllers import AgentController
 from app.auth.controllers import ApiKeyController, MeController, SessionController
 from app.auth.guards import provide_principal
 from app.auth.middleware import ApiKeyAuthMiddleware
+from app.auth.principal_cache import PrincipalCache
 from app.chat.answer_store import ChatAnswerStore
 from app.chat.controllers import ConversationController, GenerationController, provide_core
 from app.config import Settings, get_settings
@@ -50,6 +52,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     # httpx logs every request to a model server at INFO: one line per answer is noise.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLevelName(settings.log_level)))
     engine = Company._meta.db
+    principal_cache = PrincipalCache(ttl=settings.auth_cache_seconds)
     policy = StreamPolicy(
         disconnect_grace=settings.disconnect_grace, partial=settings.partial, if_busy=settings.if_busy
     )
@@ -72,6 +75,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             credential_recheck=settings.credential_recheck,
             quotas=Quotas(settings),
         )
+        core.on_revoked(principal_cache.forget)
         await core.startup()
         app.state.core = core
 
@@ -109,6 +113,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         route_handlers=[api, healthz, readyz, web],
         middleware=[HttpSecurityMiddleware(settings)],
         before_send=[add_security_headers],
+        state=State({"principal_cache": principal_cache}),
         on_startup=[startup],
         on_shutdown=[shutdown],
         exception_handlers=EXCEPTION_HANDLERS,

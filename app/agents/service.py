@@ -10,6 +10,7 @@ import msgspec
 
 from app.agents.schemas import AgentCreate, AgentListed, AgentOut, AgentUpdate
 from app.config import get_settings
+from app.db import columns_of
 from app.errors import NotFound, check_text, invalid_field
 from app.streaming.adapters import AdapterConfigError, normalize_config
 from app.tables import Agent
@@ -67,10 +68,13 @@ async def listed_agents(company_id: UUID, *, with_config: bool) -> list[AgentLis
 
 async def get_agent(company_id: UUID, agent_id: UUID) -> AgentOut:
     """One agent of the company; another company's agent is NotFound."""
-    row = await Agent.select().where(Agent.id == agent_id, Agent.company == company_id).first()
-    if row is None:
+    # Written out (every answer started looks its agent up): see app/db.py.
+    rows = await Agent.raw(
+        f'SELECT {columns_of(Agent)} FROM "agent" WHERE "id" = {{}} AND "company" = {{}}', agent_id, company_id
+    )
+    if not rows:
         raise NotFound("agent not found", details={"agentId": str(agent_id)})
-    return _agent_out(row)
+    return _agent_out(rows[0])
 
 
 async def create_agent(company_id: UUID, data: AgentCreate) -> AgentOut:

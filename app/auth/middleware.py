@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from litestar.connection import ASGIConnection
 from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult
 
 from app.auth.principal import Principal
+from app.auth.principal_cache import PrincipalCache
 from app.auth.service import authenticate, authenticate_session
+from app.auth.tokens import hash_token
 from app.config import get_settings
 from app.errors import Unauthorized
 
@@ -27,13 +31,15 @@ def credentials(connection: ASGIConnection) -> str | None:  # type: ignore[type-
 
 async def principal_for(connection: ASGIConnection, token: str) -> Principal:  # type: ignore[type-arg]
     """The caller behind `token` (from :func:`credentials`): an API key when it came in the
-    Bearer header, a session when it came in the cookie (an API key there is refused)."""
+    Bearer header, a session when it came in the cookie (an API key there is refused).
+    Recently seen credentials come from the app's :class:`PrincipalCache`."""
+    cache: PrincipalCache = connection.app.state.principal_cache
     if connection.headers.get("authorization"):
-        principal = await authenticate(token)
+        principal = await cache.resolve("key:" + hash_token(token), partial(authenticate, token))
         if principal is None:
             raise Unauthorized("the API key is not valid or was revoked", code="invalid_credentials")
         return principal
-    principal = await authenticate_session(token)
+    principal = await cache.resolve("session:" + hash_token(token), partial(authenticate_session, token))
     if principal is None:
         raise Unauthorized(
             "the session is not valid: signed out, expired, or its key was revoked; sign in again",

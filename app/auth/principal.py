@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from uuid import UUID
 
 import msgspec
@@ -11,13 +12,15 @@ from app.tables import Role
 
 class Principal(msgspec.Struct, frozen=True):
     """The caller: a user acting in one company with one role, through one key, and
-    through one browser session when the session cookie authenticated it."""
+    through one browser session when the session cookie authenticated it (valid until
+    `expires_at`)."""
 
     key_id: UUID
     user_id: UUID
     company_id: UUID
     role: Role
     session_id: UUID | None = None
+    expires_at: datetime | None = None
 
     @property
     def is_admin(self) -> bool:

@@ -63,6 +63,7 @@ async def authenticate_session(token: str) -> Principal | None:
         await Session.select(
             Session.id,
             Session.last_used_at,
+            Session.expires_at,
             key.id.as_alias("key_id"),
             key.user_id.as_alias("user_id"),
             key.company.as_alias("company"),
@@ -87,6 +88,7 @@ async def authenticate_session(token: str) -> Principal | None:
         company_id=row["company"],
         role=Role(row["role"]),
         session_id=row["id"],
+        expires_at=row["expires_at"],
     )
 
 

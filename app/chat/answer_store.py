@@ -52,7 +52,7 @@ class ChatAnswerStore:
 
     async def finish_generation(
         self,
-        generation_id: UUID,
+        generation: GenerationOut,
         status: GenerationStatus,
         *,
         parts: list[Part] | None,
@@ -63,7 +63,7 @@ class ChatAnswerStore:
         error: str | None = None,
     ) -> MessageOut | None:
         row = await generations.finish_generation(
-            generation_id,
+            generation,
             status,
             parts=parts,
             token_count=token_count,

@@ -16,6 +16,7 @@ import msgspec
 from app.agents.service import get_agent
 from app.auth.principal import Principal
 from app.chat.schemas import ConversationCreate, ConversationOut, ConversationPage, ConversationUpdate
+from app.db import columns_of
 from app.errors import NotFound, check_length, check_text
 from app.limits import MAX_TITLE_CHARS
 from app.pagination import decode_cursor, encode_cursor
@@ -52,13 +53,23 @@ def conversation_not_found(conversation_id: UUID) -> NotFound:
 
 
 async def load_conversation(principal: Principal, conversation_id: UUID) -> dict[str, Any]:
-    """The conversation row if the caller may see it, else NotFound."""
-    row: dict[str, Any] | None = await _scoped(
-        principal, Conversation.select().where(Conversation.id == conversation_id)
-    ).first()
-    if row is None:
+    """The conversation row if the caller may see it, else NotFound (the scoping of
+    :func:`_scoped`, written out: every request about a conversation runs it)."""
+    sql = f'SELECT {columns_of(Conversation)} FROM "conversation" WHERE "id" = {{}} AND "company" = {{}}'
+    args: list[Any] = [conversation_id, principal.company_id]
+    if not principal.is_admin:
+        sql += ' AND "owner_id" = {}'
+        args.append(principal.user_id)
+    rows = await Conversation.raw(sql, *args)
+    if not rows:
         raise conversation_not_found(conversation_id)
+    row: dict[str, Any] = rows[0]
     return row
+
+
+async def mark_last_message(conversation_id: UUID, at: datetime) -> None:
+    """Move the conversation up the list: a message was stored in it at `at`."""
+    await Conversation.raw('UPDATE "conversation" SET "last_message_at" = {} WHERE "id" = {}', at, conversation_id)
 
 
 def _check_title(title: str | None) -> None:

@@ -13,12 +13,12 @@ from uuid import UUID
 from app.agents.schemas import AgentOut
 from app.agents.service import get_agent
 from app.auth.principal import Principal
-from app.chat.conversations import conversation_not_found, load_conversation
+from app.chat.conversations import conversation_not_found, load_conversation, mark_last_message
 from app.chat.schemas import GenerationOut
-from app.db import is_foreign_key_violation, is_unique_violation, write_transaction
+from app.db import insert_row, is_foreign_key_violation, is_unique_violation, write_transaction
 from app.errors import Conflict, NotFound
 from app.streaming.parts import Part, decode_parts, encode_parts, text_of
-from app.tables import Conversation, Generation, GenerationStatus, Message, MessageRole, MessageStatus
+from app.tables import Generation, GenerationStatus, Message, MessageRole, MessageStatus
 
 
 class GenerationBusy(Conflict):
@@ -84,7 +84,7 @@ async def create_running(
         producer=producer,
     )
     try:
-        await generation.save()
+        await insert_row(generation)
     except Exception as exc:
         if is_foreign_key_violation(exc):
             raise conversation_not_found(conversation_id) from None
@@ -135,8 +135,12 @@ async def get_generation(principal: Principal, generation_id: UUID) -> Generatio
     return generation_out(row)
 
 
+class _AlreadyEnded(Exception):
+    """Raised inside the finishing transaction to roll it back: another ending came first."""
+
+
 async def finish_generation(
-    generation_id: UUID,
+    generation: GenerationOut,
     status: GenerationStatus,
     *,
     parts: list[Part] | None,
@@ -146,46 +150,53 @@ async def finish_generation(
     finish_reason: str | None = None,
     error: str | None = None,
 ) -> dict[str, Any] | None:
-    """End a generation. When `parts` are given, store them as the agent's message (`complete`
-    for done, `partial` otherwise; `content` is their text) in the same transaction.
-    Returns that message's row, as stored.
-    A generation that already ended is left as it is (first ending wins)."""
+    """End a running generation. When `parts` are given, store them as the agent's message
+    (`complete` for done, `partial` otherwise; `content` is their text) in the same
+    transaction. Returns that message's row, as stored.
+    A generation that already ended (or is gone with its conversation) is left as it is:
+    the first ending wins, and nothing is stored."""
     now = datetime.now(UTC)
-    async with write_transaction(Generation._meta.db):
-        row = (
-            await Generation.select(Generation.conversation, Generation.agent, Generation.status)
-            .where(Generation.id == generation_id)
-            .first()
-        )
-        if row is None or row["status"] != GenerationStatus.running.value:
-            return None
-        message_id = stored = None
-        if parts is not None:
-            message = Message(
-                conversation=row["conversation"],
-                role=MessageRole.agent.value,
-                author_id=row["agent"],
-                content=text_of(parts),
-                parts=encode_parts(parts),
-                generation=generation_id,
-                status=(MessageStatus.complete if status is GenerationStatus.done else MessageStatus.partial).value,
-                created_at=now,
+    try:
+        async with write_transaction(Generation._meta.db):
+            message_id = stored = None
+            if parts is not None:
+                message = Message(
+                    conversation=generation.conversation_id,
+                    role=MessageRole.agent.value,
+                    author_id=generation.agent_id,
+                    content=text_of(parts),
+                    parts=encode_parts(parts),
+                    generation=generation.id,
+                    status=(MessageStatus.complete if status is GenerationStatus.done else MessageStatus.partial).value,
+                    created_at=now,
+                )
+                await insert_row(message)
+                message_id, stored = message.id, message.to_dict()
+                await mark_last_message(generation.conversation_id, now)
+            # Last, and only while running: no read of the row first (one round trip less).
+            ended = await Generation.raw(
+                'UPDATE "generation" SET "status" = {}, "result_message" = {}, "token_count" = {}, '
+                '"chunk_count" = {}, "finish_reason" = {}, "ttft_ms" = {}, "error" = {}, "finished_at" = {} '
+                'WHERE "id" = {} AND "status" = {} RETURNING "id"',
+                status.value,
+                message_id,
+                token_count,
+                chunk_count,
+                finish_reason,
+                ttft_ms,
+                error,
+                now,
+                generation.id,
+                GenerationStatus.running.value,
             )
-            await message.save()
-            message_id, stored = message.id, message.to_dict()
-            await Conversation.update({Conversation.last_message_at: now}).where(Conversation.id == row["conversation"])
-        await Generation.update(
-            {
-                Generation.status: status.value,
-                Generation.result_message: message_id,
-                Generation.token_count: token_count,
-                Generation.chunk_count: chunk_count,
-                Generation.finish_reason: finish_reason,
-                Generation.ttft_ms: ttft_ms,
-                Generation.error: error,
-                Generation.finished_at: now,
-            }
-        ).where(Generation.id == generation_id)
+            if not ended:
+                raise _AlreadyEnded
+    except _AlreadyEnded:
+        return None
+    except Exception as exc:
+        if is_foreign_key_violation(exc):  # the conversation was deleted, its generations with it
+            return None
+        raise
     return stored
 
 

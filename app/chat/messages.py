@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from app.auth.principal import Principal
-from app.chat.conversations import conversation_not_found, load_conversation
+from app.chat.conversations import conversation_not_found, load_conversation, mark_last_message
 from app.chat.generations import (
     GenerationBusy,
     agent_of,
@@ -25,7 +25,7 @@ from app.chat.schemas import (
     MessagePage,
     MessagePosted,
 )
-from app.db import is_foreign_key_violation, is_unique_violation, write_transaction
+from app.db import insert_row, is_foreign_key_violation, is_unique_violation, write_transaction
 from app.errors import (
     Conflict,
     Forbidden,
@@ -37,7 +37,7 @@ from app.errors import (
 from app.limits import MAX_CONTENT_CHARS
 from app.streaming.parts import Part
 from app.streaming.protocol import MessageCreated, MessageEdited
-from app.tables import Conversation, Message, MessageRole, MessageStatus
+from app.tables import Message, MessageRole, MessageStatus
 
 if TYPE_CHECKING:  # the core imports this module (history); only the type is needed here
     from app.streaming.core import StreamingCore
@@ -140,8 +140,8 @@ async def post_message(
     reserved = await core.reserve(conversation_id) if agent is not None else None
     try:
         async with write_transaction(Message._meta.db):
-            await message.save()
-            await Conversation.update({Conversation.last_message_at: now}).where(Conversation.id == conversation_id)
+            await insert_row(message)
+            await mark_last_message(conversation_id, now)
             if agent is not None and reserved is not None:
                 started = await create_running(
                     conversation_id, message.id, agent.id, reserved, producer=core.broker.node
@@ -168,10 +168,8 @@ async def post_message(
             await core.release(reserved)
     launched = False
     try:
-        row = await Message.select().where(Message.id == message.id).first()
-        if row is None:  # deleted with its conversation right after the insert
-            raise conversation_not_found(conversation_id)
-        posted = MessagePosted(message=message_out(row), generation=generation)
+        # As inserted (no re-read: a conversation deleted since then ends the answer on its own).
+        posted = MessagePosted(message=message_out(message.to_dict()), generation=generation)
         await core.publish(MessageCreated(conversation_id=conversation_id, message=posted.message))
         if generation is not None and agent is not None:
             await core.launch(generation, agent.adapter, agent.config, policy)
@@ -255,18 +253,10 @@ async def edit_message(
 
 async def load_history(conversation_id: UUID) -> list[HistoryItem]:
     """Every message of a conversation in order, with effective content: the agent's context."""
-    rows = (
-        await Message.select(
-            Message.id,
-            Message.role,
-            Message.content,
-            Message.edited_content,
-            Message.created_at,
-            Message.parts,
-        )
-        .where(Message.conversation == conversation_id)
-        .order_by(Message.created_at)
-        .order_by(Message.id)
+    rows = await Message.raw(
+        'SELECT "id","role","content","edited_content","created_at","parts" FROM "message" '
+        'WHERE "conversation" = {} ORDER BY "created_at","id"',
+        conversation_id,
     )
     return [
         HistoryItem(

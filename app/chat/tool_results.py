@@ -14,7 +14,7 @@ from uuid import UUID
 import msgspec
 
 from app.auth.principal import Principal
-from app.chat.conversations import conversation_not_found, load_conversation
+from app.chat.conversations import conversation_not_found, load_conversation, mark_last_message
 from app.chat.generations import generation_for_message, pending_tool_calls
 from app.chat.messages import TOOL_RESULT_ID_PREFIX, by_client_id, message_out
 from app.chat.schemas import MessagePosted, ToolResultCreate
@@ -23,7 +23,7 @@ from app.errors import Conflict, NotFound, check_length, check_text, invalid_fie
 from app.limits import MAX_CONTENT_CHARS
 from app.streaming.parts import Part, encode_parts
 from app.streaming.protocol import MessageCreated
-from app.tables import Conversation, Message, MessageRole
+from app.tables import Message, MessageRole
 
 if TYPE_CHECKING:
     from app.streaming.core import StreamingCore
@@ -78,7 +78,7 @@ async def post_tool_result(
         if first is None:
             raise
         return await _replay(first, output, data.error, conversation, principal, core), False
-    await Conversation.update({Conversation.last_message_at: now}).where(Conversation.id == conversation_id)
+    await mark_last_message(conversation_id, now)
     row = await Message.select().where(Message.id == message.id).first()
     if row is None:  # deleted with its conversation right after the insert
         raise conversation_not_found(conversation_id)

@@ -137,6 +137,7 @@ class StreamingCore:
         # Seconds between re-checks of the open connections' credentials.
         self.credential_recheck = credential_recheck
         self.credentials = CredentialHolders(store.invalid_credentials)
+        self._revocation_hooks: list[Callable[[UUID, UUID | None], None]] = []
         self.adapters = dict(build_adapters() if adapters is None else adapters)
         self._producers: dict[UUID, _Producer] = {}
         self._background: set[asyncio.Task[Any]] = set()
@@ -207,7 +208,7 @@ class StreamingCore:
         """A control message from any process (this one included); only the producer acts,
         except on a revoked credential, which every process acts on."""
         if isinstance(message, CredentialRevoked):
-            self.credentials.revoke(message.key_id, message.session_id)
+            self._credential_revoked(message.key_id, message.session_id)
             return
         producer = self._producers.get(message.generation_id)
         if producer is None or self._closing:
@@ -221,11 +222,23 @@ class StreamingCore:
         """A key was revoked (`session_id` None) or a session ended: have every process close
         the connections that use it. Broker down: this process's close now, the others' at
         their next re-check."""
+        for hook in self._revocation_hooks:  # here at once, before the message goes round
+            hook(key_id, session_id)
         try:
             await self.broker.send_control(CredentialRevoked(key_id=key_id, session_id=session_id))
         except BrokerUnavailable as exc:
             logger.warning("key %s: could not announce a revoked credential: %s", key_id, exc)
             self.credentials.revoke(key_id, session_id)
+
+    def on_revoked(self, hook: Callable[[UUID, UUID | None], None]) -> None:
+        """Have `hook(key_id, session_id)` called whenever a credential is revoked on any process
+        (for caches of credentials: a session id None means the key and all its sessions)."""
+        self._revocation_hooks.append(hook)
+
+    def _credential_revoked(self, key_id: UUID, session_id: UUID | None) -> None:
+        for hook in self._revocation_hooks:
+            hook(key_id, session_id)
+        self.credentials.revoke(key_id, session_id)
 
     async def reap_orphans(self) -> int:
         """End the running generations whose producing process stopped (its heartbeat expired):
@@ -383,7 +396,7 @@ class StreamingCore:
                     # Shielded: a second cancellation must not leave the row `running` or the message half-written.
                     stored = await asyncio.shield(
                         self.store.finish_generation(
-                            gen.id,
+                            gen,
                             status,
                             parts=built.answer.ended(complete=status is GenerationStatus.done) if keep else None,
                             token_count=built.pieces if end.token_count is None else end.token_count,
@@ -573,7 +586,9 @@ class StreamingCore:
         generation from its start; else (with `start_unanswered`) a new answer to an
         unanswered user message, started as `starter`'s; else None (nothing to stream)."""
         if cursor is not None:
-            generation = await self.store.load_generation(cursor.generation_id)
+            producer = self._producers.get(cursor.generation_id)
+            # Produced here: the row as inserted is what the database has (it is running) until its end.
+            generation = producer.generation if producer else await self.store.load_generation(cursor.generation_id)
             if generation is None or generation.conversation_id != conversation["id"]:
                 raise invalid_field(
                     cursor_field, "not a cursor of this conversation", source=cursor_source, code="invalid_cursor"

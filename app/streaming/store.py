@@ -60,7 +60,7 @@ class AnswerStore(Protocol):
 
     async def finish_generation(
         self,
-        generation_id: UUID,
+        generation: GenerationOut,
         status: GenerationStatus,
         *,
         parts: list[Part] | None,

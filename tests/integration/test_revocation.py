@@ -103,6 +103,12 @@ async def revoke(url: str, tenant: Tenant, key_id: str) -> None:
         assert r.status_code == 204, r.text
 
 
+async def refused(url: str, headers: dict[str, str]) -> None:
+    async with httpx.AsyncClient(base_url=url, timeout=STEP) as http:
+        r = await http.get("/api/me", headers=headers)
+        assert r.status_code == 401 and r.json()["code"] == "invalid_credentials", r.text
+
+
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
@@ -288,6 +294,9 @@ async def test_revocation_reaches_the_other_process(pair: Cluster, tenant: Tenan
         await revoke(a.url, tenant, key_id)
         await revoked_close(ws)
         await revoked_end(stream)
+    # B used the key a moment ago (and keeps it a few seconds: app/auth/principal_cache.py);
+    # the message that closed its socket also made it forget the key.
+    await refused(b.url, bearer(token))
 
     alice = tenant.tokens["alice"]
     conversation_id = await running_answer(b.url, tenant, bearer(alice))
@@ -295,6 +304,7 @@ async def test_revocation_reaches_the_other_process(pair: Cluster, tenant: Tenan
     async with subscribed_socket(b, cookie(session), conversation_id) as ws:
         await sign_out(a.url, session)
         await revoked_close(ws)
+    await refused(b.url, cookie(session))
     assert_clean(a, b)
 
 

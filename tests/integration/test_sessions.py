@@ -170,11 +170,15 @@ async def test_an_api_key_in_the_cookie_is_refused(client: httpx.AsyncClient, ac
 
 
 async def test_revoking_a_key_ends_its_sessions(client: httpx.AsyncClient, acme: Tenant) -> None:
-    """DELETE /api/keys/{id}: every session made with the key is 401 at once."""
+    """DELETE /api/keys/{id}: the key and every session made with it are 401 at once, also
+    right after they were used (and cached: app/auth/principal_cache.py)."""
     value = await sign_in(client, acme.tokens["bob"])
     key_id = acme.principals["bob"].key_id
+    assert (await client.get("/api/me", headers=cookie_header(value))).status_code == 200
+    assert (await client.get("/api/me", headers=acme.headers("bob"))).status_code == 200
     r = await client.delete(f"/api/keys/{key_id}", headers=acme.headers("admin"))
     assert r.status_code == 204, r.text
     assert (await ApiKey.select(ApiKey.revoked_at).where(ApiKey.id == key_id).first())["revoked_at"] is not None
-    r = await client.get("/api/me", headers=cookie_header(value))
-    assert r.status_code == 401 and r.json()["code"] == "invalid_credentials", r.text
+    for headers in (cookie_header(value), acme.headers("bob")):
+        r = await client.get("/api/me", headers=headers)
+        assert r.status_code == 401 and r.json()["code"] == "invalid_credentials", r.text

@@ -8,6 +8,7 @@ that a reader older than the window can be given one `snapshot`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from uuid import UUID
 
@@ -28,7 +29,9 @@ class GenerationLog:
         self._answer_seq = 0  # seq of the last event `answer` covers
         self.last_seq = 0
         self.closed = False
-        self._changed = asyncio.Event()
+        # One future per waiting reader, all resolved by the next append (cheaper than an
+        # asyncio.Event per append: this runs for every token).
+        self._waiters: list[asyncio.Future[None]] = []
         self._idle_timer: asyncio.TimerHandle | None = None
 
     def append(self, event: GenerationEvent) -> None:
@@ -48,8 +51,7 @@ class GenerationLog:
             if self._idle_timer is not None:
                 self._idle_timer.cancel()
                 self._idle_timer = None
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
+        self._wake()
 
     @property
     def text(self) -> str:
@@ -96,10 +98,16 @@ class GenerationLog:
             events = self.read_after(seq)
             if events or self.closed:
                 return events
-            changed = self._changed
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
             if max_wait is not None:
                 self._wake_by(max_wait)
-            await changed.wait()
+            try:
+                await waiter
+            except asyncio.CancelledError:  # the reader left: an idle log must not keep its waiter
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+                raise
             events = self.read_after(seq)
             if events or max_wait is not None:
                 return events
@@ -116,5 +124,10 @@ class GenerationLog:
     def _idle(self) -> None:
         """Wake every waiting reader: those that got nothing report an idle wait."""
         self._idle_timer = None
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)

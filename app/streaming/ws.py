@@ -199,6 +199,9 @@ class Session:
 
     async def deliver(self, frames: Sequence[OutgoingFrame]) -> None:
         """Queue frames for the writer; a peer that keeps the queue full too long is too slow."""
+        if not self.outbox.full():  # the usual case: no timer armed per batch
+            self.outbox.put_nowait(frames)
+            return
         try:
             async with asyncio.timeout(self.settings.ws_send_timeout):
                 await self.outbox.put(frames)

@@ -102,3 +102,19 @@ async def test_idle_waits_share_one_timer_and_never_outlast_max_wait() -> None:
     assert [e.seq for e in await patient] == [1]
     log.append(Done(generation_id=G, conversation_id=C, seq=2, message_id=G, token_count=0))
     assert log._idle_timer is None  # an ended log keeps no timer
+
+
+async def test_a_reader_that_leaves_while_waiting_leaves_nothing_behind() -> None:
+    """A waiting reader cancelled (its client left) is forgotten at once, and the next
+    append still wakes the readers that stayed."""
+    log = GenerationLog(G, C)
+    leaving = [asyncio.create_task(log.wait_after(0)) for _ in range(3)]
+    staying = asyncio.create_task(log.wait_after(0))
+    await asyncio.sleep(0)
+    for task in leaving:
+        task.cancel()
+    await asyncio.gather(*leaving, return_exceptions=True)
+    assert len(log._waiters) == 1
+    log.append(Start(generation_id=G, conversation_id=C, seq=1))
+    assert [e.seq for e in await staying] == [1]
+    assert log._waiters == []

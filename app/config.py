@@ -76,6 +76,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Seconds a peer may keep the server from sending anything (it stopped reading) before
     # the operating system drops the connection; 0 keeps the system's default (Linux only).
     tcp_user_timeout: float = 60.0
+    # `chatstream serve`'s event loop and HTTP parser: `auto` runs uvloop + httptools when both
+    # are installed (they are pinned, where they build), else asyncio + h11; `uvloop` requires
+    # them; `asyncio` forces the plain stack (app/server.py).
+    server_impl: Literal["auto", "uvloop", "asyncio"] = "auto"
     # Extra browser origins allowed to use the session cookie (REST writes, WebSocket
     # upgrades; comma-separated). The server's own origin is always allowed.
     allowed_origins: str = ""
@@ -146,6 +150,7 @@ ENV = {
     "allowed_origins": "CHATSTREAM_ALLOWED_ORIGINS",
     "allowed_hosts": "CHATSTREAM_ALLOWED_HOSTS",
     "tcp_user_timeout": "CHATSTREAM_TCP_USER_TIMEOUT",
+    "server_impl": "CHATSTREAM_SERVER_IMPL",
     "model_key_vars": "CHATSTREAM_MODEL_KEY_VARS",
     "upstream_allow": "CHATSTREAM_UPSTREAM_ALLOW",
     "model_max_connections": "CHATSTREAM_MODEL_MAX_CONNECTIONS",

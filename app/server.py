@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import Any
+from importlib.metadata import version
+from typing import Any, Literal, NamedTuple
 
 import h11
 import uvicorn
@@ -13,8 +14,17 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.supervisors import ChangeReload, Multiprocess, multiprocess
 from websockets.exceptions import InvalidState
 
-from app.config import get_settings
-from app.streaming.core import stop_all_answers
+from app.config import ENV, Settings, get_settings
+
+# uvicorn[standard]'s event loop and HTTP parser: pinned dependencies, but only installed
+# where they build (CPython; uvloop not on Windows). Without them: asyncio + h11.
+try:
+    import httptools  # noqa: F401
+    import uvloop  # noqa: F401
+except ImportError as exc:
+    FAST_STACK_MISSING: str | None = f"{exc.name or 'uvloop or httptools'} is not installed"
+else:
+    FAST_STACK_MISSING = None
 
 # After the answers are stopped, connections get this long to close before they are cut.
 GRACEFUL_SHUTDOWN_SECONDS = 10
@@ -28,15 +38,18 @@ class ClientInputIsNotAnError(logging.Filter):
     not let a client flood the log with tracebacks: keep it as one INFO line.
 
     When the client's close frame arrived in the same read, uvicorn's 1007 close fails
-    (the connection is already closing) and asyncio logs that failure with a traceback of
-    its own: the same bad input, kept as the same one line.
+    (the connection is already closing) and the event loop logs that failure with a
+    traceback of its own: the same bad input, kept as the same one line. asyncio says
+    "Fatal error: protocol.data_received() call failed.", uvloop "Fatal error on transport
+    TCPTransport" (both on the `asyncio` logger): the exception is what tells them apart.
+    Bad HTTP needs nothing here: h11 and httptools alike log one WARNING line and answer 400.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         error = record.exc_info[1] if record.exc_info else None
         closing_too = (
-            message.startswith("Fatal error: protocol.data_received() call failed.")
+            message.startswith("Fatal error")
             and isinstance(error, InvalidState)
             and isinstance(error.__context__, UnicodeDecodeError)
         )
@@ -69,39 +82,85 @@ class Server(uvicorn.Server):
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         quiet_client_input_errors()
+        # One line per server process (each worker, the reloader's child), before uvicorn's
+        # "running on" line.
+        stack, reason = running_stack(self.config.http_protocol_class), server_stack(get_settings()).reason
+        logging.getLogger("uvicorn.error").info("Event loop: %s (%s)", stack, reason)
         await super().startup(sockets)
         for server in self.servers:
             for listener in server.sockets:
                 limit_unsendable_time(listener, get_settings().tcp_user_timeout)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # Imported here: the bare peers of bench/peers.py use this module without the app.
+        from app.streaming.core import stop_all_answers
+
         await stop_all_answers("shutdown")
         await super().shutdown(sockets)
 
 
-class TimedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol, closing a connection whose client takes longer than
-    `header_timeout` seconds to send a request's headers, or `body_timeout` to send its
-    body. uvicorn has neither: a client trickling bytes would hold its connection (and a
-    file descriptor) forever, before any authentication.
+ReadPhase = Literal["headers", "body"]
+
+
+class ReadTimeouts:
+    """Read timers for an HTTP protocol of uvicorn's (mixed in before it): the connection is
+    closed when its client takes longer than `header_timeout` seconds to send a request's
+    headers, or `body_timeout` to send its body. uvicorn has neither: a client trickling
+    bytes would hold its connection (and a file descriptor) forever, before any
+    authentication.
 
     Each timer runs from the start of its phase and is not reset by data arriving; a
-    request being answered (or a WebSocket) has none.
+    request being answered (or a WebSocket) has none. The protocol says which phase it is
+    in (:meth:`_reading_phase`) and calls :meth:`_watch_reading` whenever it may have
+    changed, and :meth:`_stop_read_timer` when the connection is lost.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    transport: asyncio.Transport
+    loop: asyncio.AbstractEventLoop
+    _read_phase: ReadPhase | None = None
+    _read_timer: asyncio.TimerHandle | None = None
+
+    def _reading_phase(self) -> ReadPhase | None:
+        """What the server waits for from the client: a request's headers, its body, or nothing."""
+        raise NotImplementedError
+
+    def _watch_reading(self) -> None:
+        """Start the timer of the phase the client is in (headers, body), once per phase."""
+        # A WebSocket now (the transport has another protocol), or closing: no read timers.
+        protocol: object = self.transport.get_protocol()
+        done = protocol is not self or self.transport.is_closing()
+        phase = None if done else self._reading_phase()
+        if phase == self._read_phase:
+            return
+        self._read_phase = phase
+        self._stop_read_timer()
+        if phase is None:
+            return
         settings = get_settings()
-        self._timeouts = {h11.IDLE: settings.header_timeout, h11.SEND_BODY: settings.body_timeout}
-        self._phase: object = None
-        self._read_timer: asyncio.TimerHandle | None = None
+        seconds = settings.header_timeout if phase == "headers" else settings.body_timeout
+        if seconds > 0:  # 0 turns it off
+            self._read_timer = self.loop.call_later(seconds, self._read_timed_out)
+
+    def _stop_read_timer(self) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+
+    def _read_timed_out(self) -> None:
+        self._read_timer = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+
+class TimedH11Protocol(ReadTimeouts, H11Protocol):
+    """uvicorn's h11 protocol with the read timers of :class:`ReadTimeouts` (the plain stack)."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._watch_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._set_read_timer(None)
+        self._stop_read_timer()
         super().connection_lost(exc)
 
     def handle_events(self) -> None:
@@ -112,25 +171,96 @@ class TimedH11Protocol(H11Protocol):
         super().on_response_complete()
         self._watch_reading()
 
-    def _watch_reading(self) -> None:
-        """Start the timer of the phase the client is in (headers, body), once per phase."""
-        upgraded = self.transport.get_protocol() is not self  # now a WebSocket: no read timers
-        phase = None if upgraded else self.conn.their_state
-        if phase is self._phase:
-            return
-        self._phase = phase
-        seconds = self._timeouts.get(phase, 0) if phase is not None else 0
-        self._set_read_timer(self.loop.call_later(seconds, self._read_timed_out) if seconds > 0 else None)
+    def send_400_response(self, msg: str) -> None:
+        # Bad bytes after a request's headers (a broken chunk) get uvicorn's 400 while the app
+        # is already answering that request: its own response can no longer be sent, and
+        # h11 would refuse it with a traceback at ERROR. The app now sees a disconnect.
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.disconnected = True
+        super().send_400_response(msg)
 
-    def _set_read_timer(self, timer: asyncio.TimerHandle | None) -> None:
-        if self._read_timer is not None:
-            self._read_timer.cancel()
-        self._read_timer = timer
+    def _reading_phase(self) -> ReadPhase | None:
+        # h11 tracks the client's side: IDLE until a request's headers are in, SEND_BODY
+        # until its body is; DONE (being answered) and the rest wait for nothing.
+        state = self.conn.their_state
+        return "headers" if state is h11.IDLE else "body" if state is h11.SEND_BODY else None
 
-    def _read_timed_out(self) -> None:
-        self._read_timer = None
-        if not self.transport.is_closing():
-            self.transport.close()
+
+if FAST_STACK_MISSING is None:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class TimedHttpToolsProtocol(ReadTimeouts, HttpToolsProtocol):
+        """uvicorn's httptools protocol with the read timers of :class:`ReadTimeouts`, in the
+        same phases as :class:`TimedH11Protocol`'s.
+
+        httptools keeps no state to ask, so the body phase is tracked from its callbacks
+        (headers complete → message complete), and "being answered" from uvicorn's cycles.
+        """
+
+        _reading_body = False
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._watch_reading()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._stop_read_timer()
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            self._watch_reading()
+
+        def on_headers_complete(self) -> None:
+            super().on_headers_complete()
+            self._reading_body = True  # until on_message_complete, in this read or a later one
+
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
+            self._reading_body = False
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._watch_reading()
+
+        def _reading_phase(self) -> ReadPhase | None:
+            if self.pipeline:  # requests queued behind a response being sent: reading is paused
+                return None
+            if self._reading_body:  # as h11's SEND_BODY: also after an early response (413)
+                return "body"
+            if self.cycle is not None and not self.cycle.response_complete:
+                return None  # the request is in, and being answered
+            return "headers"  # waiting for a request (h11's IDLE), or for the rest of its headers
+
+
+class ServerStack(NamedTuple):
+    """The event loop and HTTP protocol `chatstream serve` runs on, and why."""
+
+    loop: Literal["uvloop", "asyncio"]  # uvicorn's `loop` option
+    http: type[asyncio.Protocol]  # uvicorn's `http` option
+    reason: str  # the setting, and what was missing when `auto` fell back
+
+
+def server_stack(settings: Settings) -> ServerStack:
+    """uvloop + httptools when both import (`auto`, or `uvloop`), asyncio + h11 otherwise or
+    when `server_impl` is `asyncio`. SystemExit, saying why, when `uvloop` cannot be had."""
+    reason = f"{ENV['server_impl']}={settings.server_impl}"
+    if settings.server_impl != "asyncio" and FAST_STACK_MISSING is None:
+        return ServerStack("uvloop", TimedHttpToolsProtocol, reason)
+    if settings.server_impl == "uvloop":
+        raise SystemExit(f"error: {reason}, but {FAST_STACK_MISSING}: set it to auto or asyncio")
+    if settings.server_impl == "auto":
+        reason += f": {FAST_STACK_MISSING}"
+    return ServerStack("asyncio", TimedH11Protocol, reason)
+
+
+def running_stack(http: type[asyncio.Protocol]) -> str:
+    """What this process serves on, e.g. `uvloop 0.23.0, HTTP parser: httptools 0.9.0`: the
+    running event loop (read from the loop itself, not from the setting) and `http`'s parser."""
+    loop = type(asyncio.get_running_loop()).__module__.partition(".")[0]  # uvloop.Loop, asyncio.…
+    parser = "h11" if issubclass(http, H11Protocol) else "httptools"
+    loop_name = loop if loop == "asyncio" else f"{loop} {version(loop)}"
+    return f"{loop_name}, HTTP parser: {parser} {version(parser)}"
 
 
 class Worker(multiprocess.Process):
@@ -148,6 +278,7 @@ def run(host: str, port: int, log_level: str, reload: bool = False, workers: int
     or in `workers` processes sharing the listening socket (uvicorn's supervisor, which
     also replaces a worker that dies)."""
     settings = get_settings()
+    stack = server_stack(settings)
     config = uvicorn.Config(
         "app.main:create_app",
         factory=True,
@@ -156,7 +287,8 @@ def run(host: str, port: int, log_level: str, reload: bool = False, workers: int
         log_level=log_level,
         reload=reload,
         proxy_headers=True,
-        http=TimedH11Protocol,
+        loop=stack.loop,
+        http=stack.http,
         # Past this many open connections (WebSockets included), HTTP requests get 503.
         limit_concurrency=settings.max_connections,
         timeout_keep_alive=KEEP_ALIVE_SECONDS,

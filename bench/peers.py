@@ -13,13 +13,15 @@ events with the same fields and tags as chatstream's (`start`, `token`, `done`):
   the events of one answer as JSON text frames (encoded and sent as chatstream does);
 - `GET /healthz`.
 
-Served by uvicorn with the options `chatstream serve` uses (`python -m bench.peers`).
+Served by uvicorn with the options `chatstream serve` uses, on the same event loop and HTTP
+protocol (`python -m bench.peers`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -36,7 +38,8 @@ from litestar.response import Stream
 # The echo adapter's split: a word with the whitespace before it.
 _WORD = re.compile(r"\s*\S+")
 MAX_TOKENS = 100_000
-MAX_PACE = 10.0
+# The echo adapter's limit: bench.run's `idle` scenario pauses both answers a minute per word.
+MAX_PACE = 60.0
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "Connection": "keep-alive", "X-Accel-Buffering": "no"}
 OK_COMMENT = b":ok\n\n"
@@ -158,11 +161,17 @@ def create_app() -> Litestar:
 
 
 def uvicorn_options(host: str, port: int) -> dict[str, Any]:
-    """The uvicorn options `chatstream serve` uses (app/server.py), for this app."""
+    """The uvicorn options `chatstream serve` uses (app/server.py), for this app: the same
+    event loop and HTTP protocol too (`CHATSTREAM_SERVER_IMPL`, which bench.run's
+    `--server-env` hands to both), so that the ratios compare the apps, not the stacks."""
     from app.config import get_settings
+    from app.server import server_stack
 
     settings = get_settings()
+    stack = server_stack(settings)
     return {
+        "loop": stack.loop,
+        "http": stack.http,
         "ws_ping_interval": settings.ws_ping_interval,
         "ws_ping_timeout": settings.ws_ping_timeout,
         "ws_max_size": settings.ws_max_frame_bytes * 4,
@@ -181,7 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     args = parser.parse_args(argv)
-    uvicorn.Server(uvicorn.Config("bench.peers:create_app", **uvicorn_options(args.host, args.port))).run()
+    options = uvicorn_options(args.host, args.port)
+    config = uvicorn.Config("bench.peers:create_app", **options)
+    # Which stack the peers run on, in their log (bench.run --keep keeps it), after uvicorn's logging setup.
+    stack = options["loop"], options["http"].__name__
+    logging.getLogger("uvicorn.error").info("Event loop: %s, HTTP protocol: %s", *stack)
+    uvicorn.Server(config).run()
     return 0
 
 

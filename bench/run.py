@@ -32,6 +32,17 @@ server-side, as a ratio to the in-process run of the same transport (`sse`, `ws`
 load generator is this process, one asyncio event loop; its CPU, and the servers', are
 sampled every 0.25 s so that a saturated client (or server) shows as a peak near 1 core.
 
+Scenario `idle` (`--scenarios idle`, not in the default set: it is slow) measures memory
+instead: for each of `sse`, `peer-sse`, `ws`, `peer-ws`, a fresh server process (after a
+small unmeasured round) gets N connections at once (opened `--open-concurrency` at a time),
+each following one answer that is paused (the echo agent, or the peer, at a pace of 60 s:
+`start` at once, then a token a minute). Once every stream has its `start`, and the server
+was left alone for `--idle-settle` s, its VmRSS (and VmHWM) from /proc/<pid>/status are
+compared with the reading before the first connection: KiB per open stream, and for
+chatstream its ratio to the bare peer's. Then everything closes, and the run checks that the
+server still answers /healthz, that chatstream's paused answers were cancelled by their
+disconnect grace (1 s), and that the server stops cleanly.
+
 Everything is bounded: every stream has a timeout, servers are stopped at the end (and
 die with this process if it is killed), temporary files and databases are removed.
 """
@@ -54,6 +65,7 @@ import shlex
 import shutil
 import signal
 import socket
+import sqlite3
 import ssl
 import subprocess
 import sys
@@ -61,7 +73,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,7 +85,9 @@ from websockets.asyncio.client import ClientConnection, connect
 from bench.peers import token_words, tokens_of
 
 ROOT = Path(__file__).resolve().parent.parent
-SCENARIOS = ("llm", "burst")
+SCENARIOS = ("llm", "burst")  # the default
+IDLE = "idle"
+ALL_SCENARIOS = (*SCENARIOS, IDLE)
 TRANSPORTS = ("sse", "peer-sse", "redis-sse", "ws", "peer-ws", "redis-ws")  # in the order they run
 DEFAULT_TRANSPORTS = ("sse", "peer-sse", "ws", "peer-ws")
 SCALEOUT_TRANSPORTS = ("sse", "redis-sse", "ws", "redis-ws")  # the default with --redis-url
@@ -82,6 +96,18 @@ PEER_OF = {"sse": "peer-sse", "ws": "peer-ws"}
 IN_PROCESS_OF = {"redis-sse": "sse", "redis-ws": "ws"}
 CHATSTREAM_TRANSPORTS = frozenset({"sse", "ws", *IN_PROCESS_OF})
 MAX_STREAMS = 1000
+# The `idle` scenario: the transports it runs, how many streams it may hold, and its answers:
+# the echo adapter's (and the peers') longest pace, so an answer sends `start`, then waits a
+# minute before each of its few words (it would end after 20 minutes); closing a stream
+# cancels chatstream's after a 1 s grace. Its chatstream ratios have a target (issue #16).
+IDLE_TRANSPORTS = ("sse", "peer-sse", "ws", "peer-ws")
+MAX_IDLE_STREAMS = 100_000
+IDLE_PACE = 60.0
+IDLE_TOKENS = 20
+IDLE_GRACE = 1.0
+IDLE_TARGET_RATIO = 1.5
+# File descriptors a process needs besides its streams' sockets (database pool, logs, listeners…).
+FD_MARGIN = 1024
 STARTUP_TIMEOUT = 60.0
 STOP_TIMEOUT = 20.0
 # A client using more than this share of a core is reported as a possible bottleneck.
@@ -228,15 +254,16 @@ class Target:
     def ws_url(self) -> str:
         return "ws" + self.base_url.removeprefix("http")
 
-    def http_client(self) -> httpx.AsyncClient:
+    def http_client(self, *, hold: bool = False) -> httpx.AsyncClient:
         """A client of its own for one stream, like a browser tab. (One shared client with
         hundreds of connections would measure httpcore's pool, whose bookkeeping is
-        quadratic in its connections, rather than the server.)"""
+        quadratic in its connections, rather than the server.) `hold`: no read timeout, for
+        a stream that may stay silent for minutes (a paused answer of the peer sends nothing)."""
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
         return httpx.AsyncClient(
             base_url=self.base_url,
             headers=headers,
-            timeout=self.timeout,
+            timeout=httpx.Timeout(self.timeout, read=None) if hold else self.timeout,
             limits=httpx.Limits(max_connections=1),
             verify=_TLS_CONTEXT,  # shared: building one per client costs ~15 ms of CPU each
             trust_env=False,
@@ -252,9 +279,13 @@ class Target:
         }
 
 
-async def post_message(client: httpx.AsyncClient, tokens: int, conversation: str) -> str:
+async def post_message(
+    client: httpx.AsyncClient, tokens: int, conversation: str, disconnect_grace: float | None = None
+) -> str:
     """POST the message (the answer starts where it is posted); the answer's generation id."""
-    body = {"content": token_words(tokens), "clientMessageId": uuid.uuid4().hex}
+    body: dict[str, Any] = {"content": token_words(tokens), "clientMessageId": uuid.uuid4().hex}
+    if disconnect_grace is not None:
+        body["disconnectGrace"] = disconnect_grace
     posted = await client.post(f"/api/conversations/{conversation}/messages", json=body)
     if posted.status_code != 201:
         raise StreamFailed(f"POST message: {posted.status_code} {posted.text[:200]}")
@@ -353,6 +384,186 @@ async def peer_ws(target: Target, rec: Recorder) -> None:
         await read_ws(ws, rec)
 
 
+# -- idle: streams held open on paused answers --------------------------------------------------
+
+TERMINAL_EVENTS = frozenset({"done", "cancelled", "error", "snapshot"})
+# What opens one idle stream: enters its connection into the stack, returns its events.
+IdleOpener = Callable[[contextlib.AsyncExitStack], Awaitable[AsyncGenerator[WireEvent]]]
+
+
+async def sse_events(response: httpx.Response) -> AsyncGenerator[WireEvent]:
+    """The events of an SSE response, as they arrive."""
+    parser = SSEParser()
+    async for chunk in response.aiter_raw():
+        for event, data in parser.feed(chunk):
+            if event == "unavailable":
+                raise StreamFailed(f"unavailable: {msgspec.json.decode(data).get('code', '')}")
+            yield _wire.decode(data)
+
+
+async def ws_events(ws: ClientConnection) -> AsyncGenerator[WireEvent]:
+    """The frames of a socket, as they arrive."""
+    async for frame in ws:
+        yield _wire.decode(frame)
+
+
+async def _checked(response: httpx.Response, what: str) -> httpx.Response:
+    if response.status_code != 200:
+        await response.aread()
+        raise StreamFailed(f"{what}: {response.status_code} {response.text[:200]}")
+    return response
+
+
+def idle_ws_options(target: Target) -> dict[str, Any]:
+    """A browser's socket: it answers the server's pings and sends none of its own."""
+    return {**target.ws_options(), "ping_interval": None}
+
+
+async def open_idle_sse(
+    stack: contextlib.AsyncExitStack, target: Target, conversation: str
+) -> AsyncGenerator[WireEvent]:
+    """One connection: POST the message (its answer may wait IDLE_GRACE s for a reader that
+    left), then GET …/stream?after=<generationId>.0 on the same connection."""
+    client = await stack.enter_async_context(target.http_client(hold=True))
+    generation = await post_message(client, target.tokens, conversation, disconnect_grace=IDLE_GRACE)
+    url = f"/api/conversations/{conversation}/stream?after={generation}.0"
+    response = await stack.enter_async_context(client.stream("GET", url, headers=SSE_ACCEPT))
+    return sse_events(await _checked(response, "GET stream"))
+
+
+async def open_idle_ws(
+    stack: contextlib.AsyncExitStack, target: Target, conversation: str
+) -> AsyncGenerator[WireEvent]:
+    """One socket: `subscribe`, its ack, then `send` (with the same grace as over SSE)."""
+    ws = await stack.enter_async_context(connect(f"{target.ws_url}/api/ws", **idle_ws_options(target)))
+    await subscribe(ws, conversation)
+    send = {
+        "type": "send",
+        "conversationId": conversation,
+        "content": token_words(target.tokens),
+        "clientMessageId": uuid.uuid4().hex,
+        "disconnectGrace": IDLE_GRACE,
+        "ref": "send",
+    }
+    await ws.send(msgspec.json.encode(send).decode())
+    return ws_events(ws)
+
+
+async def open_idle_peer_sse(stack: contextlib.AsyncExitStack, target: Target) -> AsyncGenerator[WireEvent]:
+    """GET /sse?tokens=T&pace=P on the peer, its own connection."""
+    client = await stack.enter_async_context(target.http_client(hold=True))
+    params = {"tokens": target.tokens, "pace": target.pace}
+    response = await stack.enter_async_context(client.stream("GET", "/sse", params=params, headers=SSE_ACCEPT))
+    return sse_events(await _checked(response, "GET /sse"))
+
+
+async def open_idle_peer_ws(stack: contextlib.AsyncExitStack, target: Target) -> AsyncGenerator[WireEvent]:
+    """One socket on the peer, one `{"tokens", "pace"}` frame."""
+    ws = await stack.enter_async_context(connect(f"{target.ws_url}/ws", **idle_ws_options(target)))
+    await ws.send(msgspec.json.encode({"tokens": target.tokens, "pace": target.pace}).decode())
+    return ws_events(ws)
+
+
+async def until_start(events: AsyncGenerator[WireEvent]) -> None:
+    """Read until the answer's `start` (the socket's acks and `message.created` go by)."""
+    async for event in events:
+        if event.type == "start":
+            return
+        if event.type in TERMINAL_EVENTS:
+            raise StreamFailed(f"{event.type} before start: {event.code or event.reason or ''}".strip())
+    raise StreamFailed("the stream ended before its start event")
+
+
+@dataclass
+class IdleHold:
+    """One idle stream: whether it got its `start`, what it received while held open."""
+
+    opened: bool = False
+    error: str | None = None  # it could not be opened: why
+    tokens: int = 0  # tokens received while held (a paused answer sends one a minute)
+    ended: str | None = None  # the server ended it while it was held: how
+
+
+class IdleRound:
+    """N streams opened at most `concurrency` at a time, each held open from its `start`
+    until :meth:`close`. Opening one is bounded by `open_timeout` once it has its turn, and
+    every opening by `deadline` seconds from :meth:`open`."""
+
+    def __init__(self, openers: Sequence[IdleOpener], concurrency: int, open_timeout: float, deadline: float) -> None:
+        self.holds = [IdleHold() for _ in openers]
+        self._openers = openers
+        self._limit = asyncio.Semaphore(concurrency)
+        self._open_timeout = open_timeout
+        self._deadline = deadline
+        self._untried = len(openers)
+        self._all_tried = asyncio.Event()
+        self._release = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def opened(self) -> int:
+        return sum(1 for h in self.holds if h.opened)
+
+    async def open(self) -> None:
+        """Start opening every stream; return once each has its `start` or has failed."""
+        deadline = asyncio.get_running_loop().time() + self._deadline
+        if not self._openers:
+            self._all_tried.set()
+        self._tasks = [asyncio.create_task(self._hold(i, deadline)) for i in range(len(self._openers))]
+        await self._all_tried.wait()
+
+    async def close(self, within: float) -> None:
+        """Close every stream (the client leaves); wait at most `within` seconds for the closes."""
+        self._release.set()
+        if not self._tasks:
+            return
+        _, pending = await asyncio.wait(self._tasks, timeout=within)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for i in (i for i, task in enumerate(self._tasks) if task in pending):
+            self.holds[i].ended = self.holds[i].ended or f"did not close within {within:.0f}s"
+
+    async def _hold(self, i: int, deadline: float) -> None:
+        hold = self.holds[i]
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                try:
+                    async with asyncio.timeout_at(deadline):  # also bounds the wait for a turn
+                        async with self._limit, asyncio.timeout(self._open_timeout):
+                            events = await self._openers[i](stack)
+                            stack.push_async_callback(events.aclose)
+                            await until_start(events)
+                    hold.opened = True
+                finally:
+                    self._untried -= 1
+                    if self._untried == 0:
+                        self._all_tried.set()
+                reading = asyncio.create_task(self._drain(events, hold))
+                await self._release.wait()
+                reading.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reading
+        except TimeoutError:
+            hold.error = "TimeoutError: not open in time"
+        except Exception as exc:  # noqa: BLE001 — a failed stream is counted and reported, not raised
+            hold.error = f"{type(exc).__name__}: {exc}"[:300]
+
+    @staticmethod
+    async def _drain(events: AsyncGenerator[WireEvent], hold: IdleHold) -> None:
+        """Read what the server sends while the stream is held (pings, a token a minute)."""
+        try:
+            async for event in events:
+                if event.type == "token":
+                    hold.tokens += 1
+                elif event.type in TERMINAL_EVENTS:
+                    hold.ended = f"{event.type} {event.code or event.reason or ''}".strip()
+                    return
+            hold.ended = "closed by the server"
+        except Exception as exc:  # noqa: BLE001
+            hold.ended = f"{type(exc).__name__}: {exc}"[:300]
+
+
 # -- processes ----------------------------------------------------------------------------------
 
 
@@ -369,6 +580,32 @@ def cpu_seconds(pid: int) -> float:
     fields = stat[stat.rindex(b")") + 2 :].split()
     # After the command name: state is field 3, utime and stime are fields 14 and 15.
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """VmRSS, VmHWM (the peak RSS) and RssAnon of a process, in KiB, from /proc/<pid>/status."""
+    found: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "VmHWM", "RssAnon"):
+                found[name] = int(value.split()[0])
+    return found
+
+
+def open_files_limit(pid: int) -> int | None:
+    """A process's soft RLIMIT_NOFILE, from /proc/<pid>/limits (None: unlimited)."""
+    with open(f"/proc/{pid}/limits") as f:
+        for line in f:
+            if line.startswith("Max open files"):
+                soft = line[len("Max open files") :].split()[0]
+                return None if soft == "unlimited" else int(soft)
+    return None
+
+
+def open_fds(pid: int) -> int:
+    """File descriptors a process holds now (its sockets among them)."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def own_cpu_seconds() -> float:
@@ -480,6 +717,18 @@ def server_env(database_url: str | None, sqlite_path: Path) -> dict[str, str]:
     return env
 
 
+def idle_env(env: dict[str, str], streams: int) -> dict[str, str]:
+    """The environment of the `idle` scenario's chatstream servers: room for `streams` open
+    streams (and the small round before them) under the per-key and per-company caps, and
+    under the process's connection limit (uvicorn's limit_concurrency)."""
+    env = dict(env)
+    for held in ("SOCKETS", "STREAMS", "ANSWERS"):
+        for per in ("KEY", "COMPANY"):
+            env[f"CHATSTREAM_MAX_{held}_PER_{per}"] = str(max(10 * MAX_STREAMS, 2 * streams))
+    env["CHATSTREAM_MAX_CONNECTIONS"] = str(max(2000, streams + FD_MARGIN))
+    return env
+
+
 def serving_env(env: dict[str, str], role: str, redis: RedisServer | None = None) -> dict[str, str]:
     """A server's environment: its PostgreSQL connections named after its `role` (so that their
     backends' CPU is attributed to it), and Redis with the run's prefix for a scale-out server."""
@@ -506,6 +755,16 @@ class PostgresDatabase:
         import asyncpg
 
         conn = await asyncpg.connect(f"{self.server_url.rstrip('/')}/postgres")
+        try:
+            return list(await conn.fetch(sql, *args))
+        finally:
+            await conn.close()
+
+    async def query(self, sql: str, *args: Any) -> list[Any]:
+        """Rows of a query on the benchmark's database."""
+        import asyncpg
+
+        conn = await asyncpg.connect(self.url)
         try:
             return list(await conn.fetch(sql, *args))
         finally:
@@ -649,6 +908,49 @@ class ScaleoutRatio(msgspec.Struct, kw_only=True):
     server_cpu_ratio: float | None  # the chatstream processes only
 
 
+class IdleResult(msgspec.Struct, kw_only=True):
+    """The figures of one `idle` run: N streams held open on paused answers, on a fresh server."""
+
+    transport: str
+    streams: int
+    opened: int  # streams that received their answer's `start`
+    failed: int
+    errors: list[str]
+    open_s: float  # from the first connection to the last `start` (or failure)
+    # The server process's memory in KiB (/proc/<pid>/status): before the first connection,
+    # with every stream open (after --idle-settle s), and after they closed (their answers
+    # ended, --idle-settle s later). `hwm` is VmHWM with every stream open: the peak so far.
+    rss_before_kib: int
+    rss_open_kib: int
+    rss_closed_kib: int
+    hwm_open_kib: int
+    rss_per_stream_kib: float | None  # (open - before) / opened
+    anon_per_stream_kib: float | None  # the same for RssAnon (the heap: no file-backed pages)
+    server_fds_open: int  # descriptors the server held with every stream open
+    server_fd_limit: int | None  # its RLIMIT_NOFILE (None: unlimited)
+    open_server_cpu_s: float  # server CPU while the streams opened
+    held_server_cpu_s: float  # server CPU over the --idle-settle s every stream was open and idle
+    tokens_while_open: int  # tokens the streams received while held (a paused answer sends one a minute)
+    ended_while_open: int  # streams the server ended (or that did not close in time) before they were closed
+    close_s: float  # closing every stream, and (chatstream) until no answer was left running
+    # chatstream: its answers' states once closed (each should be `cancelled`: the disconnect grace)
+    answers_after_close: dict[str, int] | None
+    healthy_after: bool  # /healthz answered 200 after the streams closed
+    server_exit_code: int | None  # after SIGINT
+    stopped_cleanly: bool  # it finished its shutdown after SIGINT (was not killed) and exited as uvicorn does
+    server_log_errors: int
+
+
+class IdleRatio(msgspec.Struct, kw_only=True):
+    """RSS per open stream of a chatstream transport divided by its bare peer's."""
+
+    transport: str
+    peer: str
+    rss_per_stream_ratio: float | None
+    target: float
+    within_target: bool | None
+
+
 class Report(msgspec.Struct, kw_only=True):
     """Everything one invocation measured."""
 
@@ -660,6 +962,8 @@ class Report(msgspec.Struct, kw_only=True):
     runs: list[RunResult]
     ratios: list[Ratio]
     scaleout_ratios: list[ScaleoutRatio]
+    idle: list[IdleResult] = msgspec.field(default_factory=list)
+    idle_ratios: list[IdleRatio] = msgspec.field(default_factory=list)
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -683,15 +987,18 @@ class Bench:
     """The servers, the tenant and the options of one invocation."""
 
     args: argparse.Namespace
-    chatstream: ServerProcess
+    chatstream: ServerProcess | None  # None when only `idle` runs (it starts servers of its own)
     peers: ServerProcess | None  # None when no peer transport runs
     api_token: str
     agents: dict[float, str]  # pace → agent id
     database: PostgresDatabase | None = None  # None: SQLite, whose work is in the server process
+    sqlite_path: Path | None = None  # the SQLite file, without `database`
     # Scale-out (`--redis-url`): A produces, B reads, through this Redis.
     producer: ServerProcess | None = None
     reader: ServerProcess | None = None
     redis: RedisServer | None = None
+    # `idle`: starts a fresh server for a transport (chatstream, or the peers), stopped at the end.
+    start_idle_server: Callable[[str], ServerProcess] | None = None
 
     def pace_of(self, scenario: str) -> float:
         """Seconds before each token in this scenario."""
@@ -709,15 +1016,22 @@ class Bench:
             assert self.producer is not None and self.reader is not None
             return {"producer": self.producer, "reader": self.reader}
         if transport in PEER_OF:
+            assert self.chatstream is not None
             return {"server": self.chatstream}
         assert self.peers is not None
         return {"server": self.peers}
 
-    async def create_conversations(self, count: int, pace: float) -> list[str]:
-        """`count` new conversations with the agent of this pace (through the API, 8 at a time)."""
-        limit = asyncio.Semaphore(8)
+    async def create_conversations(
+        self, count: int, pace: float, server: ServerProcess | None = None, concurrency: int = 8
+    ) -> list[str]:
+        """`count` new conversations with the agent of this pace (through the API of `server`,
+        by default the chatstream server, `concurrency` at a time)."""
+        server = server or self.chatstream
+        assert server is not None
+        limit = asyncio.Semaphore(concurrency)
         headers = {"Authorization": f"Bearer {self.api_token}"}
-        async with httpx.AsyncClient(base_url=self.chatstream.url, headers=headers, timeout=60) as client:
+        limits = httpx.Limits(max_connections=concurrency)
+        async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=60, limits=limits) as client:
 
             async def one(i: int) -> str:
                 async with limit:
@@ -827,6 +1141,181 @@ class Bench:
                 redis_other_clients=other_clients,
             ),
         )
+
+    async def answer_states(self, conversations: Collection[str]) -> Counter[str]:
+        """The states of these conversations' answers (`running`, `cancelled`, …), counted, from the database."""
+        wanted = set(conversations)
+        sql = "SELECT conversation, status FROM generation"
+        if self.database is not None:
+            rows = [tuple(r) for r in await self.database.query(sql)]
+        else:
+            assert self.sqlite_path is not None
+            rows = await asyncio.to_thread(sqlite_rows, self.sqlite_path, sql)
+        return Counter(str(status) for conversation, status in rows if uuid_text(conversation) in wanted)
+
+    async def wait_answers_ended(self, conversations: Collection[str], within: float) -> Counter[str]:
+        """Their answers' states once none is running (or after `within` seconds)."""
+        deadline = time.monotonic() + within
+        while True:
+            states = await self.answer_states(conversations)
+            if not states.get("running") or time.monotonic() >= deadline:
+                return states
+            await asyncio.sleep(0.5)  # nothing tells a client that an answer nobody reads has ended: ask again
+
+    async def idle(self, transport: str) -> IdleResult:
+        """`--streams` streams held open on paused answers, on a fresh server process (stopped after)."""
+        assert self.start_idle_server is not None
+        server = await asyncio.to_thread(self.start_idle_server, transport)
+        try:
+            result = await self._idle_on(server, transport)
+            # Errors are counted in what it logged while serving: the peers' uvicorn logs a
+            # KeyboardInterrupt when stopped.
+            served = server.log_size()
+        finally:
+            await asyncio.to_thread(server.stop)
+        assert server.proc is not None
+        result.server_exit_code = code = server.proc.returncode
+        # SIGINT is uvicorn's graceful stop: it finishes, then exits 0 or 130, or re-raises the signal.
+        finished = f"Finished server process [{server.pid}]" in server.log_since(served)
+        result.stopped_cleanly = code in (0, 128 + signal.SIGINT, -signal.SIGINT) and finished
+        result.server_log_errors = sum(
+            1
+            for line in server.log_path.read_bytes()[:served].decode(errors="replace").splitlines()
+            if _LOGGED_ERROR.search(line)
+        )
+        return result
+
+    async def _idle_on(self, server: ServerProcess, transport: str) -> IdleResult:
+        args = self.args
+        chat = transport in CHATSTREAM_TRANSPORTS
+        streams, warmup, settle = int(args.streams), min(int(args.warmup), int(args.streams)), float(args.idle_settle)
+        pid = server.pid
+        fd_limit = open_files_limit(pid)
+        if fd_limit is not None and fd_limit < streams + FD_MARGIN:
+            raise BenchError(f"{server.name} may open {fd_limit} files, too few for {streams} streams")
+        target = Target(
+            base_url=server.url,
+            token=self.api_token if chat else None,
+            tokens=IDLE_TOKENS,
+            pace=IDLE_PACE,
+            ws_deflate=not args.no_ws_deflate,
+            timeout=float(args.stream_timeout or 60.0),
+        )
+        # Outside the measured window: the conversations, then a small round that warms the
+        # code paths of opening, holding and closing up.
+        conversations = (
+            await self.create_conversations(warmup + streams, IDLE_PACE, server, concurrency=32) if chat else []
+        )
+
+        def idle_round(first: int, count: int) -> IdleRound:
+            def opener(i: int) -> IdleOpener:
+                if transport == "sse":
+                    return lambda stack: open_idle_sse(stack, target, conversations[i])
+                if transport == "ws":
+                    return lambda stack: open_idle_ws(stack, target, conversations[i])
+                if transport == "peer-sse":
+                    return lambda stack: open_idle_peer_sse(stack, target)
+                return lambda stack: open_idle_peer_ws(stack, target)
+
+            openers = [opener(i) for i in range(first, first + count)]
+            # Every stream is open (or has failed) this long after the first started opening.
+            deadline = target.timeout + 0.05 * count
+            return IdleRound(openers, int(args.open_concurrency), target.timeout, deadline)
+
+        if warmup:
+            warm = idle_round(0, warmup)
+            await warm.open()
+            await warm.close(within=60.0)
+            if chat:
+                await self.wait_answers_ended(conversations[:warmup], IDLE_GRACE + 60.0)
+        measured = conversations[warmup:]
+        await asyncio.sleep(settle)  # the warm-up's closes and cancellations are over
+        before, cpu0 = memory_kib(pid), cpu_seconds(pid)
+        held = idle_round(warmup, streams)
+        started = time.perf_counter()
+        await held.open()
+        open_s = time.perf_counter() - started
+        cpu1 = cpu_seconds(pid)
+        await asyncio.sleep(settle)  # every stream open, nothing to send: the server settles
+        cpu2, open_mem, fds = cpu_seconds(pid), memory_kib(pid), open_fds(pid)
+        tokens = sum(h.tokens for h in held.holds)
+        closing = time.perf_counter()
+        await held.close(within=60.0)
+        states = await self.wait_answers_ended(measured, IDLE_GRACE + 60.0 + streams / 100) if chat else None
+        close_s = time.perf_counter() - closing
+        healthy = await answers_healthz(server)
+        await asyncio.sleep(settle)
+        closed = memory_kib(pid)
+        opened = held.opened
+
+        def per_stream(name: str) -> float | None:
+            return round((open_mem[name] - before[name]) / opened, 2) if opened else None
+
+        counted = Counter(h.error for h in held.holds if h.error).most_common()
+        return IdleResult(
+            transport=transport,
+            streams=streams,
+            opened=opened,
+            failed=streams - opened,
+            errors=[error if n == 1 else f"{error} (x{n})" for error, n in counted][:5],
+            open_s=round(open_s, 3),
+            rss_before_kib=before["VmRSS"],
+            rss_open_kib=open_mem["VmRSS"],
+            rss_closed_kib=closed["VmRSS"],
+            hwm_open_kib=open_mem["VmHWM"],
+            rss_per_stream_kib=per_stream("VmRSS"),
+            anon_per_stream_kib=per_stream("RssAnon"),
+            server_fds_open=fds,
+            server_fd_limit=fd_limit,
+            open_server_cpu_s=round(cpu1 - cpu0, 3),
+            held_server_cpu_s=round(cpu2 - cpu1, 3),
+            tokens_while_open=tokens,
+            ended_while_open=sum(1 for h in held.holds if h.opened and h.ended),
+            close_s=round(close_s, 3),
+            answers_after_close=dict(states) if states is not None else None,
+            healthy_after=healthy,
+            server_exit_code=None,
+            stopped_cleanly=False,
+            server_log_errors=0,
+        )
+
+
+def sqlite_rows(path: Path, sql: str) -> list[tuple[Any, ...]]:
+    """Rows of a query on a SQLite file (WAL: reading beside the server is safe)."""
+    with contextlib.closing(sqlite3.connect(path, timeout=30)) as db:
+        return list(db.execute(sql).fetchall())
+
+
+def uuid_text(value: Any) -> str:
+    """A UUID column's value (a UUID, its text, or 16 bytes) as the API writes it."""
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, bytes):
+        return str(uuid.UUID(bytes=value))
+    return str(uuid.UUID(str(value)))
+
+
+async def answers_healthz(server: ServerProcess) -> bool:
+    """True when the server answers GET /healthz with 200."""
+    async with httpx.AsyncClient(timeout=10.0, trust_env=False) as client:
+        try:
+            return (await client.get(f"{server.url}/healthz")).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+
+def idle_ok(result: IdleResult) -> bool:
+    """Every stream opened and stayed open until closed, every answer was cancelled, the server
+    still answered and stopped cleanly."""
+    answers_ok = result.answers_after_close is None or result.answers_after_close == {"cancelled": result.opened}
+    return (
+        result.failed == 0
+        and result.ended_while_open == 0
+        and answers_ok
+        and result.healthy_after
+        and result.stopped_cleanly
+        and result.server_log_errors == 0
+    )
 
 
 class CpuSampler:
@@ -970,6 +1459,28 @@ def scaleout_ratios(runs: Sequence[RunResult]) -> list[ScaleoutRatio]:
     return found
 
 
+def idle_ratios(results: Sequence[IdleResult]) -> list[IdleRatio]:
+    """chatstream's RSS per open stream over its peer's, per transport measured with its peer."""
+    by_transport = {r.transport: r for r in results}
+    found: list[IdleRatio] = []
+    for transport, peer in PEER_OF.items():
+        mine, theirs = by_transport.get(transport), by_transport.get(peer)
+        if mine is None or theirs is None:
+            continue
+        a, b = mine.rss_per_stream_kib, theirs.rss_per_stream_kib
+        value = round(a / b, 2) if a is not None and b and b > 0 else None
+        found.append(
+            IdleRatio(
+                transport=transport,
+                peer=peer,
+                rss_per_stream_ratio=value,
+                target=IDLE_TARGET_RATIO,
+                within_target=None if value is None else value <= IDLE_TARGET_RATIO,
+            )
+        )
+    return found
+
+
 # -- reporting ---------------------------------------------------------------------------------
 
 
@@ -1044,6 +1555,48 @@ def markdown_table(report: Report) -> str:
         ]
     if any(r.transport in IN_PROCESS_OF for r in report.runs):
         rows += ["", scaleout_table(report)]
+    if report.idle:
+        rows = [*rows, "", idle_table(report)] if report.runs else [idle_table(report)]
+    return "\n".join(rows)
+
+
+def _mib(kib: int) -> str:
+    return f"{kib / 1024:.1f}"
+
+
+def idle_table(report: Report) -> str:
+    """The `idle` runs: memory per open stream, and chatstream's ratio to the bare peer's."""
+    rows = [
+        "| transport | streams | open | open s | RSS before / open / closed MiB | peak MiB | KiB per stream "
+        "| anon KiB per stream | tokens while open | server CPU s: opening / idle | answers after close "
+        "| healthz / stop (exit code) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report.idle:
+        states = sorted((r.answers_after_close or {}).items())
+        answers = ", ".join(f"{n} {state}" for state, n in states) if r.answers_after_close is not None else "—"
+        rows.append(
+            f"| {r.transport} | {r.streams} | {r.opened}/{r.streams} | {r.open_s:.1f} "
+            f"| {_mib(r.rss_before_kib)} / {_mib(r.rss_open_kib)} / {_mib(r.rss_closed_kib)} "
+            f"| {_mib(r.hwm_open_kib)} | {_fmt(r.rss_per_stream_kib)} | {_fmt(r.anon_per_stream_kib)} "
+            f"| {r.tokens_while_open} | {r.open_server_cpu_s:.2f} / {r.held_server_cpu_s:.2f} "
+            f"| {answers} "
+            f"| {'ok' if r.healthy_after else 'FAILED'} / {'clean' if r.stopped_cleanly else 'NOT CLEAN'} "
+            f"({r.server_exit_code}) |"
+        )
+    if report.idle_ratios:
+        rows += [
+            "",
+            "| chatstream / bare peer | KiB per open stream | ratio | target |",
+            "|---|---|---|---|",
+        ]
+        per_stream = {r.transport: r.rss_per_stream_kib for r in report.idle}
+        for x in report.idle_ratios:
+            verdict = "n/a" if x.within_target is None else ("met" if x.within_target else "missed")
+            rows.append(
+                f"| {x.transport} / {x.peer} | {_fmt(per_stream.get(x.transport))} / {_fmt(per_stream.get(x.peer))} "
+                f"| {_fmt(x.rss_per_stream_ratio, 2)} | ≤ {x.target:g}: {verdict} |"
+            )
     return "\n".join(rows)
 
 
@@ -1086,11 +1639,18 @@ def scaleout_table(report: Report) -> str:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description="Benchmark chatstream's streaming.")
-    parser.add_argument("--streams", type=int, default=200, help=f"concurrent streams (1..{MAX_STREAMS}; default 200)")
+    parser.add_argument(
+        "--streams",
+        type=int,
+        default=200,
+        help=f"concurrent streams (1..{MAX_STREAMS}; `idle` alone: 1..{MAX_IDLE_STREAMS}; default 200)",
+    )
     parser.add_argument("--tokens", type=int, default=100, help="tokens per answer (default 100)")
     parser.add_argument("--pace-ms", type=float, default=20.0, help="echo pace of the `llm` scenario (default 20)")
     parser.add_argument(
-        "--scenarios", default=",".join(SCENARIOS), help=f"comma-separated, of {', '.join(SCENARIOS)} (default all)"
+        "--scenarios",
+        default=",".join(SCENARIOS),
+        help=f"comma-separated, of {', '.join(ALL_SCENARIOS)} (default {','.join(SCENARIOS)}; `idle` is slow)",
     )
     parser.add_argument(
         "--transports",
@@ -1117,6 +1677,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--stream-timeout", type=float, default=None, help="seconds a stream may take (default: auto)")
     parser.add_argument("--no-ws-deflate", action="store_true", help="do not offer permessage-deflate on sockets")
     parser.add_argument(
+        "--open-concurrency", type=int, default=200, help="idle: streams being opened at once (default 200)"
+    )
+    parser.add_argument(
+        "--idle-settle",
+        type=float,
+        default=5.0,
+        help="idle: seconds the server is left alone before each memory reading (default 5)",
+    )
+    parser.add_argument(
         "--server-env",
         action="append",
         default=[],
@@ -1127,19 +1696,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON to this file")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (server logs, SQLite file)")
     args = parser.parse_args(argv)
-    if not 1 <= args.streams <= MAX_STREAMS:
-        parser.error(f"--streams must be between 1 and {MAX_STREAMS}")
+    args.scenarios = list(dict.fromkeys(s.strip() for s in args.scenarios.split(",") if s.strip()))
+    most = MAX_IDLE_STREAMS if args.scenarios == [IDLE] else MAX_STREAMS
+    if not 1 <= args.streams <= most:
+        parser.error(
+            f"--streams must be between 1 and {most}" + ("" if most == MAX_IDLE_STREAMS else " (`idle` alone: more)")
+        )
     if args.tokens < 1 or args.pace_ms < 0 or args.ramp < 0 or args.warmup < 0 or args.settle < 0:
         parser.error("--tokens must be at least 1; --pace-ms, --ramp, --warmup and --settle not negative")
-    args.scenarios = list(dict.fromkeys(s.strip() for s in args.scenarios.split(",") if s.strip()))
+    if args.open_concurrency < 1 or args.idle_settle < 0:
+        parser.error("--open-concurrency must be at least 1, --idle-settle not negative")
     if args.transports is None:
         args.transports = ",".join(SCALEOUT_TRANSPORTS if args.redis_url else DEFAULT_TRANSPORTS)
     args.transports = list(dict.fromkeys(t.strip() for t in args.transports.split(",") if t.strip()))
     if any("=" not in item for item in args.server_env):
         parser.error("--server-env takes NAME=VALUE")
-    bad = [s for s in args.scenarios if s not in SCENARIOS] + [t for t in args.transports if t not in TRANSPORTS]
+    bad = [s for s in args.scenarios if s not in ALL_SCENARIOS] + [t for t in args.transports if t not in TRANSPORTS]
     if bad or not args.scenarios or not args.transports:
         parser.error(f"unknown or missing scenarios/transports: {', '.join(bad) or 'none given'}")
+    if args.scenarios == [IDLE] and not any(t in IDLE_TRANSPORTS for t in args.transports):
+        parser.error(f"the idle scenario runs {', '.join(IDLE_TRANSPORTS)}: none of them is in --transports")
     scaleout = [t for t in args.transports if t in IN_PROCESS_OF]
     if scaleout and not args.redis_url:
         parser.error(f"--transports {','.join(scaleout)} needs --redis-url")
@@ -1148,20 +1724,50 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def raise_open_files_limit(needed: int) -> None:
-    """Sockets: each stream holds one on each side; the servers inherit the limit."""
+def raise_open_files_limit(needed: int, *, to_hard: bool = False) -> int | None:
+    """Sockets: each stream holds one on each side; the servers inherit the limit (they start
+    after this). Raised to `needed`, or with `to_hard` as far as the hard limit allows; the
+    soft limit now (None: unlimited)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY or soft >= needed:
-        return
-    wanted = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    if soft == resource.RLIM_INFINITY:
+        return None
+    wanted = hard if to_hard else (needed if hard == resource.RLIM_INFINITY else min(needed, hard))
+    if wanted == resource.RLIM_INFINITY:  # an unlimited hard limit: a soft limit must be a number
+        wanted = max(needed, soft)
+    if wanted > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        soft = wanted
+    return soft
 
 
-async def measure(bench: Bench) -> list[RunResult]:
-    """Every (scenario, transport) run, each transport warmed up once first."""
+def print_idle(result: IdleResult) -> None:
+    """One line per `idle` run, as it ends."""
+    note = f" — {result.failed} failed: {result.errors[:1]}" if result.failed else ""
+    if result.ended_while_open:
+        note += f" — {result.ended_while_open} ended before they were closed"
+    if result.answers_after_close is not None:
+        note += f"; answers after close: {dict(result.answers_after_close)}"
+    print(
+        f"idle  {result.transport:9} {result.opened}/{result.streams} open in {result.open_s:.1f}s, "
+        f"RSS {_mib(result.rss_before_kib)} → {_mib(result.rss_open_kib)} MiB "
+        f"({_fmt(result.rss_per_stream_kib)} KiB per stream), closed {_mib(result.rss_closed_kib)} MiB, "
+        f"healthz {'ok' if result.healthy_after else 'FAILED'}, "
+        f"stop {'clean' if result.stopped_cleanly else 'NOT CLEAN'} ({result.server_exit_code}){note}",
+        flush=True,
+    )
+
+
+async def measure(bench: Bench) -> tuple[list[RunResult], list[IdleResult]]:
+    """Every (scenario, transport) run, each transport warmed up once first; `idle` runs on servers of its own."""
     runs: list[RunResult] = []
+    idle: list[IdleResult] = []
     warmed: set[str] = set()
     for scenario in bench.args.scenarios:
+        if scenario == IDLE:
+            for transport in (t for t in TRANSPORTS if t in bench.args.transports and t in IDLE_TRANSPORTS):
+                idle.append(await bench.idle(transport))
+                print_idle(idle[-1])
+            continue
         for transport in (t for t in TRANSPORTS if t in bench.args.transports):
             if transport not in warmed and bench.args.warmup > 0:
                 await bench.run("burst", transport, min(bench.args.warmup, bench.args.streams))
@@ -1181,26 +1787,41 @@ async def measure(bench: Bench) -> list[RunResult]:
                 f"client cores avg {result.client_core_use:.2f} peak {result.client_core_peak:.2f}{note}",
                 flush=True,
             )
-    return runs
+    return runs, idle
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; exit status 1 if any stream failed."""
     args = parse_args(argv)
-    raise_open_files_limit(6 * args.streams + 256)
+    idle = IDLE in args.scenarios
+    streaming = [s for s in args.scenarios if s != IDLE]
+    if idle:  # every process (this one, each server) holds a socket per stream, and more
+        limit = raise_open_files_limit(args.streams + FD_MARGIN, to_hard=True)
+        if limit is not None and limit < args.streams + FD_MARGIN:
+            print(
+                f"error: {args.streams} idle streams need {args.streams + FD_MARGIN} open files per process; "
+                f"the hard limit (RLIMIT_NOFILE) allows {limit}: raise it (ulimit -Hn) or use fewer --streams",
+                file=sys.stderr,
+            )
+            return 2
+    else:
+        raise_open_files_limit(6 * args.streams + 256)
     command = shlex.join(["python", "-m", "bench.run", *(sys.argv[1:] if argv is None else argv)])
     workdir = Path(tempfile.mkdtemp(prefix="chatstream-bench-"))
+    sqlite_path = workdir / "chatstream.db"
     try:
         # Unwound in reverse: the servers stop before their database is dropped.
         with contextlib.ExitStack() as stack:
             database = stack.enter_context(temporary_postgres(args.database_url)) if args.database_url else None
-            env = server_env(database.url if database else None, workdir / "chatstream.db")
-            env.update(item.split("=", 1) for item in args.server_env)
+            base_env = server_env(database.url if database else None, sqlite_path)
+            settings = dict(item.split("=", 1) for item in args.server_env)
+            env = {**base_env, **settings}
             run_cli(env, "migrate")
             company = run_cli(env, "company", "create", f"bench-{uuid.uuid4().hex[:8]}")
             company_id, token = company["company"]["id"], company["adminKey"]["token"]
             agents: dict[float, str] = {}
-            for pace in sorted({args.pace_ms / 1000 if s == "llm" else 0.0 for s in [*args.scenarios, "burst"]}):
+            paces = {args.pace_ms / 1000 if s == "llm" else 0.0 for s in [*streaming, "burst"]}
+            for pace in sorted(paces | ({IDLE_PACE} if idle else set())):
                 config = json.dumps({"pace": pace})
                 agent = run_cli(
                     env, "agent", "create", "--company", company_id, "--name", f"echo {pace}", "--config", config
@@ -1214,11 +1835,32 @@ def main(argv: Sequence[str] | None = None) -> int:
                 stack.callback(process.stop)
                 return process.start()
 
-            chatstream = server("chatstream", "server")
+            def idle_server(transport: str) -> ServerProcess:
+                """A fresh process for one `idle` run: no memory of the runs before it."""
+                port, name = free_port(), f"idle-{transport}"
+                if transport in CHATSTREAM_TRANSPORTS:
+                    command = console_command("serve", "--no-demo", "--no-migrate", "--port", str(port))
+                    idle_settings = {**idle_env(base_env, args.streams + args.warmup), **settings}
+                    process = ServerProcess(
+                        name, command, serving_env(idle_settings, "idle"), port, workdir / f"{name}.log"
+                    )
+                else:
+                    command = [sys.executable, "-m", "bench.peers", "--port", str(port)]
+                    process = ServerProcess(name, command, env, port, workdir / f"{name}.log")
+                stack.callback(process.stop)
+                process.start()
+                print(f"idle: {name} pid {process.pid} at {process.url}", flush=True)
+                return process
+
             where = "PostgreSQL" if database else "SQLite"
-            print(f"chatstream pid {chatstream.pid} at {chatstream.url} ({where})", flush=True)
+            chatstream = None
+            if streaming:
+                chatstream = server("chatstream", "server")
+                print(f"chatstream pid {chatstream.pid} at {chatstream.url} ({where})", flush=True)
+            else:
+                print(f"idle only, on {where}: each transport gets a server of its own", flush=True)
             peers = None
-            if any(t not in CHATSTREAM_TRANSPORTS for t in args.transports):
+            if streaming and any(t not in CHATSTREAM_TRANSPORTS for t in args.transports):
                 peer_port = free_port()
                 peer_command = [sys.executable, "-m", "bench.peers", "--port", str(peer_port)]
                 peers = ServerProcess("peers", peer_command, env, peer_port, workdir / "peers.log")
@@ -1226,7 +1868,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 peers.start()
                 print(f"peers pid {peers.pid} at {peers.url}", flush=True)
             redis = producer = reader = None
-            if args.redis_url:
+            if args.redis_url and streaming:
                 redis = RedisServer(args.redis_url)
                 stack.callback(redis.cleanup)  # after A and B stop (the stack unwinds in reverse)
                 producer = server("chatstream-a", "producer", redis)
@@ -1244,11 +1886,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 api_token=token,
                 agents=agents,
                 database=database,
+                sqlite_path=None if database else sqlite_path,
                 producer=producer,
                 reader=reader,
                 redis=redis,
+                start_idle_server=idle_server,
             )
-            runs = asyncio.run(measure(bench))
+            runs, idle_runs = asyncio.run(measure(bench))
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -1274,16 +1918,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             "ws_deflate": not args.no_ws_deflate,
             "server_env": args.server_env,
             "redis": bool(args.redis_url),
+            "idle": {
+                "pace_s": IDLE_PACE,
+                "tokens": IDLE_TOKENS,
+                "disconnect_grace_s": IDLE_GRACE,
+                "open_concurrency": args.open_concurrency,
+                "settle_s": args.idle_settle,
+                "warmup_streams": min(args.warmup, args.streams),
+            }
+            if idle
+            else None,
         },
         runs=runs,
         ratios=ratios(runs),
         scaleout_ratios=scaleout_ratios(runs),
+        idle=idle_runs,
+        idle_ratios=idle_ratios(idle_runs),
     )
     print()
     print(markdown_table(report))
     if args.json is not None:
         args.json.write_bytes(msgspec.json.format(msgspec.json.encode(report)) + b"\n")
-    return 1 if any(r.failed_streams for r in runs) else 0
+    return 1 if any(r.failed_streams for r in runs) or not all(idle_ok(r) for r in idle_runs) else 0
 
 
 if __name__ == "__main__":

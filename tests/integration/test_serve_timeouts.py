@@ -4,6 +4,11 @@ to send its body (trickling bytes does not reset either), and past
 `CHATSTREAM_MAX_CONNECTIONS` open connections requests get 503. Answers being streamed
 and WebSockets have no such timer.
 
+Every test runs on both stacks `chatstream serve` can use (`CHATSTREAM_SERVER_IMPL`): uvloop +
+httptools (the default where they are installed) and asyncio + h11 (the fallback); the
+startup log names the stack, `auto` falls back where uvloop cannot be imported, and bad
+client input logs one line, never a traceback, on either.
+
 Real servers on free ports; raw TCP clients for the misbehaving ones. Every wait is bounded
 (DEADLINE): a server that never closes fails the test instead of hanging it.
 """
@@ -11,11 +16,15 @@ Real servers on free ports; raw TCP clients for the misbehaving ones. Every wait
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
 import resource
+import struct
+import subprocess
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -24,8 +33,10 @@ import httpx
 import pytest
 from websockets.asyncio.client import connect
 
+from app.server import FAST_STACK_MISSING
+from tests.conftest import ROOT
 from tests.factories import Tenant
-from tests.integration.live_server import LiveServer
+from tests.integration.live_server import CONSOLE_SCRIPT, LiveServer
 from tests.integration.wire_api import make_agent, new_conversation
 
 pytestmark = pytest.mark.anyio
@@ -34,13 +45,45 @@ TIMEOUT = 0.5  # the header and body timeouts of the `timed` server
 DEADLINE = 10 * TIMEOUT + 5  # how long a test waits for the server to act
 
 
+# CHATSTREAM_SERVER_IMPL values, one per stack, and how each stack's startup line begins.
+STACKS = [
+    pytest.param("uvloop", marks=pytest.mark.skipif(FAST_STACK_MISSING is not None, reason=str(FAST_STACK_MISSING))),
+    "asyncio",
+]
+STARTUP_LINE = {"uvloop": "Event loop: uvloop ", "asyncio": "Event loop: asyncio, HTTP parser: h11 "}
+
+
+@pytest.fixture(scope="module", params=STACKS)
+def stack(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
-def timed() -> Iterator[LiveServer]:
-    live = LiveServer({"CHATSTREAM_HEADER_TIMEOUT": str(TIMEOUT), "CHATSTREAM_BODY_TIMEOUT": str(TIMEOUT)}).start()
+def timed(stack: str) -> Iterator[LiveServer]:
+    live = LiveServer(
+        {
+            "CHATSTREAM_SERVER_IMPL": stack,
+            "CHATSTREAM_HEADER_TIMEOUT": str(TIMEOUT),
+            "CHATSTREAM_BODY_TIMEOUT": str(TIMEOUT),
+        }
+    ).start()
     try:
         yield live
     finally:
         live.stop()
+
+
+def startup_lines(live: LiveServer) -> list[str]:
+    return [line for line in live.lines if "Event loop: " in line]
+
+
+def without_uvloop(tmp_path: Path) -> dict[str, str]:
+    """An environment where `import uvloop` fails, as where it cannot be installed: a package
+    of that name, first on the path, that raises ImportError."""
+    (tmp_path / "uvloop").mkdir()
+    (tmp_path / "uvloop" / "__init__.py").write_text('raise ImportError("not installed here", name="uvloop")\n')
+    path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH", "")) if p)
+    return {"PYTHONPATH": path}
 
 
 @contextlib.asynccontextmanager
@@ -140,36 +183,48 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(Path("/proc") / str(pid) / "fd"))
 
 
-async def test_partial_requests_cannot_starve_the_server_of_file_descriptors() -> None:
+async def test_partial_requests_cannot_starve_the_server_of_file_descriptors(stack: str) -> None:
     """Under a descriptor limit, more half-sent requests than the server has descriptors:
-    the header timeout frees them, and `/healthz` is answered."""
+    the header timeout frees them, and `/healthz` is answered. (asyncio leaves connections
+    past the limit in the listen backlog until a descriptor is free; uvloop, as libuv does,
+    accepts and closes them at once to shed load, so a check may be refused before it is
+    answered.)"""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     limit = 128
     resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))  # inherited by the server
     try:
-        live = LiveServer({"CHATSTREAM_HEADER_TIMEOUT": "1"})
+        live = LiveServer({"CHATSTREAM_SERVER_IMPL": stack, "CHATSTREAM_HEADER_TIMEOUT": "1"})
         live.start()
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     try:
         assert live.proc is not None
         spare = limit - fd_count(live.proc.pid)
-        async with contextlib.AsyncExitStack() as stack:
+        async with contextlib.AsyncExitStack() as held:
             for _ in range(spare + 30):
-                _, writer = await stack.enter_async_context(raw(live))
+                _, writer = await held.enter_async_context(raw(live))
                 writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n")
-            async with httpx.AsyncClient(base_url=live.url, timeout=DEADLINE) as http:
-                assert (await http.get("/healthz")).status_code == 200
+            # Each check is a new connection.
+            async with httpx.AsyncClient(
+                base_url=live.url, timeout=DEADLINE, limits=httpx.Limits(max_keepalive_connections=0)
+            ) as http:
+                deadline = time.monotonic() + DEADLINE
+                while True:
+                    with contextlib.suppress(httpx.TransportError):  # closed at once (uvloop at the limit)
+                        if (await http.get("/healthz")).status_code == 200:
+                            break
+                    assert time.monotonic() < deadline, "never answered"
+                    await asyncio.sleep(0.05)
     finally:
         live.stop()
 
 
-async def test_requests_past_max_connections_get_503() -> None:
-    live = LiveServer({"CHATSTREAM_MAX_CONNECTIONS": "4"}).start()
+async def test_requests_past_max_connections_get_503(stack: str) -> None:
+    live = LiveServer({"CHATSTREAM_SERVER_IMPL": stack, "CHATSTREAM_MAX_CONNECTIONS": "4"}).start()
     try:
-        async with contextlib.AsyncExitStack() as stack:
+        async with contextlib.AsyncExitStack() as held:
             for _ in range(3):
-                await stack.enter_async_context(raw(live))
+                await held.enter_async_context(raw(live))
             # Each check is a new connection; uvicorn counts the others once it has accepted them.
             async with httpx.AsyncClient(
                 base_url=live.url, timeout=DEADLINE, limits=httpx.Limits(max_keepalive_connections=0)
@@ -187,3 +242,91 @@ async def test_requests_past_max_connections_get_503() -> None:
                 await asyncio.sleep(0.05)
     finally:
         live.stop()
+
+
+# -- the stack ------------------------------------------------------------------------------------------------
+
+
+async def test_the_startup_log_names_the_stack(timed: LiveServer, stack: str) -> None:
+    """One INFO line before "Uvicorn running", naming the loop that runs (read from the
+    running loop itself) and the HTTP parser, and the setting that chose them."""
+    [line] = startup_lines(timed)
+    assert line.startswith("INFO:") and STARTUP_LINE[stack] in line, line
+    assert line.rstrip().endswith(f"(CHATSTREAM_SERVER_IMPL={stack})"), line
+    if stack == "uvloop":
+        assert ", HTTP parser: httptools " in line, line
+
+
+async def test_auto_runs_uvloop_where_installed_and_asyncio_where_not(tmp_path: Path) -> None:
+    """`auto` (the default) picks uvloop + httptools when both import; where uvloop cannot
+    be imported the same command serves on asyncio + h11 and says why."""
+    servers = [("asyncio", LiveServer({"CHATSTREAM_SERVER_IMPL": "auto", **without_uvloop(tmp_path)}))]
+    if FAST_STACK_MISSING is None:
+        servers.append(("uvloop", LiveServer({"CHATSTREAM_SERVER_IMPL": "auto"})))
+    for expected, live in servers:
+        live.start()
+        try:
+            [line] = startup_lines(live)
+            assert STARTUP_LINE[expected] in line, line
+            if expected == "asyncio":
+                assert "(CHATSTREAM_SERVER_IMPL=auto: uvloop is not installed)" in line, line
+            async with httpx.AsyncClient(base_url=live.url, timeout=DEADLINE) as http:
+                assert (await http.get("/healthz")).status_code == 200
+        finally:
+            live.stop()
+
+
+def test_uvloop_asked_for_where_missing_stops_serve_saying_why(tmp_path: Path) -> None:
+    env = {**os.environ, **without_uvloop(tmp_path), "CHATSTREAM_SERVER_IMPL": "uvloop"}
+    command = [CONSOLE_SCRIPT, "serve", "--port", "1", "--no-demo", "--no-migrate"]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result
+    assert "CHATSTREAM_SERVER_IMPL=uvloop, but uvloop is not installed" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def ws_frame(opcode: int, payload: bytes) -> bytes:
+    """One masked client frame (payload under 126 bytes)."""
+    mask = os.urandom(4)
+    return bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+async def output_until(live: LiveServer, needle: str) -> list[str]:
+    """The server's lines up to the first holding `needle` (fails after DEADLINE)."""
+    with anyio.fail_after(DEADLINE):
+        # Polling: the lines come from a thread draining the server's pipe, which sets no event.
+        while not any(needle in line for line in live.lines):  # noqa: ASYNC110
+            await anyio.sleep(0.02)
+    return list(live.lines)
+
+
+async def test_bad_client_input_logs_one_line_and_no_traceback(timed: LiveServer, acme: Tenant) -> None:
+    """A text frame that is not UTF-8, alone or with the client's close frame in the same
+    read (where the event loop reports the failed 1007 close), and a broken chunk after a
+    request's headers: each is one line at INFO or WARNING, never an ERROR or a traceback."""
+    mark = len(timed.lines)
+    upgrade = (
+        f"GET /api/ws HTTP/1.1\r\nHost: 127.0.0.1:{timed.port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\nSec-WebSocket-Version: 13\r\n"
+        f"Authorization: {acme.headers('alice')['Authorization']}\r\n\r\n"
+    ).encode()
+    bad_text = ws_frame(0x1, b'{"type": "ping", "ref": "\xff"}')
+    for tail in (b"", ws_frame(0x8, struct.pack("!H", 1000))):
+        async with raw(timed) as (reader, writer):
+            writer.write(upgrade)
+            with anyio.fail_after(DEADLINE):
+                assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101 ")
+            writer.write(bad_text + tail)
+            await closed_by_server(reader)
+    async with raw(timed) as (reader, writer):
+        writer.write(b"POST /api/conversations HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\n")
+        assert (await closed_by_server(reader)).startswith(b"HTTP/1.1 400 ")
+    # A later request's access line: everything the bad input made the server log is before it.
+    barrier = f"/healthz?after={uuid.uuid4().hex}"
+    async with httpx.AsyncClient(base_url=timed.url, timeout=DEADLINE) as http:
+        assert (await http.get(barrier)).status_code == 200
+    output = (await output_until(timed, barrier))[mark:]
+    bad = [line for line in output if "Traceback" in line or "ERROR" in line]
+    assert not bad, "".join(output)
+    assert sum("Invalid UTF-8 sequence received from client." in line for line in output) >= 2, "".join(output)
+    assert sum("Invalid HTTP request received." in line for line in output) == 1, "".join(output)

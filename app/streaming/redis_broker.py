@@ -224,13 +224,27 @@ class _Watch:
     batch: list[GenerationEvent] = field(default_factory=list)
     batch_from: int | None = None  # `batch` is every event after this seq; None: it follows a gap
     error: BrokerUnavailable | None = None
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    # One future per waiting reader, resolved by the next wake (not an asyncio.Event per wake: per token).
+    woken: list[asyncio.Future[None]] = field(default_factory=list)
     # One timer for every waiter's idle wait (a timer per wait was a large part of a token's cost).
     idle_timer: asyncio.TimerHandle | None = None
 
     def wake(self) -> None:
-        changed, self.changed = self.changed, asyncio.Event()
-        changed.set()
+        woken, self.woken = self.woken, []
+        for future in woken:
+            if not future.done():
+                future.set_result(None)
+
+    async def next_wake(self) -> None:
+        """Return at the next :meth:`wake`."""
+        future = asyncio.get_running_loop().create_future()
+        self.woken.append(future)
+        try:
+            await future
+        except asyncio.CancelledError:  # the reader left: a quiet watch must not keep its future
+            with contextlib.suppress(ValueError):
+                self.woken.remove(future)
+            raise
 
     def wake_by(self, deadline: float) -> None:
         """Make sure the waiters are woken by `deadline` (loop time), new events or not."""
@@ -329,6 +343,8 @@ class RedisBroker:
         self._read_script = self._redis.register_script(_READ)
         self._count_script = self._redis.register_script(_COUNT)
         self._watches: dict[UUID, _Watch] = {}
+        # The keys an append names, per generation appended to here (dropped when its log is closed).
+        self._append_keys: dict[UUID, tuple[str, ...]] = {}
         # Commands waiting for the next pipeline, and the pipelines under way (one connection each:
         # at most `pool_size - 1`, one connection is left for ping and close).
         self._queued: list[tuple[list[_Command], asyncio.Future[list[Any]]]] = []
@@ -379,7 +395,12 @@ class RedisBroker:
 
         Raises ValueError when the seq does not follow the last one (Redis refuses a duplicate),
         RuntimeError after the terminal event, KeyError for an unknown log."""
-        keys = (*self._keys(event.generation_id), self._readers_key(event.generation_id))
+        keys = self._append_keys.get(event.generation_id)
+        if keys is None:  # made once per answer, not per token
+            keys = self._append_keys[event.generation_id] = (
+                *self._keys(event.generation_id),
+                self._readers_key(event.generation_id),
+            )
         done = self._submit(_Command(self._append_args(event), self._append_script, keys))
         try:
             with contextlib.suppress(Exception):  # _check raises it, translated
@@ -571,22 +592,23 @@ class RedisBroker:
                 events, _, closed = state
                 if events or closed:
                     return events
-            changed = watch.changed
             if deadline is not None:
                 if deadline <= loop.time():
                     return []
                 watch.wake_by(deadline)  # may end the wait sooner (another waiter's deadline), never later
-            await changed.wait()
+            await watch.next_wake()
             if deadline is not None and watch.pos <= after and watch.error is None:
                 return []  # woken by the idle timer: nothing new for this reader
 
     async def close_log(self, generation_id: UUID) -> None:
         """The generation ended: every key of it expires `log_ttl` seconds from now."""
+        self._append_keys.pop(generation_id, None)
         keys = [*self._keys(generation_id), self._readers_key(generation_id)]
         await self._execute(*(_Command(("PEXPIRE", key, self._ttl_ms)) for key in keys))
 
     async def discard_log(self, generation_id: UUID) -> None:
         """Drop a log at once (a reserved generation that never started)."""
+        self._append_keys.pop(generation_id, None)
         await self._execute(_Command(("UNLINK", *self._keys(generation_id))))
 
     async def last_seq(self, generation_id: UUID) -> int | None:

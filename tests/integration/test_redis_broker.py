@@ -174,6 +174,26 @@ async def test_a_thousand_waiting_readers_hold_a_fixed_handful_of_connections(sc
     assert len(await scope.clients(broker.id)) <= 4
 
 
+async def test_a_reader_that_leaves_while_waiting_leaves_nothing_behind(scope: RedisScope) -> None:
+    """Readers cancelled while they wait (their clients left) are forgotten at once; the next
+    append still wakes the reader that stayed, and the append keys go with the closed log."""
+    g, c, m = new_ids()
+    producer, reader = scope.broker(), scope.broker()
+    await producer.open_log(g, c)
+    leaving = [asyncio.create_task(reader.read(g, 0, None)) for _ in range(3)]
+    staying = asyncio.create_task(reader.read(g, 0, None))
+    await waiting(reader, g, 4)
+    for task in leaving:
+        task.cancel()
+    await asyncio.gather(*leaving, return_exceptions=True)
+    assert reader.waiting(g) == 1 and len(reader._watches[g].woken) == 1
+    await producer.append(Start(generation_id=g, conversation_id=c, seq=1))
+    assert [e.seq for e in await asyncio.wait_for(staying, 10) or []] == [1]
+    await producer.append(Done(generation_id=g, conversation_id=c, seq=2, message_id=m, token_count=0))
+    await producer.close_log(g)
+    assert g not in producer._append_keys
+
+
 async def test_a_thousand_readers_arriving_at_once_share_a_few_round_trips(scope: RedisScope) -> None:
     # On a busy event loop, a pooled connection and a round trip per command made commands wait
     # seconds for a connection (reported as Redis being down): the commands of a turn share one.

@@ -102,7 +102,7 @@ class Server(uvicorn.Server):
 ReadPhase = Literal["headers", "body"]
 
 
-class ReadTimeouts:
+class ReadTimeouts(asyncio.Protocol):
     """Read timers for an HTTP protocol of uvicorn's (mixed in before it): the connection is
     closed when its client takes longer than `header_timeout` seconds to send a request's
     headers, or `body_timeout` to send its body. uvicorn has neither: a client trickling
@@ -112,13 +112,21 @@ class ReadTimeouts:
     Each timer runs from the start of its phase and is not reset by data arriving; a
     request being answered (or a WebSocket) has none. The protocol says which phase it is
     in (:meth:`_reading_phase`) and calls :meth:`_watch_reading` whenever it may have
-    changed, and :meth:`_stop_read_timer` when the connection is lost.
+    changed; the timers start with the connection and stop when it is lost.
     """
 
     transport: asyncio.Transport
     loop: asyncio.AbstractEventLoop
     _read_phase: ReadPhase | None = None
     _read_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._watch_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_read_timer()
+        super().connection_lost(exc)
 
     def _reading_phase(self) -> ReadPhase | None:
         """What the server waits for from the client: a request's headers, its body, or nothing."""
@@ -155,14 +163,6 @@ class ReadTimeouts:
 class TimedH11Protocol(ReadTimeouts, H11Protocol):
     """uvicorn's h11 protocol with the read timers of :class:`ReadTimeouts` (the plain stack)."""
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._watch_reading()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._stop_read_timer()
-        super().connection_lost(exc)
-
     def handle_events(self) -> None:
         super().handle_events()
         self._watch_reading()
@@ -198,14 +198,6 @@ if FAST_STACK_MISSING is None:
         """
 
         _reading_body = False
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self._watch_reading()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._stop_read_timer()
-            super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)

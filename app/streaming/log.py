@@ -8,12 +8,12 @@ that a reader older than the window can be given one `snapshot`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import deque
 from uuid import UUID
 
 from app.streaming.events import ANSWER_EVENTS, GenerationEvent, Snapshot, fold, is_terminal
 from app.streaming.parts import AnswerParts, text_of
+from app.streaming.wakeup import Wakeup
 
 
 class GenerationLog:
@@ -29,9 +29,7 @@ class GenerationLog:
         self._answer_seq = 0  # seq of the last event `answer` covers
         self.last_seq = 0
         self.closed = False
-        # One future per waiting reader, all resolved by the next append (cheaper than an
-        # asyncio.Event per append: this runs for every token).
-        self._waiters: list[asyncio.Future[None]] = []
+        self._wakeup = Wakeup()  # the waiting readers, woken by every append
         self._idle_timer: asyncio.TimerHandle | None = None
 
     def append(self, event: GenerationEvent) -> None:
@@ -51,7 +49,7 @@ class GenerationLog:
             if self._idle_timer is not None:
                 self._idle_timer.cancel()
                 self._idle_timer = None
-        self._wake()
+        self._wakeup.wake()
 
     @property
     def text(self) -> str:
@@ -98,16 +96,9 @@ class GenerationLog:
             events = self.read_after(seq)
             if events or self.closed:
                 return events
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
             if max_wait is not None:
                 self._wake_by(max_wait)
-            try:
-                await waiter
-            except asyncio.CancelledError:  # the reader left: an idle log must not keep its waiter
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(waiter)
-                raise
+            await self._wakeup.wait()
             events = self.read_after(seq)
             if events or max_wait is not None:
                 return events
@@ -124,10 +115,4 @@ class GenerationLog:
     def _idle(self) -> None:
         """Wake every waiting reader: those that got nothing report an idle wait."""
         self._idle_timer = None
-        self._wake()
-
-    def _wake(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        self._wakeup.wake()

@@ -69,6 +69,7 @@ from app.streaming.events import (
 )
 from app.streaming.parts import AnswerParts, text_of
 from app.streaming.protocol import ConversationEvent
+from app.streaming.wakeup import Wakeup
 
 logger = logging.getLogger("chatstream.streaming.redis")
 
@@ -224,27 +225,12 @@ class _Watch:
     batch: list[GenerationEvent] = field(default_factory=list)
     batch_from: int | None = None  # `batch` is every event after this seq; None: it follows a gap
     error: BrokerUnavailable | None = None
-    # One future per waiting reader, resolved by the next wake (not an asyncio.Event per wake: per token).
-    woken: list[asyncio.Future[None]] = field(default_factory=list)
+    wakeup: Wakeup = field(default_factory=Wakeup)  # its waiting readers, woken by what the loop reads
     # One timer for every waiter's idle wait (a timer per wait was a large part of a token's cost).
     idle_timer: asyncio.TimerHandle | None = None
 
     def wake(self) -> None:
-        woken, self.woken = self.woken, []
-        for future in woken:
-            if not future.done():
-                future.set_result(None)
-
-    async def next_wake(self) -> None:
-        """Return at the next :meth:`wake`."""
-        future = asyncio.get_running_loop().create_future()
-        self.woken.append(future)
-        try:
-            await future
-        except asyncio.CancelledError:  # the reader left: a quiet watch must not keep its future
-            with contextlib.suppress(ValueError):
-                self.woken.remove(future)
-            raise
+        self.wakeup.wake()
 
     def wake_by(self, deadline: float) -> None:
         """Make sure the waiters are woken by `deadline` (loop time), new events or not."""
@@ -596,7 +582,7 @@ class RedisBroker:
                 if deadline <= loop.time():
                     return []
                 watch.wake_by(deadline)  # may end the wait sooner (another waiter's deadline), never later
-            await watch.next_wake()
+            await watch.wakeup.wait()
             if deadline is not None and watch.pos <= after and watch.error is None:
                 return []  # woken by the idle timer: nothing new for this reader
 

@@ -186,7 +186,7 @@ async def test_a_reader_that_leaves_while_waiting_leaves_nothing_behind(scope: R
     for task in leaving:
         task.cancel()
     await asyncio.gather(*leaving, return_exceptions=True)
-    assert reader.waiting(g) == 1 and len(reader._watches[g].woken) == 1
+    assert reader.waiting(g) == 1 and len(reader._watches[g].wakeup) == 1
     await producer.append(Start(generation_id=g, conversation_id=c, seq=1))
     assert [e.seq for e in await asyncio.wait_for(staying, 10) or []] == [1]
     await producer.append(Done(generation_id=g, conversation_id=c, seq=2, message_id=m, token_count=0))

@@ -114,7 +114,7 @@ async def test_a_reader_that_leaves_while_waiting_leaves_nothing_behind() -> Non
     for task in leaving:
         task.cancel()
     await asyncio.gather(*leaving, return_exceptions=True)
-    assert len(log._waiters) == 1
+    assert len(log._wakeup) == 1
     log.append(Start(generation_id=G, conversation_id=C, seq=1))
     assert [e.seq for e in await staying] == [1]
-    assert log._waiters == []
+    assert len(log._wakeup) == 0

@@ -325,19 +325,25 @@ async def chatstream_sse(target: Target, conversation: str, rec: Recorder) -> No
         await read_stream(client, conversation, generation, rec)
 
 
+def send_frame(conversation: str, tokens: int, **extra: Any) -> str:
+    """The `send` frame of a message of `tokens` words (its answer has `tokens` tokens)."""
+    send = {
+        "type": "send",
+        "conversationId": conversation,
+        "content": token_words(tokens),
+        "clientMessageId": uuid.uuid4().hex,
+        **extra,
+        "ref": "send",
+    }
+    return msgspec.json.encode(send).decode()
+
+
 async def chatstream_ws(target: Target, conversation: str, rec: Recorder) -> None:
     """One socket: `subscribe`, wait for its ack, `send`, read until `done`."""
     async with connect(f"{target.ws_url}/api/ws", **target.ws_options()) as ws:
         await subscribe(ws, conversation)
-        send = {
-            "type": "send",
-            "conversationId": conversation,
-            "content": token_words(target.tokens),
-            "clientMessageId": uuid.uuid4().hex,
-            "ref": "send",
-        }
         rec.ask()
-        await ws.send(msgspec.json.encode(send).decode())
+        await ws.send(send_frame(conversation, target.tokens))
         await read_ws(ws, rec)
 
 
@@ -437,15 +443,7 @@ async def open_idle_ws(
     """One socket: `subscribe`, its ack, then `send` (with the same grace as over SSE)."""
     ws = await stack.enter_async_context(connect(f"{target.ws_url}/api/ws", **idle_ws_options(target)))
     await subscribe(ws, conversation)
-    send = {
-        "type": "send",
-        "conversationId": conversation,
-        "content": token_words(target.tokens),
-        "clientMessageId": uuid.uuid4().hex,
-        "disconnectGrace": IDLE_GRACE,
-        "ref": "send",
-    }
-    await ws.send(msgspec.json.encode(send).decode())
+    await ws.send(send_frame(conversation, target.tokens, disconnectGrace=IDLE_GRACE))
     return ws_events(ws)
 
 

@@ -15,6 +15,7 @@ from typing import Protocol
 from uuid import UUID
 
 from app.streaming.control import ControlMessage
+from app.streaming.direct import DirectReader
 from app.streaming.events import GenerationEvent
 from app.streaming.log import GenerationLog
 from app.streaming.protocol import ConversationEvent
@@ -143,6 +144,13 @@ class Broker(Protocol):
         when the cursor is older than the retained window, never a silent skip. [] when nothing came
         in time (or the reader has the whole ended log); None when the log is unknown or expired."""
 
+    def park(self, generation_id: UUID, reader: DirectReader, after: int) -> bool:
+        """Have the producer's appends write to `reader` itself while it is caught up at
+        `after` (app/streaming/direct.py); False when this broker cannot (the reader reads)."""
+
+    def unpark(self, generation_id: UUID, reader: DirectReader) -> None:
+        """Undo :meth:`park` (no-op when the reader is no longer parked)."""
+
     async def close_log(self, generation_id: UUID) -> None:
         """The generation ended: keep its log for the retention time, then drop it."""
 
@@ -208,6 +216,15 @@ class InProcessBroker:
         if log is None:
             return None
         return await log.wait_after(after, max_wait)
+
+    def park(self, generation_id: UUID, reader: DirectReader, after: int) -> bool:
+        log = self._logs.get(generation_id)
+        return log is not None and log.park(reader, after)
+
+    def unpark(self, generation_id: UUID, reader: DirectReader) -> None:
+        log = self._logs.get(generation_id)
+        if log is not None:
+            log.unpark(reader)
 
     async def close_log(self, generation_id: UUID) -> None:
         loop = asyncio.get_running_loop()

@@ -45,6 +45,7 @@ from app.streaming.answer_builder import AnswerBuilder
 from app.streaming.broker import Broker, BrokerUnavailable, ConversationFeed
 from app.streaming.control import CancelRequest, ControlMessage, CredentialRevoked, ReadersGone
 from app.streaming.credentials import CredentialHolders
+from app.streaming.direct import DirectReader
 from app.streaming.events import (
     Cancelled,
     Cursor,
@@ -680,13 +681,31 @@ class StreamingCore:
             await self.cancel(generation_id, "disconnected")
 
     async def follow(
-        self, generation_id: UUID, after: int, max_idle: float | None
+        self, generation_id: UUID, after: int, max_idle: float | None, direct: DirectReader | None = None
     ) -> AsyncIterator[list[GenerationEvent]]:
         """Batches of every event after `after`, up to and including the terminal event.
         Everything that piled up since the last batch comes as one batch (readers write it
-        at once). An empty batch means nothing happened for `max_idle` seconds."""
+        at once). An empty batch means nothing happened for `max_idle` seconds.
+
+        With `direct`, whenever the reader is caught up with a log this process holds, the
+        producer writes the next events to it itself (app/streaming/direct.py): those are
+        not yielded, and `direct.seq` is where the reader is."""
+        batch: list[GenerationEvent] | None
         while True:
-            batch = await self.broker.read(generation_id, after, max_idle)
+            if direct is not None and self.broker.park(generation_id, direct, after):
+                try:
+                    idle = await direct.wait(max_idle)
+                finally:
+                    self.broker.unpark(generation_id, direct)
+                    direct.abandon()
+                after = direct.seq
+                if direct.ended or direct.stopped:
+                    return
+                if not idle:
+                    continue  # a write had to wait (now done) or events came meanwhile: read on
+                batch = []
+            else:
+                batch = await self.broker.read(generation_id, after, max_idle)
             if batch is None:  # the log expired or was never here: the database has the outcome
                 batch = await self.stored_events(generation_id, after)
                 if batch:

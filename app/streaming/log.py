@@ -11,6 +11,7 @@ import asyncio
 from collections import deque
 from uuid import UUID
 
+from app.streaming.direct import DirectReader
 from app.streaming.events import ANSWER_EVENTS, GenerationEvent, Snapshot, fold, is_terminal
 from app.streaming.parts import AnswerParts, text_of
 from app.streaming.wakeup import Wakeup
@@ -30,10 +31,12 @@ class GenerationLog:
         self.last_seq = 0
         self.closed = False
         self._wakeup = Wakeup()  # the waiting readers, woken by every append
+        self._parked: list[DirectReader] = []  # caught-up readers the append writes to itself
         self._idle_timer: asyncio.TimerHandle | None = None
 
     def append(self, event: GenerationEvent) -> None:
-        """Add the next event (its seq must follow the last one) and wake every waiting reader."""
+        """Add the next event (its seq must follow the last one), write it to every parked
+        reader and wake every waiting reader."""
         if self.closed:
             raise RuntimeError(f"generation {self.generation_id} already ended")
         if event.seq != self.last_seq + 1:
@@ -49,7 +52,25 @@ class GenerationLog:
             if self._idle_timer is not None:
                 self._idle_timer.cancel()
                 self._idle_timer = None
+        if self._parked:
+            shared: dict[object, bytes] = {}  # each encoding once, for every parked reader
+            self._parked = [reader for reader in self._parked if reader.deliver(event, shared)]
         self._wakeup.wake()
+
+    def park(self, reader: DirectReader, seq: int) -> bool:
+        """Let each next event be written to `reader` by the append itself (see
+        app/streaming/direct.py), from `seq` on. False, and nothing changes, unless the
+        reader has every event so far and the log is still open: it must read first."""
+        if seq != self.last_seq or self.closed:
+            return False
+        reader.seq = seq
+        self._parked.append(reader)
+        return True
+
+    def unpark(self, reader: DirectReader) -> None:
+        """Stop writing to `reader` (it is not parked any more, or leaves)."""
+        if reader in self._parked:
+            self._parked.remove(reader)
 
     @property
     def text(self) -> str:

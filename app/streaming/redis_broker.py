@@ -55,6 +55,7 @@ from redis.typing import EncodableT, KeyT, StreamIdT
 
 from app.streaming.broker import BrokerUnavailable, ConversationFeed, ConversationFeeds
 from app.streaming.control import ControlMessage, control_decoder, control_encoder
+from app.streaming.direct import DirectReader
 from app.streaming.events import (
     GenerationEvent,
     PartDelta,
@@ -585,6 +586,12 @@ class RedisBroker:
             await watch.wakeup.wait()
             if deadline is not None and watch.pos <= after and watch.error is None:
                 return []  # woken by the idle timer: nothing new for this reader
+
+    def park(self, generation_id: UUID, reader: DirectReader, after: int) -> bool:
+        return False  # events come through Redis: every reader reads (a watch wakes it)
+
+    def unpark(self, generation_id: UUID, reader: DirectReader) -> None:
+        pass
 
     async def close_log(self, generation_id: UUID) -> None:
         """The generation ended: every key of it expires `log_ttl` seconds from now."""

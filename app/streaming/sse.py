@@ -10,23 +10,29 @@ key is revoked, or whose session ends, gets `event: revoked` and the response en
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from typing import Annotated
+import itertools
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Annotated, Any
 from uuid import UUID
 
 from litestar import Response, get
 from litestar.di import NamedDependency
+from litestar.enums import MediaType
 from litestar.middleware import ASGIMiddleware
 from litestar.params import FromPath, HeaderParameter, QueryParameter
 from litestar.response import Stream
+from litestar.response.base import ASGIResponse
+from litestar.response.streaming import ASGIStreamingResponse
 from litestar.status_codes import HTTP_204_NO_CONTENT
 from litestar.types import ASGIApp, Receive, Scope, Send
+from litestar.utils.helpers import get_enum_string_value
 
 from app.auth.principal import Principal
 from app.chat.conversations import load_conversation
 from app.openapi import errors
 from app.streaming.broker import BrokerUnavailable
 from app.streaming.core import StreamingCore
+from app.streaming.direct import DirectReader, start
 from app.streaming.events import Cursor, GenerationEvent, json_encoder
 
 SSE_HEADERS = {
@@ -63,18 +69,93 @@ def encode_frame(event: GenerationEvent) -> bytes:
     )
 
 
+class BodyWriter(DirectReader):
+    """Writes a stream response's events as body chunks, from the producer's own append
+    while the reader is caught up (app/streaming/direct.py). :class:`ReaderStream` gives it
+    the response's `send` when the body starts."""
+
+    def __init__(self, encode: Callable[[list[GenerationEvent]], bytes], encoding: object | None) -> None:
+        super().__init__(encode)
+        self.encoding = encoding
+        self.send: Send | None = None
+
+    def start_write(self, data: bytes) -> Awaitable[None] | None:
+        assert self.send is not None, "the body has not started"
+        return start(self.send({"type": "http.response.body", "body": data, "more_body": True}))
+
+
+class _ReaderResponse(ASGIStreamingResponse):
+    """Litestar's streaming response (its disconnect watch included), telling the body's
+    writer the `send` it writes through."""
+
+    __slots__ = ("writer",)
+
+    def __init__(self, *, writer: BodyWriter, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.writer = writer
+
+    async def _stream(self, send: Send) -> None:
+        self.writer.send = send
+        await super()._stream(send)
+
+
+class ReaderStream(Stream):
+    """A `Stream` of a reader's body (see :func:`reader_frames`) that its `writer` may also
+    write to directly."""
+
+    __slots__ = ("writer",)
+
+    def __init__(self, content: AsyncIterator[bytes], *, writer: BodyWriter, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.writer = writer
+
+    def to_asgi_response(
+        self,
+        app: Any,
+        request: Any,
+        *,
+        background: Any = None,
+        cookies: Iterable[Any] | None = None,
+        encoded_headers: Iterable[tuple[bytes, bytes]] | None = None,
+        headers: dict[str, str] | None = None,
+        is_head_response: bool = False,
+        media_type: MediaType | str | None = None,
+        status_code: int | None = None,
+        type_encoders: Any = None,
+    ) -> ASGIResponse:
+        # As Litestar's Stream.to_asgi_response does it, but for the response class.
+        assert isinstance(self.iterator, AsyncIterator)
+        return _ReaderResponse(
+            writer=self.writer,
+            iterator=self.iterator,
+            background=self.background or background,
+            content_length=0,
+            cookies=self.cookies if cookies is None else itertools.chain(self.cookies, cookies),
+            encoded_headers=encoded_headers,
+            encoding=self.encoding,
+            headers={**headers, **self.headers} if headers is not None else self.headers,
+            is_head_response=is_head_response,
+            media_type=get_enum_string_value(media_type or self.media_type or MediaType.JSON),
+            status_code=self.status_code or status_code,
+        )
+
+
 class _Revocation:
     """Ends a response body whose credentials are revoked. The body's task is cancelled only
     while it waits for events, never while a frame is being written (that would break the
-    response mid-frame); a revocation during a write is seen before the next wait."""
+    response mid-frame); a revocation during a write is seen before the next wait. The
+    producer stops writing to the body at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, writer: DirectReader | None) -> None:
         self.task = asyncio.current_task()
+        self.writer = writer
         self.waiting = False
         self.revoked = False
 
     def __call__(self) -> None:
         self.revoked = True
+        if self.writer is not None:
+            self.writer.stop()
         if self.waiting and self.task is not None:
             self.task.cancel()
 
@@ -95,20 +176,22 @@ async def reader_frames(
     revoked: bytes,
     unavailable: bytes,
     end: bytes = b"",
+    writer: BodyWriter | None = None,
 ) -> AsyncIterator[bytes]:
     """A stream response's body, whatever its encoding: `:ok` at once, then every event after
     `after` (a backlog as one write, through `encode`), `: ping` when idle, and `end` after
     the terminal event; `revoked` when the principal's key is revoked or its session ends,
-    `unavailable` when the broker is lost."""
+    `unavailable` when the broker is lost. With `writer` (whose encoding is `encode`'s), the
+    producer writes the events of a caught-up reader itself; they are not yielded here."""
     attached = False
-    revocation = _Revocation()
+    revocation = _Revocation(writer)
     try:
         with core.credentials.holding(principal.key_id, principal.session_id, revocation):
             try:
                 await core.attach(generation_id)
                 attached = True
                 yield OK_COMMENT
-                batches = core.follow(generation_id, after, ping_interval)
+                batches = core.follow(generation_id, after, ping_interval, writer)
                 while not revocation.revoked:
                     revocation.waiting = True
                     try:
@@ -137,13 +220,24 @@ def _sse_batch(batch: list[GenerationEvent]) -> bytes:
     return b"".join(encode_frame(event) for event in batch)
 
 
-def sse_frames(
+def sse_stream(
     core: StreamingCore, principal: Principal, generation_id: UUID, after: int, ping_interval: float
-) -> AsyncIterator[bytes]:
-    """The SSE response body: every event after `after` as `event:`/`id:`/`data:` messages."""
-    return reader_frames(
-        core, principal, generation_id, after, ping_interval, _sse_batch, revoked=REVOKED, unavailable=UNAVAILABLE
+) -> ReaderStream:
+    """The SSE response: every event after `after` as `event:`/`id:`/`data:` messages (each
+    event's frame made once for all its SSE readers)."""
+    writer = BodyWriter(_sse_batch, encoding=_sse_batch)
+    body = reader_frames(
+        core,
+        principal,
+        generation_id,
+        after,
+        ping_interval,
+        _sse_batch,
+        revoked=REVOKED,
+        unavailable=UNAVAILABLE,
+        writer=writer,
     )
+    return ReaderStream(body, writer=writer, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 class StreamQuota(ASGIMiddleware):
@@ -184,7 +278,7 @@ async def stream_conversation(
     conversation_id: FromPath[UUID],
     after: Annotated[str | None, QueryParameter(description="cursor `<generationId>.<seq>` to resume after")] = None,
     last_event_id: Annotated[str | None, HeaderParameter(name="Last-Event-ID")] = None,
-) -> Response[None] | Stream:
+) -> Response[None] | ReaderStream:
     conversation = await load_conversation(principal, conversation_id)
     # The browser's Last-Event-ID wins over ?after=; each is named in errors as sent.
     field, source, raw_cursor = (
@@ -198,8 +292,4 @@ async def stream_conversation(
         # 204 also tells a browser's EventSource to stop reconnecting.
         return Response(None, status_code=HTTP_204_NO_CONTENT)
     generation_id, after_seq = target
-    return Stream(
-        sse_frames(core, principal, generation_id, after_seq, core.sse_ping_interval),
-        media_type="text/event-stream",
-        headers=SSE_HEADERS,
-    )
+    return sse_stream(core, principal, generation_id, after_seq, core.sse_ping_interval)

@@ -5,7 +5,9 @@ writer (the only task that sends), and per subscribed conversation a task that
 forwards the conversation's feed and follows its answers through the core, exactly
 like an SSE reader. Everything to send goes through one bounded outbox: a peer that
 leaves it full for `ws_send_timeout` seconds is told (`error` code `too_slow`) and
-closed with 1013; it resumes with its cursors and loses nothing.
+closed with 1013; it resumes with its cursors and loses nothing. The exception: while the
+outbox is empty and the writer idle, the producer of an answer writes the answer's next
+event itself (app/streaming/direct.py), without waking the answer's task or the writer.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any
 from uuid import UUID
 
@@ -37,7 +39,8 @@ from app.errors import ApiError, Unauthorized
 from app.http_security import same_origin_request
 from app.streaming.broker import BrokerUnavailable, FeedOverflow
 from app.streaming.core import StreamingCore
-from app.streaming.events import Cursor, json_encoder
+from app.streaming.direct import DirectReader, start
+from app.streaming.events import Cursor, GenerationEvent, json_encoder
 from app.streaming.protocol import (
     MSGPACK_SUBPROTOCOL,
     Ack,
@@ -125,11 +128,37 @@ class Codec:
         ref = raw.get("ref") if isinstance(raw, dict) else None
         return ref if isinstance(ref, str) and len(ref) <= 64 else None
 
+    def encode(self, frame: OutgoingFrame) -> bytes:
+        return msgpack_encoder.encode(frame) if self.msgpack else json_encoder.encode(frame)
+
+    def encode_event(self, batch: list[GenerationEvent]) -> bytes:
+        """The one event of `batch` (the producer's append gives one at a time), as a frame."""
+        (event,) = batch
+        return self.encode(event)
+
+    def send_encoded(self, socket: WebSocket[Any, Any, Any], data: bytes) -> Awaitable[None]:
+        """Send one frame made by :meth:`encode`."""
+        return socket.send_bytes(data) if self.msgpack else socket.send_text(data.decode())
+
     async def send(self, socket: WebSocket[Any, Any, Any], frame: OutgoingFrame) -> None:
-        if self.msgpack:
-            await socket.send_bytes(msgpack_encoder.encode(frame))
-        else:
-            await socket.send_text(json_encoder.encode(frame).decode())
+        await self.send_encoded(socket, self.encode(frame))
+
+
+class _AnswerWriter(DirectReader):
+    """Writes an answer's events to the socket from the producer's append, while nothing
+    else of the session waits to be sent (frames stay in order); else they queue."""
+
+    def __init__(self, session: Session) -> None:
+        super().__init__(session.codec.encode_event)
+        self.encoding = ("ws", session.codec.msgpack)
+        self.session = session
+
+    def start_write(self, data: bytes) -> Awaitable[None] | None:
+        session = self.session
+        if session.sending or not session.outbox.empty() or session.closing.done():
+            return session.deliver(data)
+        rest = start(session.codec.send_encoded(session.socket, data))
+        return None if rest is None else session.finish_send(rest)
 
 
 class Session:
@@ -148,7 +177,12 @@ class Session:
         self.core = core
         self.codec = codec
         self.settings = settings
-        self.outbox: asyncio.Queue[Sequence[OutgoingFrame]] = asyncio.Queue(OUTBOX_BATCHES)
+        # Batches of frames, or one frame already encoded (an answer's event the producer
+        # could not write itself).
+        self.outbox: asyncio.Queue[Sequence[OutgoingFrame] | bytes] = asyncio.Queue(OUTBOX_BATCHES)
+        # Frames being written (the writer's, or one the producer began): while there are
+        # any, an answer's next event queues behind them instead of being written directly.
+        self.sending = 0
         self.subscriptions: dict[UUID, asyncio.Task[None]] = {}
         self.frame_times: deque[float] = deque()
         self.violations = 0
@@ -194,11 +228,32 @@ class Session:
     async def _write_loop(self) -> None:
         while True:
             batch = await self.outbox.get()
-            for frame in batch:
-                await self.codec.send(self.socket, frame)
+            self.sending += 1
+            try:
+                if isinstance(batch, bytes):
+                    await self.codec.send_encoded(self.socket, batch)
+                else:
+                    for frame in batch:
+                        await self.codec.send(self.socket, frame)
+            finally:
+                self.sending -= 1
 
-    async def deliver(self, frames: Sequence[OutgoingFrame]) -> None:
-        """Queue frames for the writer; a peer that keeps the queue full too long is too slow."""
+    async def finish_send(self, rest: Awaitable[None]) -> None:
+        """Finish a frame the producer began to write (the peer reads slowly): within
+        `ws_send_timeout`, else the peer is too slow, as with a full outbox."""
+        self.sending += 1
+        try:
+            async with asyncio.timeout(self.settings.ws_send_timeout):
+                await rest
+        except TimeoutError:
+            self.close_later(too_slow())
+            raise asyncio.CancelledError from None
+        finally:
+            self.sending -= 1
+
+    async def deliver(self, frames: Sequence[OutgoingFrame] | bytes) -> None:
+        """Queue frames (or one encoded frame) for the writer; a peer that keeps the queue
+        full too long is too slow."""
         if not self.outbox.full():  # the usual case: no timer armed per batch
             self.outbox.put_nowait(frames)
             return
@@ -375,7 +430,7 @@ class Session:
         try:
             await self.core.attach(generation_id)
             attached = True
-            async for batch in self.core.follow(generation_id, after, None):
+            async for batch in self.core.follow(generation_id, after, None, _AnswerWriter(self)):
                 if batch:
                     await self.deliver(batch)
         except BrokerUnavailable:

@@ -110,7 +110,8 @@ def columns_of(table: type[Table]) -> str:
 
 
 @cache
-def _insert_sql(table: type[Table]) -> str:
+def insert_sql(table: type[Table]) -> str:
+    """`INSERT` of one row, every column, its values as placeholders (see :func:`row_values`)."""
     marks = ",".join("{}" for _ in table._meta.columns)
     return f'INSERT INTO "{table._meta.tablename}" ({columns_of(table)}) VALUES ({marks})'
 
@@ -118,7 +119,25 @@ def _insert_sql(table: type[Table]) -> str:
 async def insert_row(row: Table) -> None:
     """Insert a new row, as `row.save()` does (every column, its defaults already filled in
     when the row object was made), from a statement written once per table."""
-    table = type(row)
-    values = [convert_to_sql_value(value=row[column._meta.name], column=column) for column in table._meta.columns]
-    await table.raw(_insert_sql(table), *values)
+    await type(row).raw(insert_sql(type(row)), *row_values(row))
     row._exists_in_db = True
+
+
+def on_postgres(table: type[Table]) -> bool:
+    """True when `table` lives in PostgreSQL (which runs a data-modifying `WITH` as one
+    atomic statement: what takes a transaction of several round trips on SQLite)."""
+    return isinstance(table._meta.db, PostgresEngine)
+
+
+def row_values(row: Table) -> list[Any]:
+    """The row's values in column order, as :func:`insert_row` stores them."""
+    table = type(row)
+    return [convert_to_sql_value(value=row[column._meta.name], column=column) for column in table._meta.columns]
+
+
+@cache
+def insert_select_sql(table: type[Table], source: str) -> str:
+    """PostgreSQL: `INSERT` one row of the given values for each row of `source` (a `WITH`
+    name): none when `source` is empty. The values are cast, having no column to type them."""
+    casts = ",".join(f"{{}}::{column.column_type}" for column in table._meta.columns)
+    return f'INSERT INTO "{table._meta.tablename}" ({columns_of(table)}) SELECT {casts} FROM {source}'

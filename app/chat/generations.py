@@ -15,7 +15,15 @@ from app.agents.service import get_agent
 from app.auth.principal import Principal
 from app.chat.conversations import conversation_not_found, load_conversation, mark_last_message
 from app.chat.schemas import GenerationOut
-from app.db import insert_row, is_foreign_key_violation, is_unique_violation, write_transaction
+from app.db import (
+    insert_row,
+    insert_select_sql,
+    is_foreign_key_violation,
+    is_unique_violation,
+    on_postgres,
+    row_values,
+    write_transaction,
+)
 from app.errors import Conflict, NotFound
 from app.streaming.parts import Part, decode_parts, encode_parts, text_of
 from app.tables import Generation, GenerationStatus, Message, MessageRole, MessageStatus
@@ -63,18 +71,16 @@ async def running_generation(conversation_id: UUID) -> dict[str, Any] | None:
     return row
 
 
-async def create_running(
+def running_row(
     conversation_id: UUID,
     reply_to_id: UUID | None,
     agent_id: UUID | None,
     generation_id: UUID,
     producer: str | None = None,
-) -> GenerationOut:
-    """Insert a `running` generation with the id the core reserved for it, produced by
-    process `producer`. Raises
-    :class:`GenerationBusy` if one is running already (the partial unique index decides,
-    so concurrent requests cannot both win)."""
-    generation = Generation(
+) -> Generation:
+    """A `running` generation (not stored yet) with the id the core reserved for it,
+    produced by process `producer`."""
+    return Generation(
         id=generation_id,
         conversation=conversation_id,
         reply_to=reply_to_id,
@@ -83,6 +89,24 @@ async def create_running(
         started_at=datetime.now(UTC),
         producer=producer,
     )
+
+
+def is_busy_violation(exc: BaseException) -> bool:
+    """True when a write failed because the conversation already has a running generation
+    (PostgreSQL names the partial unique index that decides it)."""
+    return getattr(exc, "constraint_name", None) == "generation_one_running_per_conversation"
+
+
+async def create_running(
+    conversation_id: UUID,
+    reply_to_id: UUID | None,
+    agent_id: UUID | None,
+    generation_id: UUID,
+    producer: str | None = None,
+) -> GenerationOut:
+    """Insert a :func:`running_row`. Raises :class:`GenerationBusy` if one is running
+    already (the partial unique index decides, so concurrent requests cannot both win)."""
+    generation = running_row(conversation_id, reply_to_id, agent_id, generation_id, producer)
     try:
         await insert_row(generation)
     except Exception as exc:
@@ -139,6 +163,23 @@ class _AlreadyEnded(Exception):
     """Raised inside the finishing transaction to roll it back: another ending came first."""
 
 
+# The end of a running generation, and only while it runs: no read of the row first.
+_END_RUNNING = (
+    'UPDATE "generation" SET "status" = {}, "result_message" = {}, "token_count" = {}, '
+    '"chunk_count" = {}, "finish_reason" = {}, "ttft_ms" = {}, "error" = {}, "finished_at" = {} '
+    'WHERE "id" = {} AND "status" = {} RETURNING "id"'
+)
+# PostgreSQL: the end, the answer's message and the conversation's last_message_at as one
+# statement (one round trip instead of five); the message is stored only if the end was.
+_END_WITH_MESSAGE = (
+    f"WITH ended AS ({_END_RUNNING}), "
+    f"stored AS ({insert_select_sql(Message, 'ended')}), "
+    'touched AS (UPDATE "conversation" SET "last_message_at" = {} '
+    'WHERE "id" = {} AND EXISTS (SELECT 1 FROM ended)) '
+    'SELECT "id" FROM ended'
+)
+
+
 async def finish_generation(
     generation: GenerationOut,
     status: GenerationStatus,
@@ -151,53 +192,56 @@ async def finish_generation(
     error: str | None = None,
 ) -> dict[str, Any] | None:
     """End a running generation. When `parts` are given, store them as the agent's message
-    (`complete` for done, `partial` otherwise; `content` is their text) in the same
-    transaction. Returns that message's row, as stored.
+    (`complete` for done, `partial` otherwise; `content` is their text) atomically with the
+    end. Returns that message's row, as stored.
     A generation that already ended (or is gone with its conversation) is left as it is:
     the first ending wins, and nothing is stored."""
     now = datetime.now(UTC)
+    message = None
+    if parts is not None:
+        message = Message(
+            conversation=generation.conversation_id,
+            role=MessageRole.agent.value,
+            author_id=generation.agent_id,
+            content=text_of(parts),
+            parts=encode_parts(parts),
+            generation=generation.id,
+            status=(MessageStatus.complete if status is GenerationStatus.done else MessageStatus.partial).value,
+            created_at=now,
+        )
+    end = [
+        status.value,
+        None if message is None else message.id,
+        token_count,
+        chunk_count,
+        finish_reason,
+        ttft_ms,
+        error,
+        now,
+        generation.id,
+        GenerationStatus.running.value,
+    ]
     try:
-        async with write_transaction(Generation._meta.db):
-            message_id = stored = None
-            if parts is not None:
-                message = Message(
-                    conversation=generation.conversation_id,
-                    role=MessageRole.agent.value,
-                    author_id=generation.agent_id,
-                    content=text_of(parts),
-                    parts=encode_parts(parts),
-                    generation=generation.id,
-                    status=(MessageStatus.complete if status is GenerationStatus.done else MessageStatus.partial).value,
-                    created_at=now,
-                )
+        if message is None:
+            ended = await Generation.raw(_END_RUNNING, *end)
+        elif on_postgres(Generation):
+            ended = await Generation.raw(_END_WITH_MESSAGE, *end, *row_values(message), now, generation.conversation_id)
+        else:
+            async with write_transaction(Generation._meta.db):
                 await insert_row(message)
-                message_id, stored = message.id, message.to_dict()
                 await mark_last_message(generation.conversation_id, now)
-            # Last, and only while running: no read of the row first (one round trip less).
-            ended = await Generation.raw(
-                'UPDATE "generation" SET "status" = {}, "result_message" = {}, "token_count" = {}, '
-                '"chunk_count" = {}, "finish_reason" = {}, "ttft_ms" = {}, "error" = {}, "finished_at" = {} '
-                'WHERE "id" = {} AND "status" = {} RETURNING "id"',
-                status.value,
-                message_id,
-                token_count,
-                chunk_count,
-                finish_reason,
-                ttft_ms,
-                error,
-                now,
-                generation.id,
-                GenerationStatus.running.value,
-            )
-            if not ended:
-                raise _AlreadyEnded
+                ended = await Generation.raw(_END_RUNNING, *end)  # last: the message row exists
+                if not ended:
+                    raise _AlreadyEnded
     except _AlreadyEnded:
         return None
     except Exception as exc:
         if is_foreign_key_violation(exc):  # the conversation was deleted, its generations with it
             return None
         raise
-    return stored
+    if not ended:
+        return None
+    return None if message is None else message.to_dict()
 
 
 async def settle_interrupted_length(generation_id: UUID, chunk_count: int) -> GenerationOut | None:

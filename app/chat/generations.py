@@ -16,6 +16,7 @@ from app.auth.principal import Principal
 from app.chat.conversations import conversation_not_found, load_conversation, mark_last_message
 from app.chat.schemas import GenerationOut
 from app.db import (
+    columns_of,
     insert_row,
     insert_select_sql,
     is_foreign_key_violation,
@@ -63,12 +64,13 @@ def generation_out(row: dict[str, Any]) -> GenerationOut:
 
 async def running_generation(conversation_id: UUID) -> dict[str, Any] | None:
     """The running generation of a conversation, if any."""
-    row: dict[str, Any] | None = (
-        await Generation.select()
-        .where(Generation.conversation == conversation_id, Generation.status == GenerationStatus.running.value)
-        .first()
+    # Written out (every subscription and stream looks it up): see app/db.py.
+    rows = await Generation.raw(
+        f'SELECT {columns_of(Generation)} FROM "generation" WHERE "conversation" = {{}} AND "status" = {{}} LIMIT 1',
+        conversation_id,
+        GenerationStatus.running.value,
     )
-    return row
+    return rows[0] if rows else None
 
 
 def running_row(

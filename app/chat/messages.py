@@ -29,6 +29,7 @@ from app.chat.schemas import (
     MessagePosted,
 )
 from app.db import (
+    columns_of,
     insert_row,
     insert_sql,
     is_foreign_key_violation,
@@ -91,14 +92,14 @@ def _check_content(content: str) -> None:
 
 async def by_client_id(conversation_id: UUID, client_message_id: str) -> dict[str, Any] | None:
     """The conversation's message with this clientMessageId (a user message, or a tool result's `tool:<id>`)."""
-    return (
-        await Message.select()
-        .where(
-            Message.conversation == conversation_id,
-            Message.client_message_id == client_message_id,
-        )
-        .first()
+    # Written out (every message with a clientMessageId looks it up): see app/db.py.
+    rows = await Message.raw(
+        f'SELECT {columns_of(Message)} FROM "message" '
+        'WHERE "conversation" = {} AND "client_message_id" = {} LIMIT 1',
+        conversation_id,
+        client_message_id,
     )
+    return rows[0] if rows else None
 
 
 async def _replay(row: dict[str, Any], principal: Principal, data: MessageCreate) -> MessagePosted:

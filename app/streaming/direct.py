@@ -2,8 +2,9 @@
 
 Without them every token costs two task switches per reader: the producer's append wakes
 the reader's task, which then writes. A reader that is caught up instead *parks* on the
-log (:meth:`GenerationLog.park`): the producer's append encodes the event (once per
-encoding, shared by every parked reader of the log) and starts the reader's write itself.
+log (:meth:`GenerationLog.park`; with Redis, on the watch of the process's reading loop):
+the producer's append (the reading loop) encodes the event (once per encoding, shared by
+every parked reader of the log) and starts the reader's write itself.
 A write that completes without waiting (the usual case: the socket has room) costs no task
 switch at all. A write that has to wait (the client reads slowly), a failure, the terminal
 event, or the reader's own need to act (revocation, the idle ping) hands the reader back to
@@ -77,6 +78,7 @@ class DirectReader:
         self._pending: Awaitable[None] | None = None
         self._failure: Exception | None = None
         self._woken: asyncio.Future[None] | None = None
+        self._idle = False  # the wait's `max_idle` ran out
 
     def start_write(self, data: bytes) -> Awaitable[None] | None:
         """Start writing `data`; None when done already, else what finishes the write."""
@@ -109,6 +111,11 @@ class DirectReader:
         if self._woken is not None and not self._woken.done():
             self._woken.set_result(None)
 
+    def fail(self, error: Exception) -> None:
+        """The source of the events failed: the reader's task raises `error`."""
+        self._failure = error
+        self.hand_back()
+
     def stop(self) -> None:
         """No more writes from the producer; the reader's task runs again."""
         self.stopped = True
@@ -119,8 +126,9 @@ class DirectReader:
         True when `max_idle` seconds passed with nothing written."""
         loop = asyncio.get_running_loop()
         seq = self.seq
+        self._idle = False
         self._woken = loop.create_future()
-        timer = loop.call_later(max_idle, self.hand_back) if max_idle is not None else None
+        timer = loop.call_later(max_idle, self._idled) if max_idle is not None else None
         try:
             await self._woken
         finally:
@@ -128,7 +136,11 @@ class DirectReader:
             if timer is not None:
                 timer.cancel()
         await self.settle()
-        return self.seq == seq and not self.stopped
+        return self._idle and self.seq == seq and not self.stopped
+
+    def _idled(self) -> None:
+        self._idle = True
+        self.hand_back()
 
     async def settle(self) -> None:
         """Finish the write the producer started, and raise what a write raised."""

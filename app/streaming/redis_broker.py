@@ -227,6 +227,8 @@ class _Watch:
     batch_from: int | None = None  # `batch` is every event after this seq; None: it follows a gap
     error: BrokerUnavailable | None = None
     wakeup: Wakeup = field(default_factory=Wakeup)  # its waiting readers, woken by what the loop reads
+    # Readers caught up with `pos`, written to by the loop itself (app/streaming/direct.py).
+    parked: list[DirectReader] = field(default_factory=list)
     # One timer for every waiter's idle wait (a timer per wait was a large part of a token's cost).
     idle_timer: asyncio.TimerHandle | None = None
 
@@ -244,6 +246,24 @@ class _Watch:
     def _idle(self) -> None:
         self.idle_timer = None
         self.wake()
+
+    def deliver(self, batch: list[GenerationEvent], follows: bool) -> None:
+        """Write what the loop read to the parked readers, in order; after a gap (`follows`
+        false) each of them reads for itself (a snapshot may be due)."""
+        if not follows:
+            self.hand_back()
+            return
+        for event in batch:
+            if not self.parked:
+                return
+            shared: dict[object, bytes] = {}
+            self.parked = [reader for reader in self.parked if reader.deliver(event, shared)]
+
+    def hand_back(self) -> None:
+        """Every parked reader's task runs again, and reads for itself."""
+        parked, self.parked = self.parked, []
+        for reader in parked:
+            reader.hand_back()
 
     def drop(self) -> None:
         if self.idle_timer is not None:
@@ -330,6 +350,7 @@ class RedisBroker:
         self._read_script = self._redis.register_script(_READ)
         self._count_script = self._redis.register_script(_COUNT)
         self._watches: dict[UUID, _Watch] = {}
+        self._parked_on: dict[DirectReader, _Watch] = {}  # parked readers, and the watch of each
         # The keys an append names, per generation appended to here (dropped when its log is closed).
         self._append_keys: dict[UUID, tuple[str, ...]] = {}
         # Commands waiting for the next pipeline, and the pipelines under way (one connection each:
@@ -588,10 +609,26 @@ class RedisBroker:
                 return []  # woken by the idle timer: nothing new for this reader
 
     def park(self, generation_id: UUID, reader: DirectReader, after: int) -> bool:
-        return False  # events come through Redis: every reader reads (a watch wakes it)
+        # Parked on the generation's watch: the reading loop writes what it reads (a reader
+        # that has not read through a watch yet, or is behind it, reads as before).
+        watch = self._watches.get(generation_id)
+        if watch is None or watch.closed or watch.error is not None or watch.pos != after:
+            return False
+        reader.seq = after
+        watch.parked.append(reader)
+        watch.waiters += 1  # keeps the watch read
+        self._parked_on[reader] = watch
+        return True
 
     def unpark(self, generation_id: UUID, reader: DirectReader) -> None:
-        pass
+        watch = self._parked_on.pop(reader, None)
+        if watch is None:
+            return
+        if reader in watch.parked:
+            watch.parked.remove(reader)
+        watch.waiters -= 1
+        if watch.waiters == 0:
+            watch.idle_since = asyncio.get_running_loop().time()
 
     async def close_log(self, generation_id: UUID) -> None:
         """The generation ended: every key of it expires `log_ttl` seconds from now."""
@@ -682,6 +719,7 @@ class RedisBroker:
             read.batch = batch
             read.pos = batch[-1].seq
             read.closed = is_terminal(batch[-1])
+            read.deliver(batch, read.batch_from is not None)
             read.wake()
 
     def _fail_watches(self, reason: str) -> None:
@@ -689,6 +727,9 @@ class RedisBroker:
         error = BrokerUnavailable(reason)
         for watch in self._watches.values():
             watch.error = error
+            parked, watch.parked = watch.parked, []
+            for reader in parked:
+                reader.fail(error)
             watch.wake()
         self._watches.clear()
 

@@ -11,11 +11,12 @@ from collections.abc import Awaitable
 import pytest
 
 from app.chat.answer_store import ChatAnswerStore
-from app.streaming.broker import InProcessBroker
+from app.streaming.broker import Broker, InProcessBroker
 from app.streaming.core import StreamingCore
 from app.streaming.direct import DirectReader, start
 from app.streaming.events import Done, GenerationEvent, Start, Token
 from app.streaming.policy import StreamPolicy
+from tests.redis_support import redis_scope
 
 pytestmark = pytest.mark.anyio
 
@@ -36,14 +37,29 @@ class Writer(DirectReader):
         self.gate = gate
         self.written: list[int] = []
         self.by_task = 0  # batches its own task wrote (not the producer)
+        self.direct = 0  # writes the producer (or Redis's reading loop) started
+        self.parked = asyncio.Event()
+        self.progress = asyncio.Event()  # set by every write
+
+    async def got(self, seq: int) -> None:
+        """Return once event `seq` was written."""
+        while not self.written or self.written[-1] < seq:
+            self.progress.clear()
+            await self.progress.wait()
 
     async def send(self, data: bytes) -> None:
         self.written.extend(int(seq) for seq in data.decode().split(",") if seq)
+        self.progress.set()
         if self.gate is not None:
             await self.gate.wait()
 
     def start_write(self, data: bytes) -> Awaitable[None] | None:
+        self.direct += 1
         return start(self.send(data))
+
+    async def wait(self, max_idle: float | None) -> bool:
+        self.parked.set()  # it parks: the producer (or the reading loop) may write to it
+        return await super().wait(max_idle)
 
     async def read(self, core: StreamingCore) -> None:
         """The reader's task: writes only what the producer could not write for it."""
@@ -52,7 +68,7 @@ class Writer(DirectReader):
             await self.send(_encode(batch))
 
 
-def _core(broker: InProcessBroker) -> StreamingCore:
+def _core(broker: Broker) -> StreamingCore:
     # The store is not asked: every log here stays open, and no read waits with a limit.
     return StreamingCore(broker, StreamPolicy(disconnect_grace=60), store=ChatAnswerStore())
 
@@ -193,3 +209,32 @@ async def test_a_reader_that_leaves_while_parked_is_forgotten() -> None:
     assert log is not None and log._parked == []
     await broker.append(_event(1))
     assert writer.written == []
+
+
+async def test_through_redis_the_reading_loop_writes_to_caught_up_readers_and_a_lagging_one_misses_nothing() -> None:
+    """Process B reads what process A appends: B's reading loop writes each event it reads to
+    B's parked readers; one whose write must wait reads for itself and gets every event once."""
+    async with redis_scope() as scope:
+        producer, reading = scope.broker(), scope.broker()
+        core = _core(reading)
+        await producer.open_log(GID, CID)
+        gate = asyncio.Event()
+        fast, slow = Writer(), Writer(gate)
+        readers = [asyncio.create_task(writer.read(core)) for writer in (fast, slow)]
+        sent = 0
+        async with asyncio.timeout(10):
+            while not fast.parked.is_set():  # a few events, until B's reading loop has a watch to park on
+                sent += 1
+                await producer.append(_event(sent))
+                await fast.got(sent)
+        for seq in range(sent + 1, 61):
+            await producer.append(_event(seq))
+            if seq == 30:
+                gate.set()
+                gate = asyncio.Event()
+                slow.gate = gate
+        gate.set()
+        await producer.append(_done(61))
+        await asyncio.gather(*readers)
+    assert fast.written == list(range(1, 62)) and slow.written == list(range(1, 62))
+    assert fast.direct > 0, "the reading loop wrote to the caught-up reader"

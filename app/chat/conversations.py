@@ -67,9 +67,14 @@ async def load_conversation(principal: Principal, conversation_id: UUID) -> dict
     return row
 
 
+# Its arguments: the time, the conversation id. Also a part of the one-statement start and
+# end of an answer on PostgreSQL (app/chat/messages.py, app/chat/generations.py).
+MARK_LAST_MESSAGE = 'UPDATE "conversation" SET "last_message_at" = {} WHERE "id" = {}'
+
+
 async def mark_last_message(conversation_id: UUID, at: datetime) -> None:
     """Move the conversation up the list: a message was stored in it at `at`."""
-    await Conversation.raw('UPDATE "conversation" SET "last_message_at" = {} WHERE "id" = {}', at, conversation_id)
+    await Conversation.raw(MARK_LAST_MESSAGE, at, conversation_id)
 
 
 def _check_title(title: str | None) -> None:

@@ -13,7 +13,7 @@ from uuid import UUID
 from app.agents.schemas import AgentOut
 from app.agents.service import get_agent
 from app.auth.principal import Principal
-from app.chat.conversations import conversation_not_found, load_conversation, mark_last_message
+from app.chat.conversations import MARK_LAST_MESSAGE, conversation_not_found, load_conversation, mark_last_message
 from app.chat.schemas import GenerationOut
 from app.db import (
     columns_of,
@@ -176,8 +176,7 @@ _END_RUNNING = (
 _END_WITH_MESSAGE = (
     f"WITH ended AS ({_END_RUNNING}), "
     f"stored AS ({insert_select_sql(Message, 'ended')}), "
-    'touched AS (UPDATE "conversation" SET "last_message_at" = {} '
-    'WHERE "id" = {} AND EXISTS (SELECT 1 FROM ended)) '
+    f"touched AS ({MARK_LAST_MESSAGE} AND EXISTS (SELECT 1 FROM ended)) "
     'SELECT "id" FROM ended'
 )
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from app.auth.principal import Principal
-from app.chat.conversations import conversation_not_found, load_conversation, mark_last_message
+from app.chat.conversations import MARK_LAST_MESSAGE, conversation_not_found, load_conversation, mark_last_message
 from app.chat.generations import (
     GenerationBusy,
     agent_of,
@@ -219,13 +219,9 @@ def _counted(core: StreamingCore, generation_id: UUID, principal: Principal) -> 
 # PostgreSQL: the message, the conversation's last_message_at and (when the agent answers)
 # the running generation as one statement: one round trip instead of five, atomic as the
 # transaction it replaces.
-_MESSAGE_AT_ONCE = (
-    f"WITH stored AS ({insert_sql(Message)}) " + 'UPDATE "conversation" SET "last_message_at" = {} WHERE "id" = {}'
-)
+_MESSAGE_AT_ONCE = f"WITH stored AS ({insert_sql(Message)}) {MARK_LAST_MESSAGE}"
 _MESSAGE_AND_ANSWER_AT_ONCE = (
-    f"WITH stored AS ({insert_sql(Message)}), "
-    + 'touched AS (UPDATE "conversation" SET "last_message_at" = {} WHERE "id" = {}) '
-    + insert_sql(Generation)
+    f"WITH stored AS ({insert_sql(Message)}), touched AS ({MARK_LAST_MESSAGE}) {insert_sql(Generation)}"
 )
 
 

@@ -63,6 +63,13 @@ class _Rest:
         self._coroutine.close()
 
 
+def deliver_to(parked: list[DirectReader], event: GenerationEvent) -> list[DirectReader]:
+    """Write `event` to every parked reader (each encoding made once, shared); returns those
+    that stay parked."""
+    shared: dict[object, bytes] = {}
+    return [reader for reader in parked if reader.deliver(event, shared)]
+
+
 class DirectReader:
     """A reader the producer writes to while it is parked on a log. Subclasses say how a
     write starts (:meth:`start_write`); `encoding` names the encoding so that readers that

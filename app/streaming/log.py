@@ -11,7 +11,7 @@ import asyncio
 from collections import deque
 from uuid import UUID
 
-from app.streaming.direct import DirectReader
+from app.streaming.direct import DirectReader, deliver_to
 from app.streaming.events import ANSWER_EVENTS, GenerationEvent, Snapshot, fold, is_terminal
 from app.streaming.parts import AnswerParts, text_of
 from app.streaming.wakeup import Wakeup
@@ -53,8 +53,7 @@ class GenerationLog:
                 self._idle_timer.cancel()
                 self._idle_timer = None
         if self._parked:
-            shared: dict[object, bytes] = {}  # each encoding once, for every parked reader
-            self._parked = [reader for reader in self._parked if reader.deliver(event, shared)]
+            self._parked = deliver_to(self._parked, event)
         self._wakeup.wake()
 
     def park(self, reader: DirectReader, seq: int) -> bool:

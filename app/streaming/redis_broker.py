@@ -55,7 +55,7 @@ from redis.typing import EncodableT, KeyT, StreamIdT
 
 from app.streaming.broker import BrokerUnavailable, ConversationFeed, ConversationFeeds
 from app.streaming.control import ControlMessage, control_decoder, control_encoder
-from app.streaming.direct import DirectReader
+from app.streaming.direct import DirectReader, deliver_to
 from app.streaming.events import (
     GenerationEvent,
     PartDelta,
@@ -256,8 +256,7 @@ class _Watch:
         for event in batch:
             if not self.parked:
                 return
-            shared: dict[object, bytes] = {}
-            self.parked = [reader for reader in self.parked if reader.deliver(event, shared)]
+            self.parked = deliver_to(self.parked, event)
 
     def hand_back(self) -> None:
         """Every parked reader's task runs again, and reads for itself."""

@@ -83,12 +83,16 @@ def _done(seq: int) -> GenerationEvent:
     return Done(generation_id=GID, conversation_id=CID, seq=seq, message_id=uuid.uuid4(), token_count=seq - 2)
 
 
-async def _parked(broker: InProcessBroker, *writers: Writer) -> None:
+async def _reading(broker: InProcessBroker, *writers: Writer) -> list[asyncio.Task[None]]:
+    """Open the log and start each writer's reader task; returns once every one is parked."""
+    core = _core(broker)
+    await broker.open_log(GID, CID)
+    readers = [asyncio.create_task(writer.read(core)) for writer in writers]
     log = broker.log(GID)
     assert log is not None
     for _ in range(20):  # loop turns, not time: each reader's task reaches its first wait
         if len(log._parked) == len(writers):
-            return
+            return readers
         await asyncio.sleep(0)
     raise AssertionError("the readers did not park")
 
@@ -110,7 +114,11 @@ async def test_start_runs_a_send_that_need_not_wait_here_and_hands_on_one_that_m
 
     rest = start(slow())
     assert rest is not None and ran[-1] == "slow begins"
-    finishing = asyncio.ensure_future(rest)  # type: ignore[arg-type]
+
+    async def finish() -> None:
+        await rest
+
+    finishing = asyncio.ensure_future(finish())
     await asyncio.sleep(0)
     gate.set()
     await finishing
@@ -143,11 +151,8 @@ async def test_a_cancel_of_the_task_finishing_a_write_goes_into_the_write() -> N
 
 async def test_a_caught_up_reader_is_written_by_the_append_itself() -> None:
     broker = InProcessBroker()
-    core = _core(broker)
-    await broker.open_log(GID, CID)
     writer = Writer()
-    reader = asyncio.create_task(writer.read(core))
-    await _parked(broker, writer)
+    [reader] = await _reading(broker, writer)
     for seq in (1, 2, 3):
         await broker.append(_event(seq))  # never yields to the reader's task
         assert writer.written[-1] == seq
@@ -158,12 +163,9 @@ async def test_a_caught_up_reader_is_written_by_the_append_itself() -> None:
 
 async def test_a_reader_that_lags_gets_every_event_once_while_the_others_are_written_directly() -> None:
     broker = InProcessBroker(retain=1000)
-    core = _core(broker)
-    await broker.open_log(GID, CID)
     gate = asyncio.Event()
     fast, slow = Writer(), Writer(gate)
-    readers = [asyncio.create_task(writer.read(core)) for writer in (fast, slow)]
-    await _parked(broker, fast, slow)
+    readers = await _reading(broker, fast, slow)
     for seq in range(1, 61):
         await broker.append(_event(seq))
         if seq == 30:
@@ -181,11 +183,8 @@ async def test_a_reader_that_lags_gets_every_event_once_while_the_others_are_wri
 
 async def test_a_stopped_reader_is_not_written_to_and_its_follow_ends() -> None:
     broker = InProcessBroker()
-    core = _core(broker)
-    await broker.open_log(GID, CID)
     writer = Writer()
-    reader = asyncio.create_task(writer.read(core))
-    await _parked(broker, writer)
+    [reader] = await _reading(broker, writer)
     await broker.append(_event(1))
     writer.stop()  # e.g. its key was revoked
     await broker.append(_event(2))
@@ -197,11 +196,8 @@ async def test_a_stopped_reader_is_not_written_to_and_its_follow_ends() -> None:
 
 async def test_a_reader_that_leaves_while_parked_is_forgotten() -> None:
     broker = InProcessBroker()
-    core = _core(broker)
-    await broker.open_log(GID, CID)
     writer = Writer()
-    reader = asyncio.create_task(writer.read(core))
-    await _parked(broker, writer)
+    [reader] = await _reading(broker, writer)
     reader.cancel()
     with pytest.raises(asyncio.CancelledError):
         await reader

@@ -1,6 +1,7 @@
 """Test setup shared by every test.
 
-A uniquely named PostgreSQL database is created for the run (and dropped after);
+A uniquely named PostgreSQL database is created for the run (one per test worker: the
+suite runs in parallel with pytest-xdist) and dropped after;
 `DATABASE_URL` points at it before any app module is imported, because Piccolo
 reads the engine from `piccolo_conf` at first use. Its schema is made by the
 stock `piccolo` CLI. Tests that also run on SQLite take the `db` fixture.
@@ -79,13 +80,20 @@ def drop_database(name: str) -> None:
     asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
+def _runs_tests(config: pytest.Config) -> bool:
+    """False in pytest-xdist's controlling process, which only hands tests to the workers."""
+    return hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None)
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
-    create_database(TEST_DB)
-    piccolo_cli("migrations", "forwards", "all", env=postgres_env(TEST_DB))
+    if _runs_tests(session.config):
+        create_database(TEST_DB)
+        piccolo_cli("migrations", "forwards", "all", env=postgres_env(TEST_DB))
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    drop_database(TEST_DB)
+    if _runs_tests(session.config):
+        drop_database(TEST_DB)
 
 
 @pytest.fixture

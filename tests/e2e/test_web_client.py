@@ -8,9 +8,11 @@ and `wait_for_function`), bounded by `STEP`. Screenshots of the main states go t
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -48,9 +50,15 @@ def ensure_chromium() -> None:
     if Path(CHROMIUM).exists():
         return
     if os.geteuid() == 0 and shutil.which("apt-get"):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update"], check=False, capture_output=True, timeout=600, env=env)
-        subprocess.run(["apt-get", "install", "-y", "chromium"], check=False, capture_output=True, timeout=900, env=env)
+        # One test worker installs; the others wait for it (apt allows one install at a time).
+        with open(Path(tempfile.gettempdir()) / "chatstream-tests-chromium.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not Path(CHROMIUM).exists():
+                env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+                subprocess.run(["apt-get", "update"], check=False, capture_output=True, timeout=600, env=env)
+                subprocess.run(
+                    ["apt-get", "install", "-y", "chromium"], check=False, capture_output=True, timeout=900, env=env
+                )
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} is not installed: run `apt-get install chromium` (as root)")
 

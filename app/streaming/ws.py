@@ -137,8 +137,11 @@ class Codec:
         return self.encode(event)
 
     def send_encoded(self, socket: WebSocket[Any, Any, Any], data: bytes) -> Awaitable[None]:
-        """Send one frame made by :meth:`encode`."""
-        return socket.send_bytes(data) if self.msgpack else socket.send_text(data.decode())
+        """Send one frame made by :meth:`encode` (the ASGI message itself: `send_text` and
+        `send_data` would add two coroutines to every token)."""
+        if self.msgpack:
+            return socket.send({"type": "websocket.send", "bytes": data, "text": None})
+        return socket.send({"type": "websocket.send", "bytes": None, "text": data.decode()})
 
     async def send(self, socket: WebSocket[Any, Any, Any], frame: OutgoingFrame) -> None:
         await self.send_encoded(socket, self.encode(frame))

@@ -25,7 +25,8 @@ def _config(value: Any) -> dict[str, Any]:
     return dict(value or {})
 
 
-def _agent_out(row: dict[str, Any]) -> AgentOut:
+def agent_out(row: dict[str, Any]) -> AgentOut:
+    """An `agent` row (its columns' names as keys) as the API gives it."""
     return AgentOut(
         id=row["id"],
         name=row["name"],
@@ -48,7 +49,7 @@ def checked_config(adapter: str, config: dict[str, Any]) -> dict[str, Any]:
 async def list_agents(company_id: UUID) -> list[AgentOut]:
     """The company's agents, oldest first."""
     rows = await Agent.select().where(Agent.company == company_id).order_by(Agent.created_at)
-    return [_agent_out(r) for r in rows]
+    return [agent_out(r) for r in rows]
 
 
 async def listed_agents(company_id: UUID, *, with_config: bool) -> list[AgentListed]:
@@ -74,7 +75,7 @@ async def get_agent(company_id: UUID, agent_id: UUID) -> AgentOut:
     )
     if not rows:
         raise NotFound("agent not found", details={"agentId": str(agent_id)})
-    return _agent_out(rows[0])
+    return agent_out(rows[0])
 
 
 async def create_agent(company_id: UUID, data: AgentCreate) -> AgentOut:

@@ -8,10 +8,15 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from app.auth.principal import Principal
-from app.chat.conversations import MARK_LAST_MESSAGE, conversation_not_found, load_conversation, mark_last_message
+from app.chat.conversations import (
+    MARK_LAST_MESSAGE,
+    conversation_not_found,
+    load_agent_of,
+    load_conversation,
+    mark_last_message,
+)
 from app.chat.generations import (
     GenerationBusy,
-    agent_of,
     create_running,
     generation_for_message,
     generation_out,
@@ -125,7 +130,7 @@ async def post_message(
     so does a key over its message rate or its running answers (429)."""
     core.quotas.messages.check(principal.key_id)
     _check_grace(principal, data.disconnect_grace, core.policy.disconnect_grace)
-    conversation = await load_conversation(principal, conversation_id)
+    agent = await load_agent_of(principal, conversation_id)
     _check_content(data.content)
     check_text("clientMessageId", data.client_message_id)
     if data.client_message_id is not None and data.client_message_id.startswith(TOOL_RESULT_ID_PREFIX):
@@ -135,7 +140,8 @@ async def post_message(
         if existing is not None:
             return await _replay(existing, principal, data), False
     policy = core.policy_for(if_busy=data.if_busy, partial=data.partial, disconnect_grace=data.disconnect_grace)
-    agent = await agent_of(conversation) if data.reply else None
+    if not data.reply:
+        agent = None
     if agent is not None and policy.if_busy == "interrupt":
         running = await running_generation(conversation_id)
         if running is not None:

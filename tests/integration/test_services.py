@@ -28,6 +28,7 @@ from app.chat.conversations import (
     delete_conversation,
     get_conversation,
     list_conversations,
+    load_agent_of,
     update_conversation,
 )
 from app.chat.messages import edit_message, history, list_messages, post_message
@@ -181,6 +182,25 @@ async def test_get_conversation(db: str) -> None:
     assert await get_conversation(alice, created.id) == created
     with pytest.raises(NotFound):
         await get_conversation(alice, uuid.uuid4())
+
+
+async def test_load_agent_of_scopes_the_conversation_like_get(db: str) -> None:
+    """The agent of a conversation the caller may see, None without one; NotFound for a
+    conversation of another member or company, or none at all."""
+    t = await make_tenant()
+    other = await make_tenant()
+    alice, bob = t.principals["alice"], t.principals["bob"]
+    with_agent = await new_conversation(alice, agent_id=t.agent_id)
+    agent = await load_agent_of(alice, with_agent.id)
+    assert agent == await get_agent(t.company_id, t.agent_id)
+    assert await load_agent_of(alice, (await new_conversation(alice)).id) is None
+    for caller, conversation_id in (
+        (bob, with_agent.id),
+        (other.principals["alice"], with_agent.id),
+        (alice, uuid.uuid4()),
+    ):
+        with pytest.raises(NotFound):
+            await load_agent_of(caller, conversation_id)
 
 
 async def test_list_is_newest_activity_first_and_a_new_message_moves_to_top(db: str) -> None:

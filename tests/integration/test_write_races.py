@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import uuid
 from typing import Any
+from uuid import UUID
 
 import httpx
 import pytest
 
+from app.auth.principal import Principal
 from app.auth.schemas import ApiKeyCreate
 from app.auth.service import create_key
 from app.chat import messages
@@ -79,14 +81,14 @@ async def test_post_while_the_conversation_is_deleted_is_404(
     tenant = await make_tenant()
     alice = tenant.principals["alice"]
     conversation = await create_conversation(alice, ConversationCreate(title="t", agent_id=tenant.agent_id))
-    agent_of = messages.agent_of
+    load_agent_of = messages.load_agent_of
 
-    async def delete_then_agent(row: dict[str, Any]) -> Any:
-        agent = await agent_of(row)
+    async def delete_then_agent(principal: Principal, conversation_id: UUID) -> Any:
+        agent = await load_agent_of(principal, conversation_id)
         await Conversation.delete().where(Conversation.id == conversation.id)
         return agent
 
-    monkeypatch.setattr(messages, "agent_of", delete_then_agent)
+    monkeypatch.setattr(messages, "load_agent_of", delete_then_agent)
     with pytest.raises(NotFound) as caught:
         await post_message(alice, conversation.id, MessageCreate(content="hi"), core)
     assert caught.value.details == {"conversationId": str(conversation.id)}

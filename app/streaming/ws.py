@@ -37,7 +37,7 @@ from app.chat.tool_results import post_tool_result
 from app.config import Settings, get_settings
 from app.errors import ApiError, Unauthorized
 from app.http_security import same_origin_request
-from app.streaming.broker import BrokerUnavailable, FeedOverflow
+from app.streaming.broker import BrokerUnavailable, ConversationFeed, FeedOverflow
 from app.streaming.core import StreamingCore
 from app.streaming.direct import DirectReader, start
 from app.streaming.events import Cursor, GenerationEvent, json_encoder
@@ -378,12 +378,21 @@ class Session:
             return await self._violation(frame.ref, "too_many_subscriptions", f"at most {limit} per socket")
         conversation = await load_conversation(self.principal, cid)
         cursor = Cursor.parse(frame.after, "after", source="frame") if frame.after else None
-        first = await self.core.resolve_stream(
-            conversation, cursor, start_unanswered=False, cursor_field="after", cursor_source="frame"
-        )
-        await self._end_subscription(cid)  # a new subscribe replaces the old one, after it has stopped
-        await self.deliver([Ack(ref=frame.ref, conversation_id=cid)])
-        self.subscriptions[cid] = asyncio.create_task(self._follow_conversation(cid, first))
+        # The feed opens first: an answer that starts from here on is announced in it, one that
+        # started before is found by the lookup of the running answer that follows.
+        feed = self.core.open_feed(cid)
+        try:
+            first = await self.core.resolve_stream(
+                conversation, cursor, start_unanswered=False, cursor_field="after", cursor_source="frame"
+            )
+            # resolve_stream looked up the running answer unless the cursor named another one.
+            look_again = cursor is not None
+            await self._end_subscription(cid)  # a new subscribe replaces the old one, after it has stopped
+            await self.deliver([Ack(ref=frame.ref, conversation_id=cid)])
+        except BaseException:
+            self.core.close_feed(feed)
+            raise
+        self.subscriptions[cid] = asyncio.create_task(self._follow_conversation(cid, feed, first, look_again))
 
     async def _end_subscription(self, conversation_id: UUID) -> None:
         """Stop following a conversation; returns once nothing more of it can be queued."""
@@ -394,8 +403,12 @@ class Session:
 
     # -- subscriptions -------------------------------------------------------------------
 
-    async def _follow_conversation(self, conversation_id: UUID, first: tuple[UUID, int] | None) -> None:
-        feed = self.core.open_feed(conversation_id)
+    async def _follow_conversation(
+        self, conversation_id: UUID, feed: ConversationFeed, first: tuple[UUID, int] | None, look_again: bool
+    ) -> None:
+        """Forward the conversation's events (from `feed`, closed at the end) and follow its
+        answers: `first`, then whatever starts; with `look_again`, also the answer running now
+        (when `first` came from a cursor, a newer answer may run)."""
         answers: dict[UUID, asyncio.Task[None]] = {}
 
         def follow(generation_id: UUID, after: int) -> None:
@@ -405,7 +418,7 @@ class Session:
         try:
             if first is not None:
                 follow(*first)
-            running = await running_generation(conversation_id)
+            running = await running_generation(conversation_id) if look_again else None
             if running is not None:
                 follow(running["id"], 0)
             while True:

@@ -897,6 +897,30 @@ async def test_resume_with_a_cursor_from_this_socket(
         assert finished.pending == []
 
 
+async def test_a_cursor_of_an_ended_answer_also_follows_the_newer_running_one(
+    server: LiveServer, http: httpx.AsyncClient, acme: Tenant, encoding: str
+) -> None:
+    """Rule: subscribing with the cursor of an answer that ended while the client was away
+    gives the rest of that answer and then the conversation's newer running answer too."""
+    agent = await make_agent(acme, 0.05)
+    conversation = await new_conversation(http, acme, agent)
+    alice = acme.headers("alice")
+    async with open_socket(server, encoding, alice) as first:
+        await first.ack(subscribe(conversation))
+        older = (await first.ack(send(conversation, words(6), "older")))["generation"]["id"]
+        seen = await first.events(older, 2)
+    assert (await settled(http, acme, older))["status"] == "done"
+    newer = (await post_message(http, acme, conversation, words(200)))["generation"]["id"]  # 10 s of answer
+    async with open_socket(server, encoding, alice) as again:
+        await again.ack(subscribe(conversation, after=cursor_of(seen[-1])))
+        rest = await again.answer(older)
+        assert_whole_answer(seen + rest, conversation)
+        started = await again.events(newer, 2)
+        assert seqs(started)[0] == 1 and started[0]["type"] == "start"
+        await again.ack({"type": "cancel", "generationId": newer})
+        assert (await again.answer(newer))[-1]["type"] == "cancelled"
+
+
 async def test_resume_from_an_sse_cursor_and_sse_agrees_with_ws(
     server: LiveServer, http: httpx.AsyncClient, acme: Tenant, encoding: str
 ) -> None:

@@ -54,13 +54,14 @@ def conversation_not_found(conversation_id: UUID) -> NotFound:
     return NotFound("conversation not found", details={"conversationId": str(conversation_id)})
 
 
-async def load_conversation(principal: Principal, conversation_id: UUID) -> dict[str, Any]:
-    """The conversation row if the caller may see it, else NotFound (the scoping of
-    :func:`_scoped`, written out: every request about a conversation runs it)."""
-    sql = f'SELECT {columns_of(Conversation)} FROM "conversation" WHERE "id" = {{}} AND "company" = {{}}'
+async def _visible(principal: Principal, conversation_id: UUID, select: str) -> dict[str, Any]:
+    """The row of `select` (`SELECT … FROM "conversation" c …`, no WHERE) for the conversation
+    if the caller may see it, else NotFound: the scoping of :func:`_scoped`, written out
+    (every request about a conversation runs it)."""
+    sql = select + ' WHERE c."id" = {} AND c."company" = {}'
     args: list[Any] = [conversation_id, principal.company_id]
     if not principal.is_admin:
-        sql += ' AND "owner_id" = {}'
+        sql += ' AND c."owner_id" = {}'
         args.append(principal.user_id)
     rows = await Conversation.raw(sql, *args)
     if not rows:
@@ -69,28 +70,24 @@ async def load_conversation(principal: Principal, conversation_id: UUID) -> dict
     return row
 
 
+async def load_conversation(principal: Principal, conversation_id: UUID) -> dict[str, Any]:
+    """The conversation row if the caller may see it, else NotFound."""
+    return await _visible(principal, conversation_id, f'SELECT {columns_of(Conversation)} FROM "conversation" c')
+
+
 @cache
 def _agent_sql() -> str:
     # LEFT JOIN: a visible conversation without an agent is one row of nulls, an invisible one none.
     agent = ",".join(f'a."{c._meta.db_column_name}"' for c in Agent._meta.columns)
-    return (
-        f'SELECT {agent} FROM "conversation" c LEFT JOIN "agent" a ON a."id" = c."agent" AND a."company" = c."company" '
-        'WHERE c."id" = {} AND c."company" = {}'
-    )
+    join = 'LEFT JOIN "agent" a ON a."id" = c."agent" AND a."company" = c."company"'
+    return f'SELECT {agent} FROM "conversation" c {join}'
 
 
 async def load_agent_of(principal: Principal, conversation_id: UUID) -> AgentOut | None:
     """The agent of a conversation the caller may see (None when it has none), else NotFound
     as :func:`load_conversation`: one statement for what every posted message needs."""
-    sql = _agent_sql()
-    args: list[Any] = [conversation_id, principal.company_id]
-    if not principal.is_admin:
-        sql += ' AND c."owner_id" = {}'
-        args.append(principal.user_id)
-    rows = await Conversation.raw(sql, *args)
-    if not rows:
-        raise conversation_not_found(conversation_id)
-    return agent_out(rows[0]) if rows[0]["id"] is not None else None
+    row = await _visible(principal, conversation_id, _agent_sql())
+    return agent_out(row) if row["id"] is not None else None
 
 
 # Its arguments: the time, the conversation id. Also a part of the one-statement start and

@@ -130,7 +130,7 @@ async def post_message(
     so does a key over its message rate or its running answers (429)."""
     core.quotas.messages.check(principal.key_id)
     _check_grace(principal, data.disconnect_grace, core.policy.disconnect_grace)
-    agent = await load_agent_of(principal, conversation_id)
+    agent = await load_agent_of(principal, conversation_id)  # 404 unless the caller may see the conversation
     _check_content(data.content)
     check_text("clientMessageId", data.client_message_id)
     if data.client_message_id is not None and data.client_message_id.startswith(TOOL_RESULT_ID_PREFIX):
@@ -140,7 +140,7 @@ async def post_message(
         if existing is not None:
             return await _replay(existing, principal, data), False
     policy = core.policy_for(if_busy=data.if_busy, partial=data.partial, disconnect_grace=data.disconnect_grace)
-    if not data.reply:
+    if not data.reply:  # stored without an answer
         agent = None
     if agent is not None and policy.if_busy == "interrupt":
         running = await running_generation(conversation_id)

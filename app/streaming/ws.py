@@ -1,13 +1,14 @@
 """WebSocket transport: `GET /api/ws` — one socket per client, many conversations.
 
-Each socket has a reader (client frames, checked against the limits, then done), one
-writer (the only task that sends), and per subscribed conversation a task that
-forwards the conversation's feed and follows its answers through the core, exactly
-like an SSE reader. Everything to send goes through one bounded outbox: a peer that
-leaves it full for `ws_send_timeout` seconds is told (`error` code `too_slow`) and
+Each socket has a reader (client frames, checked against the limits, then done) and per
+subscribed conversation a task that forwards the conversation's feed and follows its
+answers through the core, exactly like an SSE reader. Everything to send goes through one
+bounded outbox, sent in order by a task that runs only while the outbox has frames (an
+idle socket holds no writer task and no queue: memory per open socket). A peer that
+leaves the outbox full for `ws_send_timeout` seconds is told (`error` code `too_slow`) and
 closed with 1013; it resumes with its cursors and loses nothing. The exception: while the
-outbox is empty and the writer idle, the producer of an answer writes the answer's next
-event itself (app/streaming/direct.py), without waking the answer's task or the writer.
+outbox is empty and nothing is being sent, the producer of an answer writes the answer's
+next event itself (app/streaming/direct.py), without waking the answer's task.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ CLOSE_UNAUTHORIZED = 4401
 CLOSE_ORIGIN_REFUSED = 4403
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_TRY_AGAIN_LATER = 1013
+CLOSE_INTERNAL_ERROR = 1011
 # Limit violations in a row (a valid frame resets the count) before the socket is closed.
 MAX_VIOLATIONS_IN_A_ROW = 5
 # Batches waiting for the writer; each batch is whatever piled up for one reader.
@@ -158,7 +160,7 @@ class _AnswerWriter(DirectReader):
 
     def start_write(self, data: bytes) -> Awaitable[None] | None:
         session = self.session
-        if session.sending or not session.outbox.empty() or session.closing.done():
+        if session.sending or session.outbox or session.closing.done():
             return session.deliver(data)
         rest = start(session.codec.send_encoded(session.socket, data))
         return None if rest is None else session.finish_send(rest)
@@ -180,10 +182,13 @@ class Session:
         self.core = core
         self.codec = codec
         self.settings = settings
-        # Batches of frames, or one frame already encoded (an answer's event the producer
-        # could not write itself).
-        self.outbox: asyncio.Queue[Sequence[OutgoingFrame] | bytes] = asyncio.Queue(OUTBOX_BATCHES)
-        # Frames being written (the writer's, or one the producer began): while there are
+        # What waits to be sent, in order: batches of frames, or one frame already encoded (an
+        # answer's event the producer could not write itself). `draining` sends it while it has
+        # any; `room` is set when a full outbox has room again.
+        self.outbox: deque[Sequence[OutgoingFrame] | bytes] = deque()
+        self.draining: asyncio.Task[None] | None = None
+        self.room: asyncio.Future[None] | None = None
+        # Frames being written (the outbox's, or one the producer began): while there are
         # any, an answer's next event queues behind them instead of being written directly.
         self.sending = 0
         self.subscriptions: dict[UUID, asyncio.Task[None]] = {}
@@ -204,14 +209,16 @@ class Session:
 
     async def _serve(self) -> None:
         reader = asyncio.create_task(self._read_loop())
-        writer = asyncio.create_task(self._write_loop())
         try:
-            waiting: set[asyncio.Future[Any]] = {reader, writer, self.closing}
+            waiting: set[asyncio.Future[Any]] = {reader, self.closing}
             await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (reader, writer, *self.subscriptions.values()):
+            tasks = [reader, *self.subscriptions.values()]
+            if self.draining is not None:
+                tasks.append(self.draining)
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(reader, writer, *self.subscriptions.values(), return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
         if self.closing.done():
             await self._close(self.closing.result())
 
@@ -228,18 +235,28 @@ class Session:
                     await self.codec.send(self.socket, closing.notice)
                 await self.socket.close(closing.code, closing.reason)
 
-    async def _write_loop(self) -> None:
-        while True:
-            batch = await self.outbox.get()
-            self.sending += 1
-            try:
-                if isinstance(batch, bytes):
-                    await self.codec.send_encoded(self.socket, batch)
-                else:
-                    for frame in batch:
-                        await self.codec.send(self.socket, frame)
-            finally:
-                self.sending -= 1
+    async def _drain(self) -> None:
+        """Send the outbox in order until it is empty, then end (the next `deliver` starts
+        another). A send that fails (the peer is gone) ends the session."""
+        try:
+            while self.outbox:
+                batch = self.outbox.popleft()
+                if self.room is not None:
+                    self.room.set_result(None)
+                    self.room = None
+                self.sending += 1
+                try:
+                    if isinstance(batch, bytes):
+                        await self.codec.send_encoded(self.socket, batch)
+                    else:
+                        for frame in batch:
+                            await self.codec.send(self.socket, frame)
+                finally:
+                    self.sending -= 1
+        except Exception:  # noqa: BLE001 - the peer is gone, or a frame could not be sent: the session ends
+            self.close_later(SocketClosing(CLOSE_INTERNAL_ERROR, "sending failed"))
+        finally:
+            self.draining = None
 
     async def finish_send(self, rest: Awaitable[None]) -> None:
         """Finish a frame the producer began to write (the peer reads slowly): within
@@ -255,17 +272,22 @@ class Session:
             self.sending -= 1
 
     async def deliver(self, frames: Sequence[OutgoingFrame] | bytes) -> None:
-        """Queue frames (or one encoded frame) for the writer; a peer that keeps the queue
-        full too long is too slow."""
-        if not self.outbox.full():  # the usual case: no timer armed per batch
-            self.outbox.put_nowait(frames)
-            return
-        try:
-            async with asyncio.timeout(self.settings.ws_send_timeout):
-                await self.outbox.put(frames)
-        except TimeoutError:
-            self.close_later(too_slow())
-            raise asyncio.CancelledError from None
+        """Queue frames (or one encoded frame) to be sent after what is queued already; a
+        peer that keeps the outbox full for `ws_send_timeout` is too slow."""
+        if len(self.outbox) >= OUTBOX_BATCHES:  # not the usual case: no timer armed per batch
+            try:
+                async with asyncio.timeout(self.settings.ws_send_timeout):
+                    while len(self.outbox) >= OUTBOX_BATCHES:
+                        if self.room is None:
+                            self.room = asyncio.get_running_loop().create_future()
+                        # Shielded: the future is shared by every task waiting for room.
+                        await asyncio.shield(self.room)
+            except TimeoutError:
+                self.close_later(too_slow())
+                raise asyncio.CancelledError from None
+        self.outbox.append(frames)
+        if self.draining is None:
+            self.draining = asyncio.create_task(self._drain())
 
     # -- client frames -------------------------------------------------------------------
 

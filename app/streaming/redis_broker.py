@@ -51,7 +51,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.typing import EncodableT, KeyT, StreamIdT
+from redis.typing import EncodableT, KeyT
 
 from app.streaming.broker import BrokerUnavailable, ConversationFeed, ConversationFeeds
 from app.streaming.control import ControlMessage, control_decoder, control_encoder
@@ -85,6 +85,7 @@ COMMAND_TIMEOUT = 5.0
 # The reading loop's XREAD BLOCK. It only bounds how long a silently dead connection can go
 # unnoticed: the loop is woken at once when it must follow a new stream.
 BLOCK_MS = 5_000
+_XREAD = (b"XREAD", b"BLOCK", b"%d" % BLOCK_MS, b"STREAMS")
 # Reconnection backoff of the background loops (the first retry after a working period is immediate).
 BACKOFF_MIN = 0.05
 BACKOFF_MAX = 2.0
@@ -107,9 +108,10 @@ _CONVERSATION_DECODERS: dict[str, msgspec.json.Decoder[Any]] = {
 # back every 64 events (not at every token: that was the largest part of Redis's cost per token),
 # and set on the text and parts keys when their first append creates them.
 _APPEND = """
-local last = redis.call('HGET', KEYS[1], 'last')
+local meta = redis.call('HMGET', KEYS[1], 'last', 'closed')
+local last = meta[1]
 if not last then return redis.error_reply('UNKNOWN no such generation log') end
-if redis.call('HGET', KEYS[1], 'closed') == '1' then return redis.error_reply('ENDED the generation ended') end
+if meta[2] == '1' then return redis.error_reply('ENDED the generation ended') end
 if tonumber(ARGV[1]) > tonumber(last) + 1 then return redis.error_reply('ORDER a seq is missing') end
 -- The explicit id makes Redis itself refuse a duplicated or reordered event (seq <= last).
 redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[5], '0-' .. ARGV[1], 'e', ARGV[2])
@@ -162,6 +164,12 @@ if total > 0 then
 end
 return total
 """
+
+
+def _resp(*args: bytes) -> bytes:
+    """A command as Redis reads it (RESP), for bytes arguments: what redis-py's pack_command
+    makes, at a quarter of its cost (an XREAD has two arguments per stream read)."""
+    return b"*%d\r\n" % len(args) + b"".join([b"$%d\r\n%s\r\n" % (len(arg), arg) for arg in args])
 
 
 def _append_error(event: GenerationEvent, error: Exception) -> Exception:
@@ -324,9 +332,6 @@ class RedisBroker:
             retry=Retry(NoBackoff(), 0),
             **common,
         )
-        # The reading loop takes XREAD's reply as it comes: redis-py's reshaping of it into
-        # tuples and dicts was a large part of a reading process's CPU.
-        self._reader.set_response_callback("XREAD", lambda response, **_: response)
         # Heartbeats on a connection of their own: a process whose command pool is busy (under
         # load) must not look dead to the others.
         self._heartbeat_redis = Redis.from_url(
@@ -699,10 +704,9 @@ class RedisBroker:
                 watch.drop()
                 del self._watches[generation_id]
         watches = {watch.key: watch for watch in self._watches.values() if not watch.closed}
-        streams: dict[KeyT, StreamIdT] = {self._wake_key: self._wake_id}
-        streams.update((key, b"0-%d" % watch.pos) for key, watch in watches.items())
-        response = await self._reader.xread(streams, block=BLOCK_MS)
-        # The raw reply (see __init__): {stream: [[id, [field, value]], ...]} (RESP3) or [[stream, entries], ...].
+        ids = [b"0-%d" % watch.pos for watch in watches.values()]
+        response = await self._xread(_resp(*_XREAD, self._wake_key.encode(), *watches, self._wake_id, *ids))
+        # {stream: [[id, [field, value]], ...]} (RESP3) or [[stream, entries], ...].
         items: list[Any] = list(response.items()) if isinstance(response, dict) else list(response or [])
         for key, entries in items:
             if not entries:
@@ -720,6 +724,22 @@ class RedisBroker:
             read.closed = is_terminal(batch[-1])
             read.deliver(batch, read.batch_from is not None)
             read.wake()
+
+    async def _xread(self, command: bytes) -> Any:
+        """Send the reading loop's XREAD (packed by :func:`_resp`) on its own connection and
+        return the reply as Redis gave it (redis-py's reshaping into tuples and dicts, and its
+        packing of two arguments per stream, were most of a reading process's CPU). An error
+        drops the connection: the next XREAD reconnects."""
+        await self._reader.initialize()
+        connection = self._reader.connection
+        assert connection is not None  # a single-connection client has one once initialized
+        try:
+            await connection.send_packed_command(command, check_health=False)
+            return await connection.read_response()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await connection.disconnect()
+            raise
 
     def _fail_watches(self, reason: str) -> None:
         """End every waiting read: they raise BrokerUnavailable(`reason`)."""

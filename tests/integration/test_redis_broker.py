@@ -225,7 +225,10 @@ async def test_a_refused_command_fails_only_its_caller_in_a_shared_pipeline(scop
     assert results[0] is None
     assert isinstance(results[1], ValueError)
     assert isinstance(results[2], KeyError)
-    assert results[3] == 1
+    # Not failed by the others' errors. 1 unless a test in another worker flushed Redis's scripts
+    # meanwhile (test_scripts_redis_lost_…): then the append ran again after it, and it read 0.
+    assert results[3] in (0, 1)
+    assert await broker.last_seq(g) == 1
 
 
 async def test_scripts_redis_lost_are_loaded_again_and_their_commands_run_once(scope: RedisScope) -> None:

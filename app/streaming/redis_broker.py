@@ -328,11 +328,13 @@ class RedisBroker:
         )
         self._redis = Redis(connection_pool=self._pool)
         # The loops' own connections, without retries: the loops handle errors (and reconnect) themselves.
+        # The reading loop bounds its XREAD itself (see _xread), hence no socket timeout here
+        # (redis-py's default is 5 s).
         self._reader = Redis.from_url(
             url,
             single_connection_client=True,
             client_name=self.client_name("reader"),
-            socket_timeout=BLOCK_MS / 1000 + COMMAND_TIMEOUT,
+            socket_timeout=None,
             retry=Retry(NoBackoff(), 0),
             **common,
         )
@@ -733,18 +735,18 @@ class RedisBroker:
     async def _xread(self, command: bytes) -> Any:
         """Send the reading loop's XREAD (packed by :func:`_resp`) on its own connection and
         return the reply as Redis gave it (redis-py's reshaping into tuples and dicts, and its
-        packing of two arguments per stream, were most of a reading process's CPU). An error
-        drops the connection: the next XREAD reconnects."""
-        await self._reader.initialize()
-        connection = self._reader.connection
-        assert connection is not None  # a single-connection client has one once initialized
-        try:
+        packing of two arguments per stream, were most of a reading process's CPU). On an error
+        or a cancellation redis-py drops the connection: the next XREAD reconnects.
+
+        Bounded by asyncio.timeout, not by a socket timeout: with one, redis-py sends through
+        asyncio.wait_for, which on Python 3.11 can swallow a cancellation that comes as the send
+        completes (the loop then outlived `close`). A dead connection raises TimeoutError."""
+        async with asyncio.timeout(BLOCK_MS / 1000 + COMMAND_TIMEOUT):
+            await self._reader.initialize()
+            connection = self._reader.connection
+            assert connection is not None  # a single-connection client has one once initialized
             await connection.send_packed_command(command, check_health=False)
             return await connection.read_response()
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await connection.disconnect()
-            raise
 
     def _fail_watches(self, reason: str) -> None:
         """End every waiting read: they raise BrokerUnavailable(`reason`)."""

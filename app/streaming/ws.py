@@ -286,7 +286,7 @@ class Session:
                 self.close_later(too_slow())
                 raise asyncio.CancelledError from None
         self.outbox.append(frames)
-        if self.draining is None:
+        if self.draining is None and not self.closing.done():  # a closing session sends no more
             self.draining = asyncio.create_task(self._drain())
 
     # -- client frames -------------------------------------------------------------------

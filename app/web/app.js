@@ -35,6 +35,7 @@
     deleteYes: $("delete-yes"),
     deleteNo: $("delete-no"),
     chatEmpty: $("chat-empty"),
+    chatAgent: $("chat-agent"),
     chatBody: $("chat-body"),
     messagesOlder: $("messages-older"),
     messageList: $("message-list"),
@@ -347,8 +348,7 @@
     }
     clearError();
     state.conversations.unshift(conversation);
-    await selectConversation(conversation);
-    el.input.focus();
+    await selectConversation(conversation); // which puts the focus in the composer
   }
 
   el.newConversation.addEventListener("submit", (event) => {
@@ -387,6 +387,7 @@
       el.chatEmpty.hidden = false;
       el.chatBody.hidden = true;
       el.composer.hidden = true;
+      el.chatAgent.hidden = true;
     }
     renderConversations();
   }
@@ -644,6 +645,14 @@
     el.chatBody.scrollTop = el.chatBody.scrollHeight;
   }
 
+  /** Says who answers in this conversation, or that nobody will (it has no agent). */
+  function showWhoAnswers(conversation) {
+    el.chatAgent.textContent = conversation.agentId
+      ? `Answers come from ${agentName(conversation.agentId)}.`
+      : "This conversation has no agent: nobody will answer here. Start a new conversation with an agent to get answers.";
+    el.chatAgent.hidden = false;
+  }
+
   async function selectConversation(conversation) {
     if (state.current && state.current.id === conversation.id) return;
     closeStream();
@@ -656,6 +665,8 @@
     el.chatEmpty.hidden = true;
     el.chatBody.hidden = false;
     el.composer.hidden = false;
+    showWhoAnswers(conversation);
+    el.input.focus(); // opening a conversation is to write in it
     el.messageList.replaceChildren();
     setStreaming(false);
     let page;
@@ -941,6 +952,16 @@
     if (content) content.id = `message-${messageId}-content`;
     addEditControl(bubble, { id: messageId, conversationId, role: "agent", effectiveContent: text });
   }
+
+  document.addEventListener("keydown", (event) => {
+    // Escape stops a running answer, unless it is closing something else first (a rename, an
+    // edit or the delete question handle their own Escape).
+    if (event.key !== "Escape" || event.defaultPrevented || el.stop.hidden || el.stop.disabled) return;
+    const owner = event.target instanceof Element ? event.target.closest("form, [role=group]") : null;
+    if (owner && owner !== el.composer) return;
+    event.preventDefault();
+    el.stop.click();
+  });
 
   el.stop.addEventListener("click", async () => {
     const s = state.stream;

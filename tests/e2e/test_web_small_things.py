@@ -1,0 +1,137 @@
+"""Small things a new user tripped over in the web client (issue #17, point 7): where the focus
+lands, Escape, who answers, the favicon. Same real server, Debian Chromium and rules as
+`test_web_client.py` (its fixtures are reused from there): every wait is on the page's own
+state, none is a sleep.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from playwright.async_api import Page, Response, expect
+
+from tests.e2e.test_web_client import (
+    browser,
+    current_conversation_id,
+    http,
+    new_conversation,
+    page,
+    server,
+    server_logs_are_clean,
+    shot,
+    sign_in,
+    slow_agent,
+    stored_messages,
+    words,
+)
+from tests.factories import Tenant
+from tests.integration.live_server import LiveServer
+
+pytestmark = pytest.mark.anyio
+
+# The shared fixtures, imported so pytest finds them in this module too.
+FIXTURES = (browser, http, page, server, server_logs_are_clean)
+
+
+async def test_opening_a_conversation_puts_the_focus_in_the_composer(
+    page: Page, server: LiveServer, acme: Tenant
+) -> None:
+    await slow_agent(acme)
+    await sign_in(page, server, acme.tokens["alice"])
+    await new_conversation(page, "Slow echo")
+    first = await current_conversation_id(page)
+    await new_conversation(page, "Slow echo")
+    # Back to the first one from the list, by keyboard: the focus follows to the composer.
+    await page.locator(f'#conversation-list button[data-id="{first}"]').focus()
+    await page.keyboard.press("Enter")
+    await expect(page.locator('#conversation-list button[aria-current="true"]')).to_have_attribute("data-id", first)
+    await expect(page.get_by_label("Message", exact=True)).to_be_focused()
+
+    # And after a reload, the conversation the tab had open comes back with the focus in it.
+    await page.reload()
+    await expect(page.get_by_label("Message", exact=True)).to_be_focused()
+
+
+async def test_escape_stops_a_running_answer(
+    page: Page, server: LiveServer, acme: Tenant, http: httpx.AsyncClient
+) -> None:
+    await slow_agent(acme)
+    await sign_in(page, server, acme.tokens["alice"])
+    await new_conversation(page, "Slow echo")
+    conversation_id = await current_conversation_id(page)
+    box = page.get_by_label("Message", exact=True)
+    await box.fill(words(200))
+    await box.press("Enter")
+    await page.wait_for_function(
+        "() => (document.querySelector('.message.agent.live .content')?.textContent || '').includes('w002')",
+        polling="raf",
+    )
+    await expect(box).to_be_focused()
+    await page.keyboard.press("Escape")
+
+    stopped = page.locator(".message.agent.stopped")
+    await expect(stopped).to_contain_text("Stopped")
+    await expect(page.get_by_role("button", name="Stop")).to_be_hidden()
+    stored = await stored_messages(http, acme, "alice", conversation_id)
+    assert [m["role"] for m in stored] == ["user", "agent"]
+    assert stored[1]["status"] == "partial"
+
+
+async def test_escape_in_the_rename_form_cancels_the_rename_and_leaves_the_answer_running(
+    page: Page, server: LiveServer, acme: Tenant
+) -> None:
+    await slow_agent(acme)
+    await sign_in(page, server, acme.tokens["alice"])
+    await new_conversation(page, "Slow echo")
+    box = page.get_by_label("Message", exact=True)
+    await box.fill(words(200))
+    await box.press("Enter")
+    await expect(page.get_by_role("button", name="Stop")).to_be_visible()
+    await page.get_by_role("button", name="Rename").click()
+    await page.keyboard.press("Escape")
+    await expect(page.get_by_role("button", name="Rename")).to_be_visible()  # the form closed
+    await expect(page.get_by_role("button", name="Stop")).to_be_visible()  # the answer runs on
+    await page.get_by_role("button", name="Stop").click()
+    await expect(page.locator(".message.agent.stopped")).to_contain_text("Stopped")
+
+
+async def test_the_conversation_says_who_answers_or_that_nobody_will(
+    page: Page, server: LiveServer, acme: Tenant
+) -> None:
+    await slow_agent(acme)
+    await sign_in(page, server, acme.tokens["alice"])
+    await new_conversation(page, "Slow echo")
+    who = page.locator("#chat-agent")
+    await expect(who).to_have_text("Answers come from Slow echo.")
+
+    await new_conversation(page, "No agent")
+    await expect(who).to_contain_text("nobody will answer here")
+    await shot(page, "conversation-without-agent")
+    # A message there is stored, and the page does not pretend an answer is coming.
+    box = page.get_by_label("Message", exact=True)
+    await box.fill("anyone there?")
+    await box.press("Enter")
+    await expect(page.locator(".message.user[data-id] .content")).to_have_text("anyone there?")
+    await expect(page.get_by_role("button", name="Stop")).to_be_hidden()
+    await expect(page.locator(".message.agent")).to_have_count(0)
+
+
+async def test_the_page_has_a_favicon_and_loads_without_a_failed_request(
+    page: Page, server: LiveServer, acme: Tenant, http: httpx.AsyncClient
+) -> None:
+    failed: list[str] = []
+
+    def note(response: Response) -> None:
+        if response.status >= 400:
+            failed.append(f"{response.status} {response.url}")
+
+    await sign_in(page, server, acme.tokens["alice"])
+    page.on("response", note)  # signed in: nothing of a load may fail (before, /api/me is a 401)
+    href = await page.locator('link[rel="icon"]').get_attribute("href")
+    assert href == "/favicon.svg"
+    icon = await http.get(href)
+    assert icon.status_code == 200
+    assert icon.headers["content-type"].startswith("image/svg+xml")
+    await page.reload()
+    await expect(page.locator("#app")).to_be_visible()
+    assert failed == []

@@ -46,6 +46,9 @@
     streamStatus: $("stream-status"),
   };
 
+  // The note under a stopped answer whose text was kept: the same live and after a reload.
+  const PARTIAL_KEPT = "Stopped. The partial answer was kept.";
+
   const state = {
     me: null,
     agents: [],
@@ -528,7 +531,7 @@
     }
     if (m.status === "partial") {
       li.classList.add("stopped");
-      li.append(note("Stopped before the end"));
+      li.append(note(PARTIAL_KEPT)); // as it read live (see openStream)
     }
     addEditControl(li, m);
     return li;
@@ -910,7 +913,7 @@
         bubble.dataset.id = data.messageId;
         streamedEditControl(bubble, data.messageId, conversationId, s.text);
       }
-      finish("stopped", kept ? "Stopped. The partial answer was kept." : "Stopped. The answer was discarded.");
+      finish("stopped", kept ? PARTIAL_KEPT : "Stopped. The answer was discarded.");
     });
     es.addEventListener("error", (event) => {
       if (state.stream !== s || unloading) return;

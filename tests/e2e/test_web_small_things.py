@@ -135,3 +135,42 @@ async def test_the_page_has_a_favicon_and_loads_without_a_failed_request(
     await page.reload()
     await expect(page.locator("#app")).to_be_visible()
     assert failed == []
+
+
+async def test_a_stopped_answer_reads_the_same_after_a_reload(page: Page, server: LiveServer, acme: Tenant) -> None:
+    await slow_agent(acme)
+    await sign_in(page, server, acme.tokens["alice"])
+    await new_conversation(page, "Slow echo")
+    box = page.get_by_label("Message", exact=True)
+    await box.fill(words(200))
+    await box.press("Enter")
+    await page.wait_for_function(
+        "() => (document.querySelector('.message.agent.live .content')?.textContent || '').includes('w002')",
+        polling="raf",
+    )
+    await page.get_by_role("button", name="Stop").click()
+    stopped = page.locator(".message.agent.stopped")
+    await expect(stopped).to_contain_text("Stopped. The partial answer was kept.")
+    live = await stopped.inner_text()
+
+    await page.reload()
+    await expect(stopped).to_have_count(1)
+    assert await stopped.inner_text() == live
+
+
+async def test_text_typed_for_a_conversation_deleted_elsewhere_is_kept(
+    page: Page, server: LiveServer, acme: Tenant, http: httpx.AsyncClient
+) -> None:
+    await slow_agent(acme)
+    await sign_in(page, server, acme.tokens["alice"])
+    await new_conversation(page, "Slow echo")
+    conversation_id = await current_conversation_id(page)
+    gone = await http.delete(f"/api/conversations/{conversation_id}", headers=acme.headers("alice"))
+    assert gone.status_code == 204
+    box = page.get_by_label("Message", exact=True)
+    await box.fill("a long thought I do not want to type again")
+    await box.press("Enter")
+    await expect(page.get_by_role("alert")).to_be_visible()  # the server's words: the conversation is gone
+    # The next conversation opened has the text waiting in its composer.
+    await new_conversation(page, "Slow echo")
+    await expect(box).to_have_value("a long thought I do not want to type again")

@@ -36,6 +36,8 @@
     deleteNo: $("delete-no"),
     chatEmpty: $("chat-empty"),
     chatAgent: $("chat-agent"),
+    conversationFilter: $("conversation-filter"),
+    conversationFilterEmpty: $("conversation-filter-empty"),
     chatBody: $("chat-body"),
     messagesOlder: $("messages-older"),
     messageList: $("message-list"),
@@ -300,8 +302,15 @@
   }
 
   function renderConversations() {
+    // The filter matches the titles shown (of the conversations loaded so far), in any case.
+    const wanted = el.conversationFilter.value.trim().toLowerCase();
+    const shown = wanted
+      ? state.conversations.filter((c) => conversationLabel(c).toLowerCase().includes(wanted))
+      : state.conversations;
+    el.conversationFilterEmpty.textContent =
+      wanted && !shown.length ? "No loaded conversation has a title like that." : "";
     el.conversationList.replaceChildren(
-      ...state.conversations.map((c) => {
+      ...shown.map((c) => {
         const li = document.createElement("li");
         const button = document.createElement("button");
         button.type = "button";
@@ -338,6 +347,7 @@
   }
 
   el.conversationsMore.addEventListener("click", () => loadConversations(false));
+  el.conversationFilter.addEventListener("input", renderConversations);
 
   async function createConversation() {
     const body = {};

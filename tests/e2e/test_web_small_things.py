@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from playwright.async_api import Page, Response, expect
+from playwright.async_api import Browser, Page, Response, expect
 
 from tests.e2e.test_web_client import (
+    DESKTOP,
+    STEP,
     browser,
     current_conversation_id,
     http,
@@ -174,3 +176,45 @@ async def test_text_typed_for_a_conversation_deleted_elsewhere_is_kept(
     # The next conversation opened has the text waiting in its composer.
     await new_conversation(page, "Slow echo")
     await expect(box).to_have_value("a long thought I do not want to type again")
+
+
+@pytest.mark.parametrize(("scheme", "background"), [("dark", "rgb(22, 23, 27)"), ("light", "rgb(247, 247, 248)")])
+async def test_the_theme_follows_the_system_setting(
+    browser: Browser, server: LiveServer, acme: Tenant, scheme: str, background: str
+) -> None:
+    context = await browser.new_context(viewport=DESKTOP, color_scheme=scheme)  # type: ignore[arg-type]
+    context.set_default_timeout(STEP)
+    try:
+        tab = await context.new_page()
+        await sign_in(tab, server, acme.tokens["alice"])
+        colors = await tab.evaluate(
+            "() => [getComputedStyle(document.documentElement).backgroundColor,"
+            " getComputedStyle(document.documentElement).color]"
+        )
+        assert colors[0] == background
+        assert colors[1] != colors[0]
+        await shot(tab, f"theme-{scheme}")
+    finally:
+        await context.close()
+
+
+async def test_the_conversation_list_filters_by_title(
+    page: Page, server: LiveServer, acme: Tenant, http: httpx.AsyncClient
+) -> None:
+    for title in ("Trip to Lisbon", "Budget 2027", "lisbon hotels"):
+        made = await http.post("/api/conversations", json={"title": title}, headers=acme.headers("alice"))
+        assert made.status_code == 201, made.text
+    await sign_in(page, server, acme.tokens["alice"])
+    titles = page.locator("#conversation-list .title")
+    await expect(titles).to_have_count(3)
+    search = page.get_by_label("Filter by title")
+    await search.fill("LISBON")
+    await expect(titles).to_have_text(["lisbon hotels", "Trip to Lisbon"])
+    await search.fill("nothing like it")
+    await expect(titles).to_have_count(0)
+    await expect(page.locator("#conversation-filter-empty")).to_have_text(
+        "No loaded conversation has a title like that."
+    )
+    await search.fill("")
+    await expect(titles).to_have_count(3)
+    await expect(page.locator("#conversation-filter-empty")).to_have_text("")

@@ -16,6 +16,7 @@
     app: $("app"),
     whoami: $("whoami"),
     logout: $("logout"),
+    toggleConversations: $("toggle-conversations"),
     alert: $("alert"),
     alertText: $("alert-text"),
     alertRetry: $("alert-retry"),
@@ -160,6 +161,7 @@
     el.app.hidden = true;
     el.logout.hidden = true;
     el.whoami.hidden = true;
+    el.toggleConversations.hidden = true;
     el.login.hidden = false;
     el.loginKey.focus();
   }
@@ -177,7 +179,23 @@
     const saved = sessionStorage.getItem("chatstream.current");
     const conversation = saved && state.conversations.find((c) => c.id === saved);
     if (conversation && !state.current) await selectConversation(conversation);
+    el.toggleConversations.hidden = false;
+    showConversations(!state.current); // a phone starts on the list when no conversation is open
   }
+
+  /** Phones show one panel at a time: the conversation list, or the chat (CSS, under 700px). */
+  function showConversations(on) {
+    el.app.classList.toggle("show-conversations", on);
+    el.toggleConversations.setAttribute("aria-expanded", String(on));
+    el.toggleConversations.textContent = on ? "Back to the chat" : "Conversations";
+    el.toggleConversations.disabled = on && !state.current; // nothing to go back to
+  }
+
+  el.toggleConversations.addEventListener("click", () => {
+    const on = !el.app.classList.contains("show-conversations");
+    showConversations(on);
+    if (on) el.agentSelect.focus();
+  });
 
   async function signIn(key) {
     const me = await api("POST", "/api/session", { key });
@@ -401,6 +419,7 @@
       el.chatBody.hidden = true;
       el.composer.hidden = true;
       el.chatAgent.hidden = true;
+      showConversations(true);
     }
     renderConversations();
   }
@@ -667,7 +686,11 @@
   }
 
   async function selectConversation(conversation) {
-    if (state.current && state.current.id === conversation.id) return;
+    if (state.current && state.current.id === conversation.id) {
+      showConversations(false); // back to it, on a phone
+      el.input.focus();
+      return;
+    }
     closeStream();
     state.current = conversation;
     state.olderCursor = null;
@@ -679,6 +702,7 @@
     el.chatBody.hidden = false;
     el.composer.hidden = false;
     showWhoAnswers(conversation);
+    showConversations(false);
     el.input.focus(); // opening a conversation is to write in it
     el.messageList.replaceChildren();
     setStreaming(false);
@@ -872,6 +896,7 @@
       bubble.removeAttribute("aria-busy");
       if (cls) bubble.classList.add(cls);
       if (message) bubble.append(note(message));
+      scrollToEnd(); // the note under the answer too
       closeStream();
     };
     const parse = (event) => {

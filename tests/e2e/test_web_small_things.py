@@ -12,6 +12,7 @@ from playwright.async_api import Browser, Page, Response, expect
 
 from tests.e2e.test_web_client import (
     DESKTOP,
+    PHONE,
     STEP,
     browser,
     current_conversation_id,
@@ -218,3 +219,69 @@ async def test_the_conversation_list_filters_by_title(
     await search.fill("")
     await expect(titles).to_have_count(3)
     await expect(page.locator("#conversation-filter-empty")).to_have_text("")
+
+
+# -- a phone (issue #17, point 6) --------------------------------------------------------------
+
+
+async def bottom_of(page: Page, selector: str) -> float:
+    box = await page.locator(selector).last.bounding_box()
+    assert box is not None, selector
+    return float(box["y"] + box["height"])
+
+
+async def top_of(page: Page, selector: str) -> float:
+    box = await page.locator(selector).bounding_box()
+    assert box is not None, selector
+    return float(box["y"])
+
+
+async def test_on_a_phone_the_list_is_behind_a_button_and_the_answer_and_composer_stay_in_view(
+    browser: Browser, server: LiveServer, acme: Tenant
+) -> None:
+    await slow_agent(acme)
+    context = await browser.new_context(viewport=PHONE)  # type: ignore[arg-type]
+    context.set_default_timeout(STEP)
+    try:
+        page = await context.new_page()
+        await sign_in(page, server, acme.tokens["alice"])
+        toggle = page.locator("#toggle-conversations")
+        # No conversation open: the list fills the screen, the chat waits behind it.
+        await expect(page.get_by_role("button", name="New conversation")).to_be_visible()
+        await expect(page.locator("main.chat")).to_be_hidden()
+        await new_conversation(page, "Slow echo")
+        # A conversation open: the chat fills the screen, the list is behind the button.
+        await expect(page.get_by_role("button", name="New conversation")).to_be_hidden()
+        await expect(toggle).to_have_text("Conversations")
+        await expect(toggle).to_have_attribute("aria-expanded", "false")
+        box = page.get_by_label("Message", exact=True)
+        await expect(box).to_be_in_viewport()
+
+        # A long answer, stopped: the newest words and the note under them are above the composer.
+        await box.fill(words(200))
+        await box.press("Enter")
+        await page.wait_for_function(
+            "() => (document.querySelector('.message.agent.live .content')?.textContent || '').includes('w030')",
+            polling="raf",
+        )
+        await page.get_by_role("button", name="Stop").click()
+        note = page.locator(".message.agent.stopped .note")
+        await expect(note).to_contain_text("Stopped")
+        await expect(note).to_be_in_viewport()
+        await expect(box).to_be_in_viewport()
+        assert await bottom_of(page, ".message.agent.stopped .note") <= await top_of(page, "#composer")
+        width = await page.evaluate("document.documentElement.scrollWidth")
+        assert width <= PHONE["width"]
+        await shot(page, "phone-chat-stopped")
+
+        # The list comes back with the button, and picking a conversation returns to the chat.
+        await toggle.click()
+        await expect(toggle).to_have_attribute("aria-expanded", "true")
+        await expect(page.locator("#conversation-list button").first).to_be_visible()
+        await expect(page.locator("main.chat")).to_be_hidden()
+        await shot(page, "phone-conversations")
+        await page.locator("#conversation-list button").first.click()
+        await expect(page.locator("main.chat")).to_be_visible()
+        await expect(box).to_be_focused()
+    finally:
+        await context.close()

@@ -38,6 +38,7 @@
     chatEmpty: $("chat-empty"),
     chatAgent: $("chat-agent"),
     conversationFilter: $("conversation-filter"),
+    jumpLatest: $("jump-latest"),
     conversationFilterEmpty: $("conversation-filter-empty"),
     chatBody: $("chat-body"),
     messagesOlder: $("messages-older"),
@@ -53,6 +54,8 @@
   const PARTIAL_KEPT = "Stopped. The partial answer was kept.";
 
   const state = {
+    following: true, // the messages scroll with a growing answer (false once the person scrolls up)
+    scrolledTo: 0, // the chat's scrollTop where scrollToEnd last put it
     me: null,
     agents: [],
     conversations: [],
@@ -673,9 +676,35 @@
     return p;
   }
 
-  function scrollToEnd() {
+  /**
+   * Shows the newest message: always when `force` (the person opened a conversation or sent
+   * something), else only while they are at the end; one who scrolled up to read is left there
+   * and offered "Jump to latest".
+   */
+  function scrollToEnd(force = false) {
+    if (!force && !state.following) {
+      el.jumpLatest.hidden = false;
+      return;
+    }
     el.chatBody.scrollTop = el.chatBody.scrollHeight;
+    state.scrolledTo = el.chatBody.scrollTop;
+    state.following = true;
+    el.jumpLatest.hidden = true;
   }
+
+  el.chatBody.addEventListener("scroll", () => {
+    // Scroll events arrive a frame late: by then the answer may have grown, so "not at the end"
+    // alone does not mean the person scrolled; above where this page last scrolled to does.
+    const body = el.chatBody;
+    if (body.scrollHeight - body.scrollTop - body.clientHeight < 40) {
+      state.following = true;
+      el.jumpLatest.hidden = true;
+    } else if (body.scrollTop < state.scrolledTo - 2) {
+      state.following = false;
+    }
+  });
+
+  el.jumpLatest.addEventListener("click", () => scrollToEnd(true));
 
   /** Says who answers in this conversation, or that nobody will (it has no agent). */
   function showWhoAnswers(conversation) {
@@ -721,7 +750,7 @@
     el.messageList.replaceChildren(...page.items.map(messageNode));
     state.olderCursor = page.nextCursor;
     el.messagesOlder.hidden = !page.nextCursor;
-    scrollToEnd();
+    scrollToEnd(true);
     resumeIfAnswering(conversation, page.items);
   }
 
@@ -800,7 +829,7 @@
       el.messageList.append(messageNode(posted.message));
     }
     bumpConversation(conversation.id);
-    scrollToEnd();
+    scrollToEnd(true);
     if (posted.generation && posted.generation.status === "running") {
       openStream(conversation.id, posted.generation.id);
     }

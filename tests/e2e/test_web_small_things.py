@@ -285,3 +285,38 @@ async def test_on_a_phone_the_list_is_behind_a_button_and_the_answer_and_compose
         await expect(box).to_be_focused()
     finally:
         await context.close()
+
+
+async def test_the_answer_is_followed_unless_the_reader_scrolled_up_then_jump_to_latest(
+    browser: Browser, server: LiveServer, acme: Tenant
+) -> None:
+    await slow_agent(acme)
+    context = await browser.new_context(viewport=PHONE)  # type: ignore[arg-type]
+    context.set_default_timeout(STEP)
+    try:
+        page = await context.new_page()
+        await sign_in(page, server, acme.tokens["alice"])
+        await new_conversation(page, "Slow echo")
+        box = page.get_by_label("Message", exact=True)
+        await box.fill(words(200))
+        await box.press("Enter")
+        live = "document.querySelector('.message.agent.live .content')?.textContent || ''"
+        at_end = "(b => b.scrollHeight - b.scrollTop - b.clientHeight < 40)(document.querySelector('#chat-body'))"
+        # Followed: the messages scroll with the answer while the reader stays at the end.
+        await page.wait_for_function(f"() => ({live}).includes('w060') && {at_end}", polling="raf")
+        jump = page.get_by_role("button", name="Jump to latest")
+        await expect(jump).to_be_hidden()
+
+        # Scrolled up to read: left there while the answer grows, and offered the way back.
+        # (The scroll event is sent at once, not on the next frame, so that no token lands in between.)
+        await page.locator("#chat-body").evaluate("b => { b.scrollTop = 0; b.dispatchEvent(new Event('scroll')); }")
+        await page.wait_for_function(f"() => ({live}).includes('w100')", polling="raf")
+        assert await page.locator("#chat-body").evaluate("b => b.scrollTop") == 0
+        await expect(jump).to_be_visible()
+        await jump.click()
+        await page.wait_for_function(f"() => {at_end}", polling="raf")
+        await expect(jump).to_be_hidden()
+        await page.get_by_role("button", name="Stop").click()
+        await expect(page.locator(".message.agent.stopped .note")).to_be_in_viewport()
+    finally:
+        await context.close()

@@ -565,7 +565,7 @@
       li.classList.add("stopped");
       li.append(note(PARTIAL_KEPT)); // as it read live (see openStream)
     }
-    addEditControl(li, m);
+    addMessageActions(li, m);
     return li;
   }
 
@@ -576,18 +576,42 @@
     return m.role === "user" && m.authorId === state.me.userId;
   }
 
-  function addEditControl(li, m) {
-    if (!canEdit(m)) return;
+  /** The buttons under a message: Copy (an agent's answer), Edit (for those who may). */
+  function addMessageActions(li, m) {
+    const buttons = [];
+    if (m.role === "agent") buttons.push(actionButton("Copy", "copy", m, () => copyAnswer(li)));
+    if (canEdit(m)) buttons.push(actionButton("Edit", "edit", m, () => startEdit(li, m)));
+    if (!buttons.length) return;
     const actions = document.createElement("div");
     actions.className = "message-actions";
+    actions.append(...buttons);
+    li.append(actions);
+  }
+
+  function actionButton(text, className, m, onClick) {
     const button = document.createElement("button");
     button.type = "button";
-    button.className = "secondary edit";
-    button.textContent = "Edit";
+    button.className = `secondary ${className}`;
+    button.textContent = text;
     button.setAttribute("aria-describedby", `message-${m.id}-content`);
-    button.addEventListener("click", () => startEdit(li, m));
-    actions.append(button);
-    li.append(actions);
+    button.addEventListener("click", onClick);
+    return button;
+  }
+
+  /** Puts the answer's text (as shown) on the clipboard; the button says so for a moment. */
+  async function copyAnswer(li) {
+    const button = li.querySelector(".message-actions .copy");
+    const content = li.querySelector(".content");
+    try {
+      await navigator.clipboard.writeText(content ? content.textContent : "");
+    } catch (err) {
+      showError(new Error("Copying failed: this browser did not allow the page to use the clipboard."));
+      return;
+    }
+    button.textContent = "Copied";
+    setTimeout(() => {
+      button.textContent = "Copy";
+    }, 2000);
   }
 
   function startEdit(li, m) {
@@ -627,7 +651,7 @@
       if (content) content.hidden = false;
       if (actions) {
         actions.hidden = false;
-        actions.querySelector("button").focus();
+        actions.querySelector(".edit").focus();
       }
     };
     const submit = async () => {
@@ -645,7 +669,7 @@
       clearError();
       const replacement = messageNode(updated);
       li.replaceWith(replacement);
-      const again = replacement.querySelector(".message-actions button");
+      const again = replacement.querySelector(".message-actions .edit");
       if (again) again.focus();
     };
     form.addEventListener("submit", (event) => {
@@ -924,7 +948,8 @@
       bubble.classList.remove("streaming", "live");
       bubble.removeAttribute("aria-busy");
       if (cls) bubble.classList.add(cls);
-      if (message) bubble.append(note(message));
+      // Above the answer's buttons, where a reload shows it too.
+      if (message) bubble.insertBefore(note(message), bubble.querySelector(".message-actions"));
       scrollToEnd(); // the note under the answer too
       closeStream();
     };
@@ -1017,7 +1042,7 @@
   function streamedEditControl(bubble, messageId, conversationId, text) {
     const content = bubble.querySelector(".content");
     if (content) content.id = `message-${messageId}-content`;
-    addEditControl(bubble, { id: messageId, conversationId, role: "agent", effectiveContent: text });
+    addMessageActions(bubble, { id: messageId, conversationId, role: "agent", effectiveContent: text });
   }
 
   document.addEventListener("keydown", (event) => {

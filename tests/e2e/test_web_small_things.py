@@ -320,3 +320,25 @@ async def test_the_answer_is_followed_unless_the_reader_scrolled_up_then_jump_to
         await expect(page.locator(".message.agent.stopped .note")).to_be_in_viewport()
     finally:
         await context.close()
+
+
+async def test_copy_puts_the_answer_on_the_clipboard(browser: Browser, server: LiveServer, acme: Tenant) -> None:
+    context = await browser.new_context(viewport=DESKTOP)
+    context.set_default_timeout(STEP)
+    await context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.url)
+    try:
+        page = await context.new_page()
+        await sign_in(page, server, acme.tokens["alice"])
+        await new_conversation(page, "Echo")
+        box = page.get_by_label("Message", exact=True)
+        await box.fill("copy me, please")
+        await box.press("Enter")
+        answer = page.locator(".message.agent[data-id]")
+        await expect(answer.locator(".content")).to_have_text("copy me, please")
+        await expect(page.locator(".message.user").get_by_role("button", name="Copy")).to_have_count(0)
+        await answer.get_by_role("button", name="Copy").click()
+        copy = answer.locator(".message-actions .copy")  # by class: its name changes
+        await expect(copy).to_have_text("Copied")
+        assert await page.evaluate("navigator.clipboard.readText()") == "copy me, please"
+    finally:
+        await context.close()

@@ -54,6 +54,7 @@
   const PARTIAL_KEPT = "Stopped. The partial answer was kept.";
 
   const state = {
+    agentsLoaded: Promise.resolve(),
     following: true, // the messages scroll with a growing answer (false once the person scrolls up)
     scrolledTo: 0, // the chat's scrollTop where scrollToEnd last put it
     me: null,
@@ -177,13 +178,14 @@
     el.logout.hidden = false;
     el.whoami.hidden = false;
     el.whoami.textContent = `${me.key.name} · ${me.company.name} (${me.role})`;
-    await Promise.all([loadAgents(), loadConversations(true)]);
+    el.toggleConversations.hidden = false;
+    showConversations(true); // a phone starts on the list (the chat once a conversation is open)
+    state.agentsLoaded = loadAgents();
+    await Promise.all([state.agentsLoaded, loadConversations(true)]);
     // After a reload: back to the conversation this tab had open.
     const saved = sessionStorage.getItem("chatstream.current");
     const conversation = saved && state.conversations.find((c) => c.id === saved);
     if (conversation && !state.current) await selectConversation(conversation);
-    el.toggleConversations.hidden = false;
-    showConversations(!state.current); // a phone starts on the list when no conversation is open
   }
 
   /** Phones show one panel at a time: the conversation list, or the chat (CSS, under 700px). */
@@ -371,6 +373,7 @@
   el.conversationFilter.addEventListener("input", renderConversations);
 
   async function createConversation() {
+    await state.agentsLoaded; // a quick click while the agents load would make one without agent
     const body = {};
     if (el.agentSelect.value) body.agentId = el.agentSelect.value;
     let conversation;

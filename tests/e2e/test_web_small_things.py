@@ -6,9 +6,11 @@ state, none is a sleep.
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import pytest
-from playwright.async_api import Browser, Page, Response, expect
+from playwright.async_api import Browser, Page, Response, Route, expect
 
 from tests.e2e.test_web_client import (
     DESKTOP,
@@ -342,3 +344,22 @@ async def test_copy_puts_the_answer_on_the_clipboard(browser: Browser, server: L
         assert await page.evaluate("navigator.clipboard.readText()") == "copy me, please"
     finally:
         await context.close()
+
+
+async def test_a_conversation_made_while_the_agents_load_gets_the_chosen_agent(
+    page: Page, server: LiveServer, acme: Tenant
+) -> None:
+    """A quick click on "New conversation" before the agent list has arrived waits for it
+    (it made a conversation without agent: the keyboard test hit it once)."""
+    release = asyncio.Event()
+
+    async def hold(route: Route) -> None:
+        await release.wait()
+        await route.continue_()
+
+    await page.route("**/api/agents", hold)
+    await page.goto(f"{server.url}/#key={acme.tokens['alice']}")
+    await expect(page.locator("#app")).to_be_visible()
+    await page.get_by_role("button", name="New conversation").click()
+    release.set()
+    await expect(page.locator("#chat-agent")).to_have_text("Answers come from Echo.")

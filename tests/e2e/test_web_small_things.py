@@ -38,6 +38,17 @@ pytestmark = pytest.mark.anyio
 FIXTURES = (browser, http, page, server, server_logs_are_clean)
 
 
+async def send_a_long_message(page: Page, seen: str) -> None:
+    """Send 200 words to the slow echo agent and wait until its answer shows the word `seen`."""
+    box = page.get_by_label("Message", exact=True)
+    await box.fill(words(200))
+    await box.press("Enter")
+    await page.wait_for_function(
+        f"() => (document.querySelector('.message.agent.live .content')?.textContent || '').includes('{seen}')",
+        polling="raf",
+    )
+
+
 async def test_opening_a_conversation_puts_the_focus_in_the_composer(
     page: Page, server: LiveServer, acme: Tenant
 ) -> None:
@@ -65,12 +76,7 @@ async def test_escape_stops_a_running_answer(
     await new_conversation(page, "Slow echo")
     conversation_id = await current_conversation_id(page)
     box = page.get_by_label("Message", exact=True)
-    await box.fill(words(200))
-    await box.press("Enter")
-    await page.wait_for_function(
-        "() => (document.querySelector('.message.agent.live .content')?.textContent || '').includes('w002')",
-        polling="raf",
-    )
+    await send_a_long_message(page, "w002")
     await expect(box).to_be_focused()
     await page.keyboard.press("Escape")
 
@@ -146,13 +152,7 @@ async def test_a_stopped_answer_reads_the_same_after_a_reload(page: Page, server
     await slow_agent(acme)
     await sign_in(page, server, acme.tokens["alice"])
     await new_conversation(page, "Slow echo")
-    box = page.get_by_label("Message", exact=True)
-    await box.fill(words(200))
-    await box.press("Enter")
-    await page.wait_for_function(
-        "() => (document.querySelector('.message.agent.live .content')?.textContent || '').includes('w002')",
-        polling="raf",
-    )
+    await send_a_long_message(page, "w002")
     await page.get_by_role("button", name="Stop").click()
     stopped = page.locator(".message.agent.stopped")
     await expect(stopped).to_contain_text("Stopped. The partial answer was kept.")
@@ -260,12 +260,7 @@ async def test_on_a_phone_the_list_is_behind_a_button_and_the_answer_and_compose
         await expect(box).to_be_in_viewport()
 
         # A long answer, stopped: the newest words and the note under them are above the composer.
-        await box.fill(words(200))
-        await box.press("Enter")
-        await page.wait_for_function(
-            "() => (document.querySelector('.message.agent.live .content')?.textContent || '').includes('w030')",
-            polling="raf",
-        )
+        await send_a_long_message(page, "w030")
         await page.get_by_role("button", name="Stop").click()
         note = page.locator(".message.agent.stopped .note")
         await expect(note).to_contain_text("Stopped")

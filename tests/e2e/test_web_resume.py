@@ -6,11 +6,13 @@ fixtures are reused from there): every wait is on the page's own state, none is 
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import Iterator
 
 import httpx
 import pytest
-from playwright.async_api import Browser, Page, Route, expect
+from playwright.async_api import Browser, Page, WebSocketRoute, expect
 
 from tests.e2e.test_web_client import (
     DESKTOP,
@@ -42,6 +44,17 @@ LIVE_TEXT = "() => document.querySelector('.message.agent.live .content')?.textC
 
 async def live_text_includes(page: Page, word: str) -> None:
     await page.wait_for_function(f"() => ({LIVE_TEXT})().includes({word!r})", polling="raf", timeout=STEP)
+
+
+# Every text the connection status line shows, recorded from the page's first script on.
+RECORD_CONNECTION_STATUS = """
+window.__connectionStatus = [];
+document.addEventListener("DOMContentLoaded", () => {
+  const status = document.getElementById("connection-status");
+  new MutationObserver(() => window.__connectionStatus.push(status.textContent)).observe(
+    status, {childList: true, characterData: true, subtree: true});
+});
+"""
 
 
 def no_repeated_words(text: str) -> None:
@@ -83,53 +96,70 @@ async def test_network_drop_mid_answer_resumes_and_shows_the_whole_answer_once(
     page: Page, server: LiveServer, acme: Tenant, http: httpx.AsyncClient
 ) -> None:
     await slow_agent(acme)
+    await page.add_init_script(RECORD_CONNECTION_STATUS)
     await sign_in(page, server, acme.tokens["alice"])
     await new_conversation(page, "Slow echo")
     conversation_id = await current_conversation_id(page)
 
-    # The connection drops mid-answer: the page's first stream request is answered with the
-    # real stream's first events only, then the connection ends without the answer's end (as
-    # when a proxy or a flaky network cuts it). The browser must reconnect with Last-Event-ID.
-    pattern = f"**/api/conversations/{conversation_id}/stream*"
-    cut: list[str] = []
+    # The page's socket is cut after the answer's fifth word (as when a proxy or a flaky
+    # network drops it); the page must come back by itself and resume after what it had.
+    sockets: list[WebSocketRoute] = []
+    resumed_with: list[dict] = []
+    cut_at: list[str] = []
 
-    async def cut_once(route: Route) -> None:
-        if cut:
-            await route.continue_()
+    def route(ws: WebSocketRoute) -> None:
+        sockets.append(ws)
+        upstream = ws.connect_to_server()
+        if len(sockets) > 1:
+            # Later sockets pass through; their subscribe frames show where they resume.
+            def to_server(message: str | bytes) -> None:
+                frame = json.loads(message)
+                if frame.get("type") == "subscribe":
+                    resumed_with.append(frame)
+                upstream.send(message)
+
+            ws.on_message(to_server)
             return
-        lines: list[str] = []
         tokens = 0
-        async with http.stream("GET", route.request.url, headers=acme.headers("alice")) as response:
-            assert response.status_code == 200
-            async for line in response.aiter_lines():
-                lines.append(line)
-                tokens += line.startswith("event: token")
-                if tokens >= 5 and line == "":
-                    break
-        cut.append(route.request.url)
-        await route.fulfill(
-            status=200,
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"},
-            body="\n".join(lines) + "\n",
-        )
 
-    await page.route(pattern, cut_once)
+        def to_page(message: str | bytes) -> None:
+            nonlocal tokens
+            if cut_at:
+                return
+            frame = json.loads(message)
+            ws.send(message)
+            if frame.get("type") == "token":
+                tokens += 1
+                if tokens == 5:
+                    cut_at.append(f"{frame['generationId']}.{frame['seq']}")
+                    asyncio.ensure_future(ws.close(code=4000, reason="cut by the test"))
+                    asyncio.ensure_future(upstream.close())
+
+        upstream.on_message(to_page)
+
+    await page.route_web_socket("**/api/ws", route)
+    await page.reload()  # so the page's one socket goes through the route
+    await expect(page.locator("#chat-title")).to_have_text("Untitled conversation")
     text = words(120)
     await send_with_enter(page, text)
-    await expect(page.locator("#stream-status")).to_contain_text("reconnecting")
-    live = await page.locator(".message.agent.live .content").text_content()
-    assert live == "w001 w002 w003 w004 w005"
-    await shot(page, "stream-reconnecting")
+    await live_text_includes(page, "w006")  # more than the cut socket brought: it resumed
 
-    # Resumed after the last event it had: the rest arrives while the answer still runs.
-    # (Had it started over from `?after=<id>.0`, w001 to w005 would show twice: checked below.)
-    await live_text_includes(page, "w006")
-    assert "w120" not in (await page.locator(".message.agent.live .content").text_content() or "")
+    # It said so while it was away, and resumed after the last event it had.
+    statuses = await page.evaluate("window.__connectionStatus")
+    assert any("reconnecting" in s for s in statuses), statuses
+    assert cut_at and resumed_with, (cut_at, resumed_with)
+    assert resumed_with[0] == {
+        "type": "subscribe",
+        "conversationId": conversation_id,
+        "after": cut_at[0],
+        "ref": resumed_with[0]["ref"],
+    }
 
     done = page.locator(".message.agent[data-id]")
     await expect(done).to_have_count(1)
     await expect(page.locator(".message.agent")).to_have_count(1)
     await expect(page.locator(".message.agent.streaming")).to_have_count(0)
+    await expect(page.locator("#connection-status")).to_be_hidden()
     shown = await done.locator(".content").text_content()
     assert shown is not None
     no_repeated_words(shown)
@@ -137,6 +167,7 @@ async def test_network_drop_mid_answer_resumes_and_shows_the_whole_answer_once(
     assert [m["role"] for m in stored] == ["user", "agent"]
     assert stored[1]["id"] == await done.get_attribute("data-id")
     assert shown == stored[1]["content"] == text
+    await shot(page, "stream-resumed")
 
 
 async def test_second_tab_streams_the_same_answer_at_the_same_time(
@@ -177,10 +208,10 @@ async def test_second_tab_streams_the_same_answer_at_the_same_time(
     assert [m["role"] for m in await stored_messages(http, acme, "alice", conversation_id)] == ["user", "agent"]
 
 
-async def test_opening_a_quiet_conversation_shows_no_stream(
+async def test_opening_a_quiet_conversation_shows_no_answer_and_the_tab_keeps_one_socket(
     page: Page, server: LiveServer, acme: Tenant, http: httpx.AsyncClient
 ) -> None:
-    """A conversation whose last message waits for nobody: the stream answers 204, quietly."""
+    """A conversation whose last message waits for nobody: nothing streams, nothing complains."""
     created = await http.post("/api/conversations", json={"title": "Quiet"}, headers=acme.headers("alice"))
     assert created.status_code == 201, created.text
     conversation_id = created.json()["id"]
@@ -190,14 +221,24 @@ async def test_opening_a_quiet_conversation_shows_no_stream(
         headers=acme.headers("alice"),
     )
     assert posted.status_code == 201, posted.text
+    sockets: list[str] = []
+    page.on("websocket", lambda ws: sockets.append(ws.url))
+    streams: list[str] = []
+    page.on("request", lambda r: streams.append(r.url) if r.url.endswith("/stream") else None)
     await sign_in(page, server, acme.tokens["alice"])
-    async with page.expect_response(f"**/api/conversations/{conversation_id}/stream") as response:
-        await page.locator(f'#conversation-list button[data-id="{conversation_id}"]').click()
-    assert (await response.value).status == 204
+    await page.locator(f'#conversation-list button[data-id="{conversation_id}"]').click()
+    await expect(page.locator(".message")).to_have_count(1)
+    await new_conversation(page, "Echo")
+    await send_with_enter(page, "and now an answer")
+    await expect(page.locator(".message.agent[data-id] .content")).to_have_text("and now an answer")
+    await page.locator(f'#conversation-list button[data-id="{conversation_id}"]').click()
     await expect(page.locator(".message")).to_have_count(1)
     await expect(page.locator(".message.agent")).to_have_count(0)
     await expect(page.get_by_role("button", name="Stop")).to_be_hidden()
     await expect(page.get_by_role("alert")).to_be_hidden()
+    # One socket for the tab, whatever it opened; no EventSource.
+    assert sockets == [f"{server.url.replace('http', 'ws')}/api/ws"]
+    assert streams == []
 
 
 # -- errors a person can understand -----------------------------------------------------
@@ -248,7 +289,7 @@ async def test_conversation_deleted_elsewhere_is_gone_and_leaves_the_list(
     page: Page, server: LiveServer, acme: Tenant, http: httpx.AsyncClient
 ) -> None:
     ids = []
-    for title in ("Open then gone", "Gone before opening"):
+    for title in ("Open then gone", "Gone while listed"):
         created = await http.post("/api/conversations", json={"title": title}, headers=acme.headers("alice"))
         assert created.status_code == 201, created.text
         ids.append(created.json()["id"])
@@ -256,29 +297,25 @@ async def test_conversation_deleted_elsewhere_is_gone_and_leaves_the_list(
     items = page.locator("#conversation-list button")
     await expect(items).to_have_count(2)
 
-    # Open, then it is deleted elsewhere; sending to it says so.
+    # Open, then it is deleted elsewhere: the page says so at once, without a reload.
     await page.locator(f'#conversation-list button[data-id="{ids[0]}"]').click()
     await expect(page.locator("#chat-title")).to_have_text("Open then gone")
     deleted = await http.delete(f"/api/conversations/{ids[0]}", headers=acme.headers("alice"))
     assert deleted.status_code in (200, 204), deleted.text
-    await page.get_by_label("Message", exact=True).fill("anyone there?")
-    await page.get_by_label("Message", exact=True).press("Enter")
     await expect(page.get_by_role("alert")).to_contain_text("conversation is gone")
     await readable_alert(page)
     await expect(items).to_have_count(1)
     await expect(page.locator(f'#conversation-list button[data-id="{ids[0]}"]')).to_have_count(0)
     await expect(page.locator("#chat-title")).to_have_text("No conversation selected")
+    await expect(page.get_by_role("button", name="Retry")).to_be_hidden()
     await shot(page, "error-conversation-gone")
     await page.get_by_role("button", name="Dismiss the message").click()
 
-    # Deleted before it is opened: opening it says so.
+    # Deleted while only listed: it leaves the list, and nothing needs saying.
     deleted = await http.delete(f"/api/conversations/{ids[1]}", headers=acme.headers("alice"))
     assert deleted.status_code in (200, 204), deleted.text
-    await page.locator(f'#conversation-list button[data-id="{ids[1]}"]').click()
-    await expect(page.get_by_role("alert")).to_contain_text("conversation is gone")
-    await readable_alert(page)
     await expect(items).to_have_count(0)
-    await expect(page.get_by_role("button", name="Retry")).to_be_hidden()
+    await expect(page.get_by_role("alert")).to_be_hidden()
 
 
 async def test_server_down_says_cannot_reach_the_server_and_retry_works_once_it_is_back(

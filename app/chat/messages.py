@@ -3,6 +3,7 @@ an agent is given. Access always goes through the conversation's scoping."""
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -13,7 +14,6 @@ from app.chat.conversations import (
     conversation_not_found,
     load_agent_of,
     load_conversation,
-    mark_last_message,
 )
 from app.chat.generations import (
     GenerationBusy,
@@ -33,6 +33,7 @@ from app.chat.schemas import (
     MessagePage,
     MessagePosted,
 )
+from app.chat.titles import title_if_untitled
 from app.db import (
     columns_of,
     insert_row,
@@ -54,12 +55,13 @@ from app.errors import (
 from app.limits import MAX_CONTENT_CHARS
 from app.rate_limit import TooManyRequests
 from app.streaming.parts import Part
-from app.streaming.protocol import MessageCreated, MessageEdited
+from app.streaming.protocol import ConversationUpdated, MessageCreated, MessageEdited
 from app.tables import Generation, Message, MessageRole, MessageStatus
 
 if TYPE_CHECKING:  # the core imports this module (history); only the type is needed here
     from app.streaming.core import StreamingCore
 
+logger = logging.getLogger("chatstream.chat")
 
 # clientMessageId of a tool result: `tool:<toolCallId>` (the database keeps one per call).
 TOOL_RESULT_ID_PREFIX = "tool:"
@@ -127,7 +129,8 @@ async def post_message(
 
     The message and the `running` generation row are inserted atomically, so a
     busy conversation (policy `reject`) refuses the message with 409 and stores nothing;
-    so does a key over its message rate or its running answers (429)."""
+    so does a key over its message rate or its running answers (429).
+    A conversation without a title is named after the message (app/chat/titles.py)."""
     core.quotas.messages.check(principal.key_id)
     _check_grace(principal, data.disconnect_grace, core.policy.disconnect_grace)
     agent = await load_agent_of(principal, conversation_id)  # 404 unless the caller may see the conversation
@@ -162,12 +165,12 @@ async def post_message(
             answer = None
             if agent is not None and reserved is not None:
                 answer = running_row(conversation_id, message.id, agent.id, reserved, core.broker.node)
-            await _insert_at_once(message, answer)
+            untitled = await _insert_at_once(message, answer)
             started = None if answer is None else generation_out(answer.to_dict())
         else:
             async with write_transaction(Message._meta.db):
                 await insert_row(message)
-                await mark_last_message(conversation_id, now)
+                untitled = _untitled(await Message.raw(_MARK_LAST_MESSAGE_UNTITLED, now, conversation_id))
                 if agent is not None and reserved is not None:
                     started = await create_running(
                         conversation_id, message.id, agent.id, reserved, producer=core.broker.node
@@ -208,7 +211,21 @@ async def post_message(
     finally:
         if generation is not None and not launched:  # gives back its place in the answer quota
             await core.release(generation.id)
+    if untitled:  # after the launch: naming the conversation does not delay the answer
+        await _name_conversation(core, conversation_id, data.content)
     return posted, True
+
+
+async def _name_conversation(core: StreamingCore, conversation_id: UUID, content: str) -> None:
+    """Title an untitled conversation after its first message and tell its subscribers. The
+    message is stored and its answer started whatever happens here: a failure is logged, and
+    the conversation, still untitled, is named after the next message."""
+    try:
+        named = await title_if_untitled(conversation_id, content)
+        if named is not None:
+            await core.publish(ConversationUpdated(conversation_id=conversation_id, conversation=named))
+    except Exception:  # the post itself succeeded: the title waits for the next message
+        logger.warning("conversation %s: could not set its title", conversation_id, exc_info=True)
 
 
 def _counted(core: StreamingCore, generation_id: UUID, principal: Principal) -> bool:
@@ -222,29 +239,40 @@ def _counted(core: StreamingCore, generation_id: UUID, principal: Principal) -> 
     return True
 
 
-# PostgreSQL: the message, the conversation's last_message_at and (when the agent answers)
-# the running generation as one statement: one round trip instead of five, atomic as the
-# transaction it replaces.
-_MESSAGE_AT_ONCE = f"WITH stored AS ({insert_sql(Message)}) {MARK_LAST_MESSAGE}"
+# The conversation's last_message_at moves to the message's time, and the statement gives its
+# title: a conversation without one is then named after the message. (Not `"title" IS NULL`:
+# SQLite 3.40 answered 0 for a null title in RETURNING.)
+_MARK_LAST_MESSAGE_UNTITLED = f'{MARK_LAST_MESSAGE} RETURNING "title"'
+# PostgreSQL: the message, (when the agent answers) the running generation and the
+# conversation's last_message_at as one statement: one round trip instead of five, atomic
+# as the transaction it replaces.
+_MESSAGE_AT_ONCE = f"WITH stored AS ({insert_sql(Message)}) {_MARK_LAST_MESSAGE_UNTITLED}"
 _MESSAGE_AND_ANSWER_AT_ONCE = (
-    f"WITH stored AS ({insert_sql(Message)}), touched AS ({MARK_LAST_MESSAGE}) {insert_sql(Generation)}"
+    f"WITH stored AS ({insert_sql(Message)}), started AS ({insert_sql(Generation)}) {_MARK_LAST_MESSAGE_UNTITLED}"
 )
 
 
-async def _insert_at_once(message: Message, running: Generation | None) -> None:
+async def _insert_at_once(message: Message, running: Generation | None) -> bool:
     """Store a user message (and its answer's running row) in one statement, on PostgreSQL.
-    Raises :class:`GenerationBusy` when the conversation has a running answer already."""
+    Returns whether the conversation has no title. Raises :class:`GenerationBusy` when the
+    conversation has a running answer already."""
     touch = [message.created_at, message.conversation]
     try:
         if running is None:
-            await Message.raw(_MESSAGE_AT_ONCE, *row_values(message), *touch)
+            touched = await Message.raw(_MESSAGE_AT_ONCE, *row_values(message), *touch)
         else:
-            await Message.raw(_MESSAGE_AND_ANSWER_AT_ONCE, *row_values(message), *touch, *row_values(running))
+            touched = await Message.raw(_MESSAGE_AND_ANSWER_AT_ONCE, *row_values(message), *row_values(running), *touch)
     except Exception as exc:
         if is_busy_violation(exc):
             raise GenerationBusy(None) from exc
         raise
     message._exists_in_db = True
+    return _untitled(touched)
+
+
+def _untitled(touched: list[dict[str, Any]]) -> bool:
+    """Whether the conversation :data:`_MARK_LAST_MESSAGE_UNTITLED` touched has no title (False: gone)."""
+    return bool(touched) and touched[0]["title"] is None
 
 
 def _check_grace(principal: Principal, asked: float | None, server_default: float) -> None:

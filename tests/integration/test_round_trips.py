@@ -29,16 +29,19 @@ def statements(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return seen
 
 
-async def test_one_answer_over_sse(app, client, acme, statements):
+@pytest.mark.parametrize(("title", "expected"), [("counted", 6), (None, 7)], ids=["titled", "untitled"])
+async def test_one_answer_over_sse(app, client, acme, statements, title, expected):
     """POST the message, GET the stream to `done`: 6 round trips with a key this process has
     not seen for a while (1 key lookup; the stream's request finds the key cached): the
     conversation's agent (one statement, which also checks the caller may see the
-    conversation), the message with its running answer (one statement), the history for
-    the agent, the conversation for the stream, the end with the answer's message (one
-    statement)."""
+    conversation), the message with its running answer (one statement, which also tells
+    whether the conversation has a title), the history for the agent, the conversation for
+    the stream, the end with the answer's message (one statement). A conversation without a
+    title costs one more, once: naming it after the message (app/chat/titles.py)."""
     h = acme.headers("alice")
     agent = await create_agent(acme.company_id, AgentCreate(name="echo"))
-    cid = (await client.post("/api/conversations", json={"agentId": str(agent.id)}, headers=h)).json()["id"]
+    body = {"agentId": str(agent.id), "title": title}
+    cid = (await client.post("/api/conversations", json=body, headers=h)).json()["id"]
     app.state.principal_cache.forget(acme.principals["alice"].key_id)
     statements.clear()
     r = await client.post(f"/api/conversations/{cid}/messages", json={"content": "one two three"}, headers=h)
@@ -46,4 +49,4 @@ async def test_one_answer_over_sse(app, client, acme, statements):
     gid = r.json()["generation"]["id"]
     stream = await client.get(f"/api/conversations/{cid}/stream", params={"after": f"{gid}.0"}, headers=h)
     assert "event: done" in stream.text
-    assert len(statements) == 6, "\n".join(s[:120] for s in statements)
+    assert len(statements) == expected, "\n".join(s[:120] for s in statements)

@@ -509,6 +509,8 @@ async def test_changes_made_on_a_reach_sockets_on_b(cluster: Cluster, tenant: Te
             message_id = posted.json()["message"]["id"]
             created = await ws_frame(socket)
             assert created["type"] == "message.created" and created["message"]["id"] == message_id
+            titled = await ws_frame(socket)  # the untitled conversation is named after its first message
+            assert titled["type"] == "conversation.updated" and titled["conversation"]["title"] == "hi"
 
             edited = await http.put(f"/api/conversations/{cid}/messages/{message_id}", json={"content": "hello"})
             assert edited.status_code == 200, edited.text

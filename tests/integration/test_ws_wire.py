@@ -843,7 +843,10 @@ async def test_rest_changes_reach_subscribers(
 
         response = await http.patch(f"/api/conversations/{conversation}", json={"title": "Renamed"}, headers=alice)
         assert response.status_code == 200, response.text
-        updated = await ws.wait_for(lambda f: f["type"] == "conversation.updated")
+        # (The first message named the untitled conversation: that `conversation.updated` came before.)
+        updated = await ws.wait_for(
+            lambda f: f["type"] == "conversation.updated" and f["conversation"]["title"] == "Renamed"
+        )
         assert updated == {
             "type": "conversation.updated",
             "conversationId": conversation,

@@ -707,7 +707,8 @@ async def test_send_streams_the_answer_and_is_idempotent(
     server: LiveServer, http: httpx.AsyncClient, acme: Tenant, encoding: str
 ) -> None:
     """Rule: `subscribe` is acked with the conversation; `send` is acked with the stored
-    message, its answer and `created: true`; the subscriber then gets `message.created`,
+    message, its answer and `created: true`; the subscriber then gets `message.created`
+    (and `conversation.updated`: the untitled conversation is named after the message),
     the answer's events (`start`, tokens, `done`; seq 1..n, ids on each) and the agent's
     `message.created`. The same `send` again (same clientMessageId) is acked with
     `created: false`, the same message and answer, and stores and announces nothing; the
@@ -727,6 +728,8 @@ async def test_send_streams_the_answer_and_is_idempotent(
 
         created = await ws.wait_for(message_created(message["id"]))
         assert created == {"type": "message.created", "conversationId": conversation, "message": message}
+        titled = await ws.wait_for(lambda f: f["type"] == "conversation.updated")  # it had no title
+        assert titled["conversation"]["title"] == "one two three"
         events = await ws.answer(generation["id"])
         assert_whole_answer(events, conversation)
         assert events[0]["replyToId"] == message["id"] and events[0]["agentId"] == agent

@@ -139,6 +139,9 @@ WATCH_REMOVALS = """() => {
 }"""
 
 
+RESET_STATS = "() => Object.assign(window.chatstreamRender, {blocks: 0, openRenders: 0, ms: 0})"
+
+
 def long_markdown(blocks: int) -> str:
     """`blocks` markdown blocks of 40 words: paragraphs, lists and code, in turn."""
     out = []
@@ -165,11 +168,14 @@ async def test_streaming_renders_finished_blocks_once_and_reports_the_cost_of_40
     await page.evaluate(WATCH_REMOVALS)
     text = long_markdown(20)
     await send_with_enter(page, text)
+    await expect(page.locator(".message.user")).to_have_count(1)
+    await page.evaluate(RESET_STATS)
     await page.wait_for_function(
         "() => document.querySelectorAll('.message.agent.live .part-text > :not(.md-open)').length >= 3",
         polling="raf",
     )
     await answer_done(page)
+    paced = await page.evaluate("({...window.chatstreamRender})")
     assert await page.evaluate("window.__rerendered") == 0
     content = page.locator(f"{ANSWER_DONE} .content")
     await expect(content.locator("ul")).to_have_count(4)
@@ -179,7 +185,7 @@ async def test_streaming_renders_finished_blocks_once_and_reports_the_cost_of_40
     await new_conversation(page, "Fast echo")
     text = long_markdown(50)  # 50 blocks of 40 words and their markup: ~4,000 `token` events
     assert len(re.findall(r"\s*\S+", text)) >= 4000
-    await page.evaluate("() => Object.assign(window.chatstreamRender, {blocks: 0, openRenders: 0, ms: 0})")
+    await page.evaluate(RESET_STATS)
     await page.evaluate(WATCH_REMOVALS)
     box = page.get_by_label("Message", exact=True)
     await box.evaluate("(box, text) => { box.value = text; }", text)  # typing 24,000 characters takes long
@@ -205,6 +211,7 @@ async def test_streaming_renders_finished_blocks_once_and_reports_the_cost_of_40
         "renderMsPerToken": round(stats["ms"] / tokens, 4),
         "wholeAnswerRenderMs": round(full_ms, 2),
         "naivePerTokenEstimateMs": round(full_ms * tokens / 2, 0),
+        "pacedAnswer": {"tokens": len(re.findall(r"\s*\S+", long_markdown(20))), "pace_s": 0.002, **paced},
     }
     ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / "markdown-cost.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -15,6 +15,7 @@ from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
 from app.auth.principal import Principal
 from app.chat import conversations, generations, messages, tool_results
 from app.chat.schemas import (
+    AnswerAgain,
     ConversationCreate,
     ConversationOut,
     ConversationPage,
@@ -156,6 +157,28 @@ class ConversationController(Controller):
         data: JSONBody[MessageEdit],
     ) -> MessageOut:
         return await messages.edit_message(principal, conversation_id, message_id, data, core)
+
+    @post(
+        "/{conversation_id:uuid}/messages/{message_id:uuid}/answer",
+        summary="Answer this message again",
+        description=(
+            "Starts a new answer to the conversation's last user message (`replyToId` = that message), "
+            "as a post does: 201 with `{message, generation}`. The earlier answers stay stored; the history "
+            "keeps only the newest answer to a message. The body is optional: `ifBusy`, `partial`, "
+            "`disconnectGrace` as for a post. 409 `not_last_user_message` for any other message, "
+            "`no_agent` without an agent, `generation_in_progress` while an answer runs; 429 as a post."
+        ),
+        responses=errors(404, 409, 429),
+    )
+    async def answer_again(
+        self,
+        principal: NamedDependency[Principal],
+        core: NamedDependency[StreamingCore],
+        conversation_id: FromPath[UUID],
+        message_id: FromPath[UUID],
+        data: JSONBody[AnswerAgain | None] = None,
+    ) -> MessagePosted:
+        return await messages.answer_again(principal, conversation_id, message_id, data or AnswerAgain(), core)
 
     @get(
         "/{conversation_id:uuid}/history",

@@ -109,16 +109,22 @@ async def create_running(
     """Insert a :func:`running_row`. Raises :class:`GenerationBusy` if one is running
     already (the partial unique index decides, so concurrent requests cannot both win)."""
     generation = running_row(conversation_id, reply_to_id, agent_id, generation_id, producer)
+    await insert_running(generation)
+    # As inserted (callers insert inside a transaction: no re-read needed to see the row).
+    return generation_out(generation.to_dict())
+
+
+async def insert_running(generation: Generation) -> None:
+    """Insert a :func:`running_row` as it is. Raises :class:`GenerationBusy` if the
+    conversation has a running generation, NotFound if the conversation is gone."""
     try:
         await insert_row(generation)
     except Exception as exc:
         if is_foreign_key_violation(exc):
-            raise conversation_not_found(conversation_id) from None
+            raise conversation_not_found(generation.conversation) from None
         if not is_unique_violation(exc):
             raise
         raise GenerationBusy(None) from exc
-    # As inserted (callers insert inside a transaction: no re-read needed to see the row).
-    return generation_out(generation.to_dict())
 
 
 async def generation_for_message(message_id: UUID) -> GenerationOut | None:
@@ -350,8 +356,9 @@ class ToolCalls:
 async def pending_tool_calls(conversation_id: UUID) -> ToolCalls | None:
     """The tool calls the last answer waits for: it ended with finish reason `tool_calls`,
     complete, and only tool results came after it (a user message after the answer leaves
-    its calls behind). Calls the agent answered itself (a tool result in the same answer)
-    wait for nothing. None when there is no such answer."""
+    its calls behind, and so does an answer asked again, started after it). Calls the agent
+    answered itself (a tool result in the same answer) wait for nothing. None when there is
+    no such answer."""
     latest = (
         await Message.select()
         .where(Message.conversation == conversation_id, Message.role != MessageRole.tool.value)
@@ -366,6 +373,12 @@ async def pending_tool_calls(conversation_id: UUID) -> ToolCalls | None:
         Generation.finish_reason == "tool_calls",
     )
     if not waits:
+        return None
+    # Asked again (app/chat/messages.py answer_again): a newer answer, running or ended, replaces it.
+    # Any answer started since then counts: the continuation after the calls only starts once all have results.
+    if await Generation.exists().where(
+        Generation.conversation == conversation_id, Generation.started_at > latest["created_at"]
+    ):
         return None
     parts = stored_parts(latest)
     answered_inside = {p.tool_call_id for p in parts if p.kind == "tool_result"}

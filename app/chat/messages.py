@@ -1,13 +1,16 @@
-"""Messages: post (idempotent by clientMessageId), list, edit, and the history
-an agent is given. Access always goes through the conversation's scoping."""
+"""Messages: post (idempotent by clientMessageId), answer again, list, edit, and the
+history an agent is given. Access always goes through the conversation's scoping."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import UUID
 
+from app.agents.schemas import AgentOut
 from app.auth.principal import Principal
 from app.chat.conversations import (
     MARK_LAST_MESSAGE,
@@ -17,15 +20,17 @@ from app.chat.conversations import (
 )
 from app.chat.generations import (
     GenerationBusy,
-    create_running,
     generation_for_message,
     generation_out,
+    insert_running,
     is_busy_violation,
     running_generation,
     running_row,
     stored_parts,
 )
 from app.chat.schemas import (
+    AnswerAgain,
+    GenerationOut,
     HistoryItem,
     MessageCreate,
     MessageEdit,
@@ -55,8 +60,9 @@ from app.errors import (
 from app.limits import MAX_CONTENT_CHARS
 from app.rate_limit import TooManyRequests
 from app.streaming.parts import Part
-from app.streaming.protocol import ConversationUpdated, MessageCreated, MessageEdited
-from app.tables import Generation, Message, MessageRole, MessageStatus
+from app.streaming.policy import StreamPolicy
+from app.streaming.protocol import ConversationEvent, ConversationUpdated, MessageCreated, MessageEdited
+from app.tables import Generation, GenerationStatus, Message, MessageRole, MessageStatus
 
 if TYPE_CHECKING:  # the core imports this module (history); only the type is needed here
     from app.streaming.core import StreamingCore
@@ -145,10 +151,8 @@ async def post_message(
     policy = core.policy_for(if_busy=data.if_busy, partial=data.partial, disconnect_grace=data.disconnect_grace)
     if not data.reply:  # stored without an answer
         agent = None
-    if agent is not None and policy.if_busy == "interrupt":
-        running = await running_generation(conversation_id)
-        if running is not None:
-            await core.cancel(running["id"], "interrupted")
+    if agent is not None:
+        await _interrupt_if_asked(core, conversation_id, policy)
     now = datetime.now(UTC)
     message = Message(
         conversation=conversation_id,
@@ -158,35 +162,21 @@ async def post_message(
         client_message_id=data.client_message_id,
         created_at=now,
     )
-    generation = started = None
-    reserved = await core.reserve(conversation_id) if agent is not None else None
+    generation = None
     try:
-        if on_postgres(Message) and (reserved is None or _counted(core, reserved, principal)):
-            answer = None
-            if agent is not None and reserved is not None:
-                answer = running_row(conversation_id, message.id, agent.id, reserved, core.broker.node)
-            untitled = await _insert_at_once(message, answer)
-            started = None if answer is None else generation_out(answer.to_dict())
+        if agent is None:
+            untitled = await _store_post(message, None, None)
         else:
-            async with write_transaction(Message._meta.db):
-                await insert_row(message)
-                untitled = _untitled(await Message.raw(_MARK_LAST_MESSAGE_UNTITLED, now, conversation_id))
-                if agent is not None and reserved is not None:
-                    started = await create_running(
-                        conversation_id, message.id, agent.id, reserved, producer=core.broker.node
-                    )
-                    # Counted once the conversation was free (a busy one is a 409); past the key's
-                    # running answers this raises 429 and the transaction stores nothing.
-                    core.count_answer(reserved, principal)
-        generation = started  # committed
+            generation, untitled = await _start_answer(
+                core, principal, conversation_id, message.id, agent, partial(_store_post, message)
+            )
     except GenerationBusy:
         existing = None
         if data.client_message_id is not None:  # a concurrent retry's twin started the answer
             existing = await by_client_id(conversation_id, data.client_message_id)
         if existing is not None:
             return await _replay(existing, principal, data), False
-        running_now = await running_generation(conversation_id)
-        raise GenerationBusy(running_now["id"] if running_now else None) from None
+        raise await _busy(conversation_id) from None
     except Exception as exc:
         if is_foreign_key_violation(exc):  # the conversation was deleted meanwhile
             raise conversation_not_found(conversation_id) from None
@@ -197,23 +187,74 @@ async def post_message(
         if existing is None:
             raise
         return await _replay(existing, principal, data), False
-    finally:
-        if reserved is not None and generation is None:
-            await core.release(reserved)
-    launched = False
-    try:
-        # As inserted (no re-read: a conversation deleted since then ends the answer on its own).
-        posted = MessagePosted(message=message_out(message.to_dict()), generation=generation)
-        await core.publish(MessageCreated(conversation_id=conversation_id, message=posted.message))
-        if generation is not None and agent is not None:
-            await core.launch(generation, agent.adapter, agent.config, policy)
-            launched = True
-    finally:
-        if generation is not None and not launched:  # gives back its place in the answer quota
-            await core.release(generation.id)
+    # As inserted (no re-read: a conversation deleted since then ends the answer on its own).
+    posted = MessagePosted(message=message_out(message.to_dict()), generation=generation)
+    await _launch_answer(
+        core, generation, agent, policy, MessageCreated(conversation_id=conversation_id, message=posted.message)
+    )
     if untitled:  # after the launch: naming the conversation does not delay the answer
         await _name_conversation(core, conversation_id, data.content)
     return posted, True
+
+
+async def answer_again(
+    principal: Principal, conversation_id: UUID, message_id: UUID, data: AnswerAgain, core: StreamingCore
+) -> MessagePosted:
+    """Ask the agent again for the conversation's last user message: a new answer whose
+    `replyToId` is that message, started as a post starts one (same busy policy, same
+    quotas; it counts as a message towards the key's rate). The earlier answers stay
+    stored; the history shows only the newest answer to a message (:func:`load_history`).
+    Returns the user message (as it reads now) and the new answer."""
+    core.quotas.messages.check(principal.key_id)
+    _check_grace(principal, data.disconnect_grace, core.policy.disconnect_grace)
+    agent = await load_agent_of(principal, conversation_id)  # 404 unless the caller may see the conversation
+    row = await _with_last_user_message(conversation_id, message_id)
+    if row is None:
+        raise NotFound("message not found", details={"messageId": str(message_id)})
+    last = row["last_user_message"]
+    last = None if last is None else UUID(str(last))  # SQLite gives a computed column's UUID as text
+    if last != row["id"]:  # an earlier user message, or not a user message at all
+        raise Conflict(
+            "only the conversation's last user message can be answered again",
+            code="not_last_user_message",
+            details={"messageId": str(message_id), "lastUserMessageId": str(last) if last else None},
+        )
+    if agent is None:
+        raise no_agent(conversation_id)
+    policy = core.policy_for(if_busy=data.if_busy, partial=data.partial, disconnect_grace=data.disconnect_grace)
+    await _interrupt_if_asked(core, conversation_id, policy)
+    try:
+        generation, _ = await _start_answer(core, principal, conversation_id, message_id, agent, _store_running)
+    except GenerationBusy:
+        raise await _busy(conversation_id) from None
+    await _launch_answer(core, generation, agent, policy)
+    return MessagePosted(message=message_out(row), generation=generation)
+
+
+def no_agent(conversation_id: UUID) -> Conflict:
+    """The 409 for asking an answer of a conversation that has no agent."""
+    return Conflict(
+        "this conversation has no agent to answer",
+        code="no_agent",
+        details={"conversationId": str(conversation_id)},
+    )
+
+
+# The message asked about (in its conversation), and the id of the conversation's latest user
+# message (the index on (conversation, created_at) finds it). Arguments: `user`, message, conversation.
+_WITH_LAST_USER_MESSAGE = (
+    f"SELECT {columns_of(Message)}, "
+    '(SELECT l."id" FROM "message" l WHERE l."conversation" = m."conversation" AND l."role" = {} '
+    'ORDER BY l."created_at" DESC, l."id" DESC LIMIT 1) AS "last_user_message" '
+    'FROM "message" m WHERE m."id" = {} AND m."conversation" = {}'
+)
+
+
+async def _with_last_user_message(conversation_id: UUID, message_id: UUID) -> dict[str, Any] | None:
+    """The conversation's message `message_id`, with `last_user_message`: the id of the
+    conversation's latest user message. None when the conversation has no such message."""
+    rows = await Message.raw(_WITH_LAST_USER_MESSAGE, MessageRole.user.value, message_id, conversation_id)
+    return rows[0] if rows else None
 
 
 async def _name_conversation(core: StreamingCore, conversation_id: UUID, content: str) -> None:
@@ -228,6 +269,73 @@ async def _name_conversation(core: StreamingCore, conversation_id: UUID, content
         logger.warning("conversation %s: could not set its title", conversation_id, exc_info=True)
 
 
+async def _interrupt_if_asked(core: StreamingCore, conversation_id: UUID, policy: StreamPolicy) -> None:
+    """Policy `interrupt`: cancel the conversation's running answer (if any) and wait for its end."""
+    if policy.if_busy == "interrupt":
+        running = await running_generation(conversation_id)
+        if running is not None:
+            await core.cancel(running["id"], "interrupted")
+
+
+async def _busy(conversation_id: UUID) -> GenerationBusy:
+    """The 409 for a conversation found busy, naming its running answer (None if it just ended)."""
+    running = await running_generation(conversation_id)
+    return GenerationBusy(running["id"] if running else None)
+
+
+# Counts a starting answer against the key's running answers (raising 429): given to a store
+# function when that is still to be done, after its insert, in the same transaction.
+Admit = Callable[[], None]
+Stored = TypeVar("Stored")
+
+
+async def _start_answer(
+    core: StreamingCore,
+    principal: Principal,
+    conversation_id: UUID,
+    reply_to_id: UUID,
+    agent: AgentOut,
+    store: Callable[[Generation, Admit | None], Awaitable[Stored]],
+) -> tuple[GenerationOut, Stored]:
+    """Reserve an answer to `reply_to_id` and have `store` write its `running` row (and what
+    goes with it), counted against the caller's running answers. Returns the answer and what
+    `store` returned. Raises :class:`GenerationBusy` when the conversation has a running answer
+    (409), `TooManyRequests` past the caller's running answers (429); the reservation is
+    given back then. Start it with :func:`_launch_answer`."""
+    reserved = await core.reserve(conversation_id)
+    started = None
+    try:
+        answer = running_row(conversation_id, reply_to_id, agent.id, reserved, core.broker.node)
+        admit = None if _counted(core, reserved, principal) else partial(core.count_answer, reserved, principal)
+        stored = await store(answer, admit)
+        started = generation_out(answer.to_dict())  # as inserted: committed
+    finally:
+        if started is None:
+            await core.release(reserved)
+    return started, stored
+
+
+async def _launch_answer(
+    core: StreamingCore,
+    generation: GenerationOut | None,
+    agent: AgentOut | None,
+    policy: StreamPolicy,
+    *announce: ConversationEvent,
+) -> None:
+    """Tell subscribers what was stored (`announce`), then start producing the answer, if
+    one was started; if that fails, the answer gives back its place in the answer quota."""
+    launched = False
+    try:
+        for event in announce:
+            await core.publish(event)
+        if generation is not None and agent is not None:
+            await core.launch(generation, agent.adapter, agent.config, policy)
+            launched = True
+    finally:
+        if generation is not None and not launched:
+            await core.release(generation.id)
+
+
 def _counted(core: StreamingCore, generation_id: UUID, principal: Principal) -> bool:
     """Count the answer against the key's running answers now, if it has room. False when it
     has not: the caller then stores in a transaction that counts after the insert, so that
@@ -237,6 +345,32 @@ def _counted(core: StreamingCore, generation_id: UUID, principal: Principal) -> 
     except TooManyRequests:
         return False
     return True
+
+
+async def _store_post(message: Message, answer: Generation | None, admit: Admit | None) -> bool:
+    """Store a user message (and its answer's `running` row): one statement on PostgreSQL
+    when the answer is counted already, else one transaction that counts it last. Returns
+    whether the conversation has no title (read back from the write: no round trip more)."""
+    if on_postgres(Message) and admit is None:
+        return await _insert_at_once(message, answer)
+    async with write_transaction(Message._meta.db):
+        await insert_row(message)
+        touched = await Message.raw(_MARK_LAST_MESSAGE_UNTITLED, message.created_at, message.conversation)
+        if answer is not None:
+            await insert_running(answer)
+        if admit is not None:
+            admit()
+    return _untitled(touched)
+
+
+async def _store_running(answer: Generation, admit: Admit | None) -> None:
+    """Store an answer's `running` row alone (an answer asked again), counted last if not yet."""
+    if admit is None:
+        await insert_running(answer)
+        return
+    async with write_transaction(Generation._meta.db):
+        await insert_running(answer)
+        admit()
 
 
 # The conversation's last_message_at moves to the message's time, and the statement gives its
@@ -346,12 +480,43 @@ async def edit_message(
     return edited
 
 
+# Every message of a conversation in order, except the answers asked again for: when a user
+# message has several answers (generations replying to it that are running or stored a
+# message), only the newest stays, with what follows it in that turn (its tool rounds);
+# the older ones and theirs are left out. A turn is a user message and what follows it up
+# to the next one. Arguments: `user`, the conversation, `running`, the conversation, `user`, `user`.
+_HISTORY = """
+WITH m AS (
+    SELECT "id", "role", "content", "edited_content", "created_at", "parts",
+           COUNT(CASE WHEN "role" = {} THEN 1 END) OVER (ORDER BY "created_at", "id") AS "turn"
+    FROM "message" WHERE "conversation" = {}
+), answers AS (
+    SELECT "reply_to", "result_message",
+           ROW_NUMBER() OVER (PARTITION BY "reply_to" ORDER BY "started_at" DESC, "id" DESC) AS "nth",
+           COUNT(*) OVER (PARTITION BY "reply_to") AS "count"
+    FROM "generation"
+    WHERE ("status" = {} OR "result_message" IS NOT NULL) AND "conversation" = {} AND "reply_to" IS NOT NULL
+), newest AS (
+    SELECT u."turn", a."created_at", a."id"
+    FROM m u
+    JOIN answers g ON g."reply_to" = u."id" AND g."nth" = 1 AND g."count" > 1
+    LEFT JOIN m a ON a."id" = g."result_message"
+    WHERE u."role" = {}
+)
+SELECT m."id", m."role", m."content", m."edited_content", m."created_at", m."parts"
+FROM m LEFT JOIN newest n ON n."turn" = m."turn"
+WHERE n."turn" IS NULL OR m."role" = {} OR (m."created_at", m."id") >= (n."created_at", n."id")
+ORDER BY m."created_at", m."id"
+"""
+
+
 async def load_history(conversation_id: UUID) -> list[HistoryItem]:
-    """Every message of a conversation in order, with effective content: the agent's context."""
+    """The agent's context: the conversation's messages in order, with effective content,
+    showing one answer per user message (the newest; see :data:`_HISTORY`). An answer still
+    running hides the older ones already: the agent asked again does not see them."""
+    user = MessageRole.user.value
     rows = await Message.raw(
-        'SELECT "id","role","content","edited_content","created_at","parts" FROM "message" '
-        'WHERE "conversation" = {} ORDER BY "created_at","id"',
-        conversation_id,
+        _HISTORY, user, conversation_id, GenerationStatus.running.value, conversation_id, user, user
     )
     return [
         HistoryItem(

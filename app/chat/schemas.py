@@ -43,6 +43,15 @@ class MessageCreate(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
     disconnect_grace: Annotated[float, msgspec.Meta(ge=0, le=3600)] | None = None
 
 
+class AnswerAgain(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
+    """Asking the agent again for a message (the body may be left out). `ifBusy`, `partial`
+    and `disconnectGrace` override the server's streaming policy for the new answer, as for a post."""
+
+    if_busy: BusyPolicy | None = None
+    partial: PartialPolicy | None = None
+    disconnect_grace: Annotated[float, msgspec.Meta(ge=0, le=3600)] | None = None
+
+
 class ToolResultCreate(msgspec.Struct, rename="camel", forbid_unknown_fields=True):
     """A client's result for a tool call of the agent's last answer: `output` (any JSON), or
     `error` when the tool failed. Posting the same result again is safe (one result per call)."""
@@ -71,6 +80,7 @@ class MessagePosted(msgspec.Struct, rename="camel"):
 
 
 __all__ = [
+    "AnswerAgain",
     "ConversationCreate",
     "ConversationOut",
     "ConversationPage",

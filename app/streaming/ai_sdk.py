@@ -29,9 +29,9 @@ from litestar.status_codes import HTTP_200_OK, HTTP_204_NO_CONTENT
 from app.auth.principal import Principal
 from app.chat.conversations import load_conversation
 from app.chat.generations import agent_of
-from app.chat.messages import post_message
+from app.chat.messages import no_agent, post_message
 from app.chat.schemas import MessageCreate
-from app.errors import Conflict, invalid_field
+from app.errors import invalid_field
 from app.openapi import errors
 from app.streaming.core import StreamingCore
 from app.streaming.events import (
@@ -426,14 +426,6 @@ class ChatRequest(msgspec.Struct, rename="camel", kw_only=True):
     if_busy: BusyPolicy | None = None
     partial: PartialPolicy | None = None
     disconnect_grace: Annotated[float, msgspec.Meta(ge=0, le=3600)] | None = None
-
-
-def no_agent(conversation_id: UUID) -> Conflict:
-    return Conflict(
-        "this conversation has no agent to answer",
-        code="no_agent",
-        details={"conversationId": str(conversation_id)},
-    )
 
 
 def _message_to_post(data: ChatRequest) -> MessageCreate:

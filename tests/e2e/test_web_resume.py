@@ -106,6 +106,7 @@ async def test_network_drop_mid_answer_resumes_and_shows_the_whole_answer_once(
     sockets: list[WebSocketRoute] = []
     resumed_with: list[dict] = []
     cut_at: list[str] = []
+    closing: list[asyncio.Future[None]] = []  # kept: a task nobody holds may be collected
 
     def route(ws: WebSocketRoute) -> None:
         sockets.append(ws)
@@ -132,8 +133,8 @@ async def test_network_drop_mid_answer_resumes_and_shows_the_whole_answer_once(
                 tokens += 1
                 if tokens == 5:
                     cut_at.append(f"{frame['generationId']}.{frame['seq']}")
-                    asyncio.ensure_future(ws.close(code=4000, reason="cut by the test"))
-                    asyncio.ensure_future(upstream.close())
+                    closing.append(asyncio.ensure_future(ws.close(code=4000, reason="cut by the test")))
+                    closing.append(asyncio.ensure_future(upstream.close()))
 
         upstream.on_message(to_page)
 

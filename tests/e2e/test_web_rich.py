@@ -228,7 +228,7 @@ async def test_streaming_renders_finished_blocks_once_and_reports_the_cost_of_40
 # -- point 2: nothing in a message, a title, an agent name or an error runs ----------------
 
 PAYLOADS = [
-    '<img src=x onerror="window.__pwned=\'img\'">',
+    "<img src=x onerror=\"window.__pwned='img'\">",
     '<script>window.__pwned="script"</script>',
     '[click me](javascript:window.__pwned="link")',
     '<a href="javascript:window.__pwned=1">html link</a>',
@@ -245,7 +245,7 @@ async def test_no_html_from_a_message_title_agent_name_or_error_runs(
     page: Page, server: LiveServer, acme: Tenant, http: httpx.AsyncClient
 ) -> None:
     console = await watch_csp(page)
-    name = '<img src=x onerror="window.__pwned=\'agent\'">Evil'
+    name = "<img src=x onerror=\"window.__pwned='agent'\">Evil"
     agent_id = await agent(acme, name, pace=0)
     created = await http.post(
         "/api/conversations",
@@ -277,12 +277,12 @@ async def test_no_html_from_a_message_title_agent_name_or_error_runs(
         await route.fulfill(
             status=400,
             content_type="application/json",
-            body=json.dumps({"error": '<img src=x onerror="window.__pwned=\'error\'">bad', "code": "invalid_request"}),
+            body=json.dumps({"error": "<img src=x onerror=\"window.__pwned='error'\">bad", "code": "invalid_request"}),
         )
 
     await page.route(f"**/api/conversations/{conversation_id}/messages", hostile_error)
     await send_with_enter(page, "one more")
-    await expect(page.locator("#alert-text")).to_have_text('<img src=x onerror="window.__pwned=\'error\'">bad')
+    await expect(page.locator("#alert-text")).to_have_text("<img src=x onerror=\"window.__pwned='error'\">bad")
     assert await page.evaluate("window.__pwned") is None
     assert await page.locator(INJECTED).count() == 0
     assert await violations(page, console) == []

@@ -22,11 +22,24 @@ MIN_SENTENCE_CHARS = 20
 _SENTENCE_END = re.compile(r"[.!?](?=\s)")
 
 
+# Markdown marks that read as noise in a plain-text title: a heading's, quote's or list
+# item's mark at the start of the line, and emphasis or code marks around words.
+_LINE_MARK = re.compile(r"^\s*(?:#{1,6}|>|[-*+]|\d+[.)])\s+")
+_EMPHASIS = re.compile(r"(\*\*|__|`+|~~)(?=\S)(.+?)(?<=\S)\1")
+
+
+def plain(line: str) -> str:
+    """A line of markdown as plain text for a title: "## **Plan** a `trip`" -> "Plan a trip"."""
+    return _EMPHASIS.sub(r"\2", _LINE_MARK.sub("", line))
+
+
 def title_from(content: str) -> str:
-    """The title a message gives its conversation: its first non-blank line, whitespace
-    collapsed; when longer than :data:`TITLE_CHARS`, its first sentence if that fits, else
-    cut at a word boundary with "…". Never empty for content that is not blank."""
-    line = next((" ".join(part.split()) for part in content.splitlines() if part.strip()), "")
+    """The title a message gives its conversation: its first non-blank line as plain text
+    (markdown marks removed), whitespace collapsed; when longer than :data:`TITLE_CHARS`, its
+    first sentence if that fits, else cut at a word boundary with "…". Never empty for
+    content that is not blank."""
+    lines = (" ".join(plain(part).split()) or " ".join(part.split()) for part in content.splitlines())
+    line = next((text for text in lines if text), "")
     if len(line) <= TITLE_CHARS:
         return line
     # endpos one past the limit: the lookahead may see the character after a full stop at the limit.

@@ -56,8 +56,28 @@ LONG = "Could you please find me a quiet table for two near the window at the Li
             "version 3.5 of the thing is what everyone here keeps talking about today",
             "version 3.5 of the thing is what everyone here keeps…",  # "3.5" ends no sentence
         ),
+        ("## **Plan** a `trip`:\n\nmore", "Plan a trip:"),  # markdown marks are not part of a title
+        ("- first item\n- second", "first item"),
+        ("> quoted __words__", "quoted words"),
+        ("2*3 is six, a_b stays", "2*3 is six, a_b stays"),  # single marks are text
+        ("**\nreal words", "**"),  # only marks: kept as written rather than skipped
     ],
-    ids=["short", "spaces", "lines", "long", "sentence", "short sentence", "one word", "word at limit", "3.5"],
+    ids=[
+        "short",
+        "spaces",
+        "lines",
+        "long",
+        "sentence",
+        "short sentence",
+        "one word",
+        "word at limit",
+        "3.5",
+        "markdown",
+        "list item",
+        "quote",
+        "single marks",
+        "only marks",
+    ],
 )
 def test_title_from(content: str, title: str) -> None:
     """The first non-blank line, whitespace collapsed; longer than 60 characters: its first

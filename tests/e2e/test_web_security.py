@@ -116,11 +116,13 @@ async def test_the_client_works_under_its_csp_and_the_csp_is_enforced(
 ) -> None:
     console = await watch_csp(page)
     await sign_in(page, server, acme.tokens["alice"])
-    # REST and the answer's EventSource.
+    # REST, the page's own WebSocket (the answer streams over it), markdown and highlighted code.
     await new_conversation(page, "Echo")
     await send_with_enter(page, "under the policy")
     await expect(page.locator(".message.agent .content")).to_have_text("under the policy")
-    # A WebSocket of the page's own origin, with the session cookie.
+    await send_with_enter(page, "*styled*\n\n```python\nx = 1\n```")
+    await expect(page.locator(".message.agent[data-id] .code-block")).to_have_count(1)
+    # Another WebSocket of the page's own origin, with the session cookie.
     pong = await page.evaluate(
         """() => new Promise((resolve, reject) => {
             const ws = new WebSocket(location.origin.replace("http", "ws") + "/api/ws");

@@ -7,10 +7,11 @@ from typing import Any
 from uuid import UUID
 
 from app.auth.service import invalid_credentials
-from app.chat import generations, messages
+from app.chat import conversations, generations, messages
 from app.db import write_transaction
 from app.streaming.parts import Part
 from app.streaming.records import GenerationOut, HistoryItem, MessageOut
+from app.streaming.scopes import Scope
 from app.streaming.store import Answering, Credential
 from app.tables import Generation, GenerationStatus
 
@@ -94,3 +95,6 @@ class ChatAnswerStore:
 
     async def invalid_credentials(self, held: Collection[Credential]) -> set[Credential]:
         return await invalid_credentials(held)
+
+    async def conversation_scope(self, conversation_id: UUID) -> Scope | None:
+        return await conversations.conversation_scope(conversation_id)

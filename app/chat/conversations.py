@@ -3,6 +3,12 @@
 Scoping rule, applied by :func:`load_conversation` and the list query: a
 conversation belongs to one company; an admin reaches all of its company's
 conversations, a member only those they own. Anything else is "not found".
+
+Conversation lists over the WebSocket (`subscribe_conversations`) follow the same rule:
+every change here is published with the conversation's scope (company and owner), and
+every check of the rule (:func:`_visible`) tells the process's scope memory
+(app/streaming/scopes.py), so that the core can route the messages it publishes
+without asking the database.
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ from app.db import columns_of
 from app.errors import NotFound, check_length, check_text
 from app.limits import MAX_TITLE_CHARS
 from app.pagination import decode_cursor, encode_cursor
-from app.streaming.protocol import ConversationDeleted, ConversationUpdated
+from app.streaming import scopes
+from app.streaming.protocol import ConversationCreated, ConversationDeleted, ConversationUpdated
 from app.tables import Agent, Conversation
 
 if TYPE_CHECKING:  # the core imports the chat services; only the type is needed here
@@ -67,6 +74,10 @@ async def _visible(principal: Principal, conversation_id: UUID, select: str) -> 
     if not rows:
         raise conversation_not_found(conversation_id)
     row: dict[str, Any] = rows[0]
+    # Whose it is, for the conversation lists: a member's own; an admin's, when `select` has c."owner_id".
+    owner = row.get("owner_id") if principal.is_admin else principal.user_id
+    if owner is not None:
+        scopes.known.remember(conversation_id, principal.company_id, owner)
     return row
 
 
@@ -75,12 +86,19 @@ async def load_conversation(principal: Principal, conversation_id: UUID) -> dict
     return await _visible(principal, conversation_id, f'SELECT {columns_of(Conversation)} FROM "conversation" c')
 
 
+async def conversation_scope(conversation_id: UUID) -> scopes.Scope | None:
+    """Whose the conversation is (its company and owner), unscoped; None when it does not exist."""
+    rows = await Conversation.raw('SELECT "company","owner_id" FROM "conversation" WHERE "id" = {}', conversation_id)
+    return scopes.Scope(rows[0]["company"], rows[0]["owner_id"]) if rows else None
+
+
 @cache
 def _agent_sql() -> str:
     # LEFT JOIN: a visible conversation without an agent is one row of nulls, an invisible one none.
+    # The conversation's owner too (the agent has no such column): see _visible.
     agent = ",".join(f'a."{c._meta.db_column_name}"' for c in Agent._meta.columns)
     join = 'LEFT JOIN "agent" a ON a."id" = c."agent" AND a."company" = c."company"'
-    return f'SELECT {agent} FROM "conversation" c {join}'
+    return f'SELECT {agent},c."owner_id" FROM "conversation" c {join}'
 
 
 async def load_agent_of(principal: Principal, conversation_id: UUID) -> AgentOut | None:
@@ -105,8 +123,11 @@ def _check_title(title: str | None) -> None:
     check_length("title", title, MAX_TITLE_CHARS)
 
 
-async def create_conversation(principal: Principal, data: ConversationCreate) -> ConversationOut:
-    """Start a conversation owned by the caller, optionally with one of the company's agents."""
+async def create_conversation(
+    principal: Principal, data: ConversationCreate, core: StreamingCore | None = None
+) -> ConversationOut:
+    """Start a conversation owned by the caller, optionally with one of the company's agents.
+    Conversation lists that may show it are told."""
     _check_title(data.title)
     if data.agent_id is not None:
         await get_agent(principal.company_id, data.agent_id)
@@ -117,7 +138,11 @@ async def create_conversation(principal: Principal, data: ConversationCreate) ->
         title=data.title,
     )
     await conversation.save()
-    return await get_conversation(principal, conversation.id)
+    created = await get_conversation(principal, conversation.id)
+    if core is not None:
+        scope = scopes.Scope(principal.company_id, principal.user_id)
+        await core.publish(ConversationCreated(conversation_id=created.id, conversation=created), scope)
+    return created
 
 
 async def get_conversation(principal: Principal, conversation_id: UUID) -> ConversationOut:
@@ -143,7 +168,8 @@ async def list_conversations(principal: Principal, cursor: str | None, limit: in
 async def update_conversation(
     principal: Principal, conversation_id: UUID, data: ConversationUpdate, core: StreamingCore | None = None
 ) -> ConversationOut:
-    """Change only the fields that were sent; `null` clears. Subscribers are told."""
+    """Change only the fields that were sent; `null` clears. Subscribers and conversation
+    lists are told."""
     await load_conversation(principal, conversation_id)
     values: dict[Any, Any] = {}
     if data.title is not msgspec.UNSET:
@@ -158,16 +184,19 @@ async def update_conversation(
         await Conversation.update(values).where(Conversation.id == conversation_id)
     updated = await get_conversation(principal, conversation_id)
     if values and core is not None:
-        await core.publish(ConversationUpdated(conversation_id=conversation_id, conversation=updated))
+        scope = scopes.Scope(principal.company_id, updated.owner_id)
+        await core.publish(ConversationUpdated(conversation_id=conversation_id, conversation=updated), scope)
     return updated
 
 
 async def delete_conversation(principal: Principal, conversation_id: UUID, core: StreamingCore | None = None) -> None:
     """Delete a conversation; its messages and generations go with it (ON DELETE CASCADE).
-    A running answer is cancelled first, and subscribers are told."""
-    await load_conversation(principal, conversation_id)
+    A running answer is cancelled first, and subscribers and conversation lists are told."""
+    row = await load_conversation(principal, conversation_id)
     if core is not None:
         await core.cancel_conversation(conversation_id, "deleted")
     await Conversation.delete().where(Conversation.id == conversation_id)
+    scopes.known.forget(conversation_id)
     if core is not None:
-        await core.publish(ConversationDeleted(conversation_id=conversation_id))
+        scope = scopes.Scope(row["company"], row["owner_id"])
+        await core.publish(ConversationDeleted(conversation_id=conversation_id), scope)

@@ -3,6 +3,11 @@
 The core talks to a :class:`Broker`; the in-process one keeps logs in memory for a
 single server process. The Redis one (app/streaming/redis_broker.py) fills the same
 interface so that several processes share generations.
+
+Conversation events go to the feeds of their conversation and, when published with the
+conversation's :class:`~app.streaming.scopes.Scope`, to the conversation lists that may show
+the conversation (its owner's and its company's admins'), as list frames
+(:func:`~app.streaming.protocol.list_frame`).
 """
 
 from __future__ import annotations
@@ -11,14 +16,15 @@ import asyncio
 import uuid
 from collections import Counter
 from collections.abc import Callable, Collection
-from typing import Protocol
+from typing import Any, Protocol
 from uuid import UUID
 
 from app.streaming.control import ControlMessage
 from app.streaming.direct import DirectReader
 from app.streaming.events import GenerationEvent
 from app.streaming.log import GenerationLog
-from app.streaming.protocol import ConversationEvent
+from app.streaming.protocol import ConversationCreated, ConversationEvent, ListFrame, list_frame
+from app.streaming.scopes import Scope
 
 
 class FeedOverflow(Exception):
@@ -29,23 +35,22 @@ class BrokerUnavailable(Exception):
     """The broker's backing service (Redis) cannot be reached; the call did not happen."""
 
 
-class ConversationFeed:
-    """One subscriber's feed of a conversation's events (messages, edits, renames, new answers).
+class Feed:
+    """One subscriber's feed of rare events: bounded, never waits on the subscriber.
 
-    Bounded: these events are rare, so a feed that fills up belongs to a subscriber that
-    stopped reading; it is marked overflowed and its next read raises :class:`FeedOverflow`.
+    These events are rare, so a feed that fills up belongs to a subscriber that stopped
+    reading; it is marked overflowed and its next read raises :class:`FeedOverflow`.
     """
 
-    def __init__(self, conversation_id: UUID, maxsize: int = 256) -> None:
-        self.conversation_id = conversation_id
+    def __init__(self, maxsize: int = 256) -> None:
         # A list and a bare future rather than a deque and an asyncio.Event: the events are rare,
         # and those two cost about 1.5 KiB more per open subscription.
-        self._events: list[ConversationEvent] = []
+        self._events: list[Any] = []
         self._maxsize = maxsize
         self._waiter: asyncio.Future[None] | None = None  # the subscriber's, while it waits
         self.overflowed = False
 
-    def offer(self, event: ConversationEvent) -> None:
+    def offer(self, event: Any) -> None:
         """Deliver an event without ever waiting on the subscriber."""
         if len(self._events) >= self._maxsize:
             self.overflowed = True
@@ -63,11 +68,10 @@ class ConversationFeed:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    async def get(self) -> ConversationEvent:
-        """The next event; raises :class:`FeedOverflow` once events were dropped."""
+    async def _next(self) -> Any:
         while True:
             if self.overflowed:
-                raise FeedOverflow(str(self.conversation_id))
+                raise FeedOverflow(repr(self))
             if self._events:
                 return self._events.pop(0)
             self._waiter = asyncio.get_running_loop().create_future()
@@ -75,6 +79,41 @@ class ConversationFeed:
                 await self._waiter
             finally:
                 self._waiter = None
+
+
+class ConversationFeed(Feed):
+    """One subscriber's feed of a conversation's events (messages, edits, renames, new answers)."""
+
+    def __init__(self, conversation_id: UUID, maxsize: int = 256) -> None:
+        super().__init__(maxsize)
+        self.conversation_id = conversation_id
+
+    def __repr__(self) -> str:
+        return f"conversation {self.conversation_id}"
+
+    async def get(self) -> ConversationEvent:
+        """The next event; raises :class:`FeedOverflow` once events were dropped."""
+        event: ConversationEvent = await self._next()
+        return event
+
+
+class ListFeed(Feed):
+    """One subscriber's feed of a conversation list: the conversations of `company_id` owned
+    by `owner_id`, or all of them when `owner_id` is None (an admin's list). It holds the
+    frames to send (:func:`~app.streaming.protocol.list_frame`), not the conversation events."""
+
+    def __init__(self, company_id: UUID, owner_id: UUID | None, maxsize: int = 256) -> None:
+        super().__init__(maxsize)
+        self.company_id = company_id
+        self.owner_id = owner_id
+
+    def __repr__(self) -> str:
+        return f"conversation list of {self.owner_id or 'every owner'} in company {self.company_id}"
+
+    async def get(self) -> ListFrame:
+        """The next frame; raises :class:`FeedOverflow` once frames were dropped."""
+        frame: ListFrame = await self._next()
+        return frame
 
 
 class ConversationFeeds:
@@ -99,18 +138,71 @@ class ConversationFeeds:
         return conversation_id in self._by_conversation
 
     def offer(self, event: ConversationEvent) -> None:
-        """Hand `event` to every open feed of its conversation."""
+        """Hand `event` to every open feed of its conversation (a creation has none: nobody can
+        follow a conversation before it exists; lists hear of it)."""
+        if isinstance(event, ConversationCreated):
+            return
         for feed in list(self._by_conversation.get(event.conversation_id, ())):
             feed.offer(event)
 
     def lose_all(self) -> None:
-        """Every open feed may have missed events (see :meth:`ConversationFeed.lose`)."""
+        """Every open feed may have missed events (see :meth:`Feed.lose`)."""
         for feeds in self._by_conversation.values():
             for feed in feeds:
                 feed.lose()
 
     def clear(self) -> None:
         self._by_conversation.clear()
+
+
+class ListFeeds:
+    """The open conversation list feeds of one process, by company, then by owner (None: an
+    admin's, which lists every owner's conversations)."""
+
+    def __init__(self) -> None:
+        self._by_company: dict[UUID, dict[UUID | None, set[ListFeed]]] = {}
+
+    def open(self, company_id: UUID, owner_id: UUID | None) -> ListFeed:
+        feed = ListFeed(company_id, owner_id)
+        self._by_company.setdefault(company_id, {}).setdefault(owner_id, set()).add(feed)
+        return feed
+
+    def close(self, feed: ListFeed) -> None:
+        owners = self._by_company.get(feed.company_id)
+        feeds = owners.get(feed.owner_id) if owners is not None else None
+        if owners is None or feeds is None:
+            return
+        feeds.discard(feed)
+        if not feeds:
+            del owners[feed.owner_id]
+            if not owners:
+                del self._by_company[feed.company_id]
+
+    def wants(self, company_id: UUID) -> bool:
+        """True when a list of the company is open here (its events are worth decoding)."""
+        return company_id in self._by_company
+
+    def offer(self, event: ConversationEvent, scope: Scope) -> None:
+        """Hand what the lists show of `event` to the lists that may show its conversation:
+        its owner's and the company's admins'."""
+        owners = self._by_company.get(scope.company_id)
+        if owners is None:
+            return
+        frame = list_frame(event)
+        if frame is None:
+            return
+        for owner in (None, scope.owner_id):
+            for feed in list(owners.get(owner, ())):
+                feed.offer(frame)
+
+    def lose_all(self) -> None:
+        for owners in self._by_company.values():
+            for feeds in owners.values():
+                for feed in feeds:
+                    feed.lose()
+
+    def clear(self) -> None:
+        self._by_company.clear()
 
 
 class Broker(Protocol):
@@ -178,14 +270,21 @@ class Broker(Protocol):
     async def readers(self, generation_id: UUID) -> int:
         """How many read the generation now."""
 
-    async def publish(self, event: ConversationEvent) -> None:
-        """Deliver a conversation event to every feed of its conversation."""
+    async def publish(self, event: ConversationEvent, scope: Scope | None = None) -> None:
+        """Deliver a conversation event to every feed of its conversation and, with the
+        conversation's `scope`, what lists show of it to the lists that may show it."""
 
     def open_feed(self, conversation_id: UUID) -> ConversationFeed:
         """Start receiving a conversation's events."""
 
     def close_feed(self, feed: ConversationFeed) -> None:
         """Stop receiving them."""
+
+    def open_list_feed(self, company_id: UUID, owner_id: UUID | None) -> ListFeed:
+        """Start receiving the conversation list of `owner_id` in the company (None: of every owner)."""
+
+    def close_list_feed(self, feed: ListFeed) -> None:
+        """Stop receiving it."""
 
     async def ping(self) -> None:
         """Return when the broker works; raise :class:`BrokerUnavailable` when it does not (readiness)."""
@@ -209,6 +308,7 @@ class InProcessBroker:
         self._readers: Counter[UUID] = Counter()
         self._expiry: dict[UUID, asyncio.TimerHandle] = {}
         self._feeds = ConversationFeeds()
+        self._lists = ListFeeds()
 
     async def open_log(self, generation_id: UUID, conversation_id: UUID) -> None:
         self._logs[generation_id] = GenerationLog(generation_id, conversation_id, retain=self.retain)
@@ -264,14 +364,22 @@ class InProcessBroker:
     async def readers(self, generation_id: UUID) -> int:
         return self._readers.get(generation_id, 0)
 
-    async def publish(self, event: ConversationEvent) -> None:
+    async def publish(self, event: ConversationEvent, scope: Scope | None = None) -> None:
         self._feeds.offer(event)
+        if scope is not None:
+            self._lists.offer(event, scope)
 
     def open_feed(self, conversation_id: UUID) -> ConversationFeed:
         return self._feeds.open(conversation_id)
 
     def close_feed(self, feed: ConversationFeed) -> None:
         self._feeds.close(feed)
+
+    def open_list_feed(self, company_id: UUID, owner_id: UUID | None) -> ListFeed:
+        return self._lists.open(company_id, owner_id)
+
+    def close_list_feed(self, feed: ListFeed) -> None:
+        self._lists.close(feed)
 
     async def ping(self) -> None:
         """Always up: nothing to reach."""
@@ -294,6 +402,7 @@ class InProcessBroker:
 
     async def close(self) -> None:
         self._feeds.clear()
+        self._lists.clear()
         for handle in self._expiry.values():
             handle.cancel()
         self._expiry.clear()

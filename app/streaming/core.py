@@ -31,6 +31,7 @@ from uuid import UUID
 import msgspec
 
 from app.errors import invalid_field
+from app.streaming import scopes
 from app.streaming.adapters import (
     Adapter,
     AdapterConfigError,
@@ -42,7 +43,7 @@ from app.streaming.adapters import (
     parse_config,
 )
 from app.streaming.answer_builder import AnswerBuilder
-from app.streaming.broker import Broker, BrokerUnavailable, ConversationFeed
+from app.streaming.broker import Broker, BrokerUnavailable, ConversationFeed, ListFeed
 from app.streaming.control import CancelRequest, ControlMessage, CredentialRevoked, ReadersGone
 from app.streaming.credentials import CredentialHolders
 from app.streaming.direct import DirectReader
@@ -58,7 +59,14 @@ from app.streaming.events import (
 )
 from app.streaming.parts import text_of
 from app.streaming.policy import BusyPolicy, PartialPolicy, StreamPolicy
-from app.streaming.protocol import ConversationEvent, GenerationStarted, MessageCreated
+from app.streaming.protocol import (
+    ConversationCreated,
+    ConversationDeleted,
+    ConversationEvent,
+    ConversationUpdated,
+    GenerationStarted,
+    MessageCreated,
+)
 from app.streaming.quotas import Quotas
 from app.streaming.records import GenerationOut
 from app.streaming.store import AnswerStore
@@ -76,6 +84,9 @@ REAP_INTERVAL = 1.0
 # How long a cancel waits for another process's producer to report the outcome.
 REMOTE_CANCEL_WAIT = 10.0
 PRODUCER_LOST = "producer_lost"
+
+# The conversation events that conversation lists show (see protocol.list_frame).
+_LISTED = (MessageCreated, ConversationCreated, ConversationUpdated, ConversationDeleted)
 
 # Every core of this process, so that a server stopping can end their answers first.
 _cores: weakref.WeakSet[StreamingCore] = weakref.WeakSet()
@@ -617,9 +628,27 @@ class StreamingCore:
 
     # -- conversation events -----------------------------------------------------------
 
-    async def publish(self, event: ConversationEvent) -> None:
-        """Tell every subscriber of the event's conversation (message, edit, rename, new answer)."""
-        await self.broker.publish(event)
+    async def publish(self, event: ConversationEvent, scope: scopes.Scope | None = None) -> None:
+        """Tell every subscriber of the event's conversation (message, edit, rename, new answer)
+        and, for what conversation lists show (a creation, a change, a deletion, a new message),
+        the lists that may show the conversation. Its `scope` (company and owner) is found when
+        not given: from what this process learned of the conversation, else from the database."""
+        if scope is None and isinstance(event, _LISTED):
+            scope = await self._scope_of(event.conversation_id)
+        await self.broker.publish(event, scope)
+
+    async def _scope_of(self, conversation_id: UUID) -> scopes.Scope | None:
+        scope = scopes.known.get(conversation_id)
+        if scope is not None:
+            return scope
+        try:
+            found = await self.store.conversation_scope(conversation_id)
+        except Exception:  # noqa: BLE001 - the conversation's subscribers are told anyway
+            logger.warning("conversation %s: its scope could not be read; lists miss this event", conversation_id)
+            return None
+        if found is not None:  # None: deleted meanwhile (its deletion is announced with its scope)
+            scopes.known.remember(conversation_id, *found)
+        return found
 
     def open_feed(self, conversation_id: UUID) -> ConversationFeed:
         """Start receiving a conversation's events; close with :meth:`close_feed`."""
@@ -627,6 +656,14 @@ class StreamingCore:
 
     def close_feed(self, feed: ConversationFeed) -> None:
         self.broker.close_feed(feed)
+
+    def open_list_feed(self, company_id: UUID, owner_id: UUID | None) -> ListFeed:
+        """Start receiving the conversation list of `owner_id` in the company (None: every
+        conversation of the company, an admin's list); close with :meth:`close_list_feed`."""
+        return self.broker.open_list_feed(company_id, owner_id)
+
+    def close_list_feed(self, feed: ListFeed) -> None:
+        self.broker.close_list_feed(feed)
 
     # -- reading -----------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ they are. `ref` is a string the client may put on any frame; the `ack`, `error` 
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any
 from uuid import UUID
 
@@ -71,7 +72,19 @@ class Ping(_ClientFrame, tag="ping"):
     """Application-level ping; answered by `pong` (protocol pings are handled by the server too)."""
 
 
-ClientFrame = Subscribe | Unsubscribe | Send | ToolResult | Cancel | Ping
+class SubscribeConversations(_ClientFrame, tag="subscribe_conversations"):
+    """Follow the conversation list: every conversation the socket's key may list (a member's
+    own, every one of the company for an admin) as it is created, changed, deleted or gets a
+    new message. Idempotent."""
+
+
+class UnsubscribeConversations(_ClientFrame, tag="unsubscribe_conversations"):
+    """Stop following the conversation list (acked also when not following it)."""
+
+
+ClientFrame = (
+    Subscribe | Unsubscribe | Send | ToolResult | Cancel | Ping | SubscribeConversations | UnsubscribeConversations
+)
 
 
 class _ServerFrame(msgspec.Struct, tag_field="type", rename="camel", kw_only=True, omit_defaults=True):
@@ -124,6 +137,21 @@ class ConversationDeleted(_ServerFrame, tag="conversation.deleted"):
     conversation_id: UUID
 
 
+class ConversationCreated(_ServerFrame, tag="conversation.created"):
+    """A new conversation (to conversation list subscribers only)."""
+
+    conversation_id: UUID
+    conversation: ConversationOut
+
+
+class ConversationActivity(_ServerFrame, tag="conversation.activity"):
+    """A message was stored in the conversation at `lastMessageAt`, its new latest activity
+    (to conversation list subscribers only; the conversation's subscribers get the message)."""
+
+    conversation_id: UUID
+    last_message_at: datetime
+
+
 class GenerationStarted(msgspec.Struct, frozen=True):
     """Internal, not sent: an answer began in the conversation; subscribers follow it."""
 
@@ -132,12 +160,37 @@ class GenerationStarted(msgspec.Struct, frozen=True):
 
 
 # What services publish on a conversation's channel.
-ConversationEvent = MessageCreated | MessageEdited | ConversationUpdated | ConversationDeleted | GenerationStarted
+ConversationEvent = (
+    MessageCreated | MessageEdited | ConversationUpdated | ConversationDeleted | ConversationCreated | GenerationStarted
+)
+# What a conversation list subscriber receives (made from conversation events by `list_frame`).
+ListFrame = ConversationCreated | ConversationUpdated | ConversationDeleted | ConversationActivity
 # Everything the server sends.
-ServerFrame = Ack | ErrorFrame | Pong | MessageCreated | MessageEdited | ConversationUpdated | ConversationDeleted
+ServerFrame = (
+    Ack
+    | ErrorFrame
+    | Pong
+    | MessageCreated
+    | MessageEdited
+    | ConversationUpdated
+    | ConversationDeleted
+    | ConversationCreated
+    | ConversationActivity
+)
 OutgoingFrame = ServerFrame | GenerationEvent
 
 MSGPACK_SUBPROTOCOL = "chatstream.msgpack"
+
+
+def list_frame(event: ConversationEvent) -> ListFrame | None:
+    """What a conversation list subscriber gets of a conversation event: creation, changes and
+    deletion as they are, a new message as `conversation.activity`; nothing of edits and answers."""
+    if isinstance(event, MessageCreated):
+        return ConversationActivity(conversation_id=event.conversation_id, last_message_at=event.message.created_at)
+    if isinstance(event, ConversationCreated | ConversationUpdated | ConversationDeleted):
+        return event
+    return None
+
 
 json_client_decoder = msgspec.json.Decoder(ClientFrame)
 msgpack_client_decoder = msgspec.msgpack.Decoder(ClientFrame)

@@ -13,7 +13,11 @@ keys in one cluster slot, so that one script may touch them all):
   one line each, ``<byte length of text when it came> <event JSON>``: with the text, a
   `snapshot`'s parts (app/streaming/events.py `fold`). Plain-text answers never create it.
 - ``P gen:{g}:readers`` — hash: broker id -> how many of that process's readers read `g`.
-- ``P conv:<c>`` — pub/sub channel of conversation `c`'s events.
+- ``P conv:<c>`` — pub/sub channel of conversation `c`'s events; ``P conv:<company>:<owner>:<c>``
+  for the events published with the conversation's scope (its company and owner), which
+  conversation lists show too. Every process reads both through the one pattern
+  subscription; a process that reads only the last segment (before lists existed) still
+  finds the conversation.
 - ``P wake:<broker id>`` — stream that wakes this broker's reading loop (see `_wake_reader`).
 - ``P node:<broker id>`` — a process's heartbeat, kept NODE_TTL seconds (the core renews it).
 - ``P control`` — pub/sub channel of control messages between processes (app/streaming/control.py).
@@ -27,7 +31,7 @@ loop go to Redis together, as one pipeline (:meth:`RedisBroker._execute`).
 Connections per process do not depend on the number of readers: `pool_size` for commands,
 one for the reading loop (a single blocking ``XREAD`` over every stream a local reader waits
 on), one for heartbeats and one for the pub/sub loop (one pattern subscription for every
-conversation and the control channel). Waiting
+conversation, which also carries the conversation lists, and the control channel). Waiting
 readers hold an asyncio event, never a connection.
 """
 
@@ -53,7 +57,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT, KeyT
 
-from app.streaming.broker import BrokerUnavailable, ConversationFeed, ConversationFeeds
+from app.streaming.broker import BrokerUnavailable, ConversationFeed, ConversationFeeds, ListFeed, ListFeeds
 from app.streaming.control import ControlMessage, control_decoder, control_encoder
 from app.streaming.direct import DirectReader, deliver_to
 from app.streaming.events import (
@@ -70,6 +74,7 @@ from app.streaming.events import (
 )
 from app.streaming.parts import AnswerParts, text_of
 from app.streaming.protocol import ConversationEvent
+from app.streaming.scopes import Scope
 from app.streaming.wakeup import Wakeup
 
 logger = logging.getLogger("chatstream.streaming.redis")
@@ -374,6 +379,8 @@ class RedisBroker:
         self._wake_id = b"0-0"
         self._reading: asyncio.Task[None] | None = None
         self._feeds = ConversationFeeds()
+        self._lists = ListFeeds()
+        self._conversation_channels = f"{prefix}conv:"
         self._feeding: asyncio.Task[None] | None = None
         self._feeds_down = False
         self._counted: Counter[UUID] = Counter()  # this process's readers, to count out at close
@@ -787,12 +794,18 @@ class RedisBroker:
 
     # -- conversation feeds --------------------------------------------------------------
 
-    async def publish(self, event: ConversationEvent) -> None:
-        """Deliver a conversation event to every feed of its conversation, in every process."""
+    async def publish(self, event: ConversationEvent, scope: Scope | None = None) -> None:
+        """Deliver a conversation event to every feed of its conversation and, with its `scope`,
+        to the conversation lists that may show it, in every process (the scope travels in the
+        channel's name)."""
         # This process's feeds get it at once, like the in-process broker's (the pub/sub loop skips it).
         self._feeds.offer(event)
+        channel = self._conversation_channels
+        if scope is not None:
+            self._lists.offer(event, scope)
+            channel = f"{channel}{scope.company_id}:{scope.owner_id}:"
         payload = b" ".join([self.id.encode(), type(event).__name__.encode(), json_encoder.encode(event)])
-        await self._execute(_Command(("PUBLISH", f"{self.prefix}conv:{event.conversation_id}", payload)))
+        await self._execute(_Command(("PUBLISH", f"{channel}{event.conversation_id}", payload)))
 
     def open_feed(self, conversation_id: UUID) -> ConversationFeed:
         """Start receiving a conversation's events (from any process). A feed opened while Redis is
@@ -810,6 +823,19 @@ class RedisBroker:
     def close_feed(self, feed: ConversationFeed) -> None:
         """Stop receiving them."""
         self._feeds.close(feed)
+
+    def open_list_feed(self, company_id: UUID, owner_id: UUID | None) -> ListFeed:
+        """Start receiving a conversation list (from any process); lost at once while Redis is
+        unreachable, as a conversation feed."""
+        feed = self._lists.open(company_id, owner_id)
+        self._start_feeding()
+        if self._feeds_down:
+            feed.lose()
+        return feed
+
+    def close_list_feed(self, feed: ListFeed) -> None:
+        """Stop receiving it."""
+        self._lists.close(feed)
 
     async def _feed_forever(self) -> None:
         """One pattern subscription to every conversation channel; hands events to this process's feeds.
@@ -841,6 +867,7 @@ class RedisBroker:
                 logger.exception("redis broker: conversation feeds loop failed")
             self._feeds_down = True
             self._feeds.lose_all()
+            self._lists.lose_all()
             failures += 1
             await asyncio.sleep(0 if failures == 1 else min(BACKOFF_MIN * 2 ** (failures - 2), BACKOFF_MAX))
 
@@ -855,17 +882,25 @@ class RedisBroker:
 
     def _dispatch(self, channel: bytes, data: bytes) -> None:
         try:
-            conversation_id = UUID(channel.decode().rpartition(":")[2])
-            if conversation_id not in self._feeds:
-                return  # no feed of it here: not even decoded
+            # `<c>`, or `<company>:<owner>:<c>` for an event published with its scope.
+            names = channel.decode().removeprefix(self._conversation_channels).split(":")
+            conversation_id = UUID(names[-1])
+            scope = Scope(UUID(names[0]), UUID(names[1])) if len(names) == 3 else None
+            followed = conversation_id in self._feeds
+            listed = scope is not None and self._lists.wants(scope.company_id)
+            if not (followed or listed):
+                return  # neither a feed of it nor a list of its company here: not even decoded
             origin, kind, body = data.split(b" ", 2)
             if origin == self.id.encode():
                 return  # published here: this process's feeds have it already
             event = _CONVERSATION_DECODERS[kind.decode()].decode(body)
-        except (ValueError, KeyError, msgspec.DecodeError):
+        except (ValueError, KeyError, IndexError, msgspec.DecodeError):
             logger.warning("redis broker: ignored a malformed message on %r", channel)
             return
-        self._feeds.offer(event)
+        if followed:
+            self._feeds.offer(event)
+        if listed and scope is not None:
+            self._lists.offer(event, scope)
 
     # -- processes -----------------------------------------------------------------------
 
@@ -913,6 +948,7 @@ class RedisBroker:
         await asyncio.gather(*self._flushes, return_exceptions=True)  # their callers get their replies
         self._fail_watches("the broker was closed")
         self._feeds.clear()
+        self._lists.clear()
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for generation_id in self._counted:

@@ -15,6 +15,7 @@ import msgspec
 
 from app.streaming.parts import Part
 from app.streaming.records import GenerationOut, HistoryItem, MessageOut
+from app.streaming.scopes import Scope
 from app.tables import GenerationStatus
 
 # An open connection's credential: (API key id, browser session id or None).
@@ -100,4 +101,8 @@ class AnswerStore(Protocol):
 
     async def invalid_credentials(self, held: Collection[Credential]) -> set[Credential]:
         """Those of `held` that no longer authenticate (revoked key, ended or expired session)."""
+        ...
+
+    async def conversation_scope(self, conversation_id: UUID) -> Scope | None:
+        """The conversation's company and owner (who may list it); None when it does not exist."""
         ...

@@ -1,10 +1,12 @@
 """WebSocket transport: `GET /api/ws` — one socket per client, many conversations.
 
-Each socket has a reader (client frames, checked against the limits, then done) and per
+Each socket has a reader (client frames, checked against the limits, then done), per
 subscribed conversation a task that forwards the conversation's feed and follows its
-answers through the core, exactly like an SSE reader. Everything to send goes through one
-bounded outbox, sent in order by a task that runs only while the outbox has frames (an
-idle socket holds no writer task and no queue: memory per open socket). A peer that
+answers through the core, exactly like an SSE reader, and, while it follows the
+conversation list (`subscribe_conversations`), a task that forwards the list's feed.
+Everything to send goes through one bounded outbox, sent in order by a task that runs
+only while the outbox has frames (an idle socket holds no writer task and no queue:
+memory per open socket). A peer that
 leaves the outbox full for `ws_send_timeout` seconds is told (`error` code `too_slow`) and
 closed with 1013; it resumes with its cursors and loses nothing. The exception: while the
 outbox is empty and nothing is being sent, the producer of an answer writes the answer's
@@ -38,7 +40,7 @@ from app.chat.tool_results import post_tool_result
 from app.config import Settings, get_settings
 from app.errors import ApiError, Unauthorized
 from app.http_security import same_origin_request
-from app.streaming.broker import BrokerUnavailable, ConversationFeed, FeedOverflow
+from app.streaming.broker import BrokerUnavailable, ConversationFeed, FeedOverflow, ListFeed
 from app.streaming.core import StreamingCore
 from app.streaming.direct import DirectReader, start
 from app.streaming.events import Cursor, GenerationEvent, json_encoder
@@ -55,8 +57,10 @@ from app.streaming.protocol import (
     Pong,
     Send,
     Subscribe,
+    SubscribeConversations,
     ToolResult,
     Unsubscribe,
+    UnsubscribeConversations,
     json_client_decoder,
     msgpack_client_decoder,
     msgpack_encoder,
@@ -192,6 +196,8 @@ class Session:
         # any, an answer's next event queues behind them instead of being written directly.
         self.sending = 0
         self.subscriptions: dict[UUID, asyncio.Task[None]] = {}
+        # Forwards the conversation list while the socket follows it (not counted in the limit).
+        self.conversation_list: asyncio.Task[None] | None = None
         self.frame_times: deque[float] = deque()
         self.violations = 0
         self.closing: asyncio.Future[SocketClosing] = asyncio.get_running_loop().create_future()
@@ -216,6 +222,8 @@ class Session:
             tasks = [reader, *self.subscriptions.values()]
             if self.draining is not None:
                 tasks.append(self.draining)
+            if self.conversation_list is not None:
+                tasks.append(self.conversation_list)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -389,6 +397,21 @@ class Session:
                 await self.core.cancel(frame.generation_id, "user")
                 generation = await get_generation(self.principal, frame.generation_id)
             await self.deliver([Ack(ref=frame.ref, generation=generation)])
+        elif isinstance(frame, SubscribeConversations):
+            if self.conversation_list is None:  # following it already: nothing to change, no gap
+                principal = self.principal
+                feed = self.core.open_list_feed(principal.company_id, None if principal.is_admin else principal.user_id)
+                try:
+                    await self.deliver([Ack(ref=frame.ref)])
+                except BaseException:
+                    self.core.close_list_feed(feed)
+                    raise
+                self.conversation_list = asyncio.create_task(self._follow_list(feed))
+            else:
+                await self.deliver([Ack(ref=frame.ref)])
+        elif isinstance(frame, UnsubscribeConversations):
+            await self._end_list()
+            await self.deliver([Ack(ref=frame.ref)])
         else:
             assert isinstance(frame, Ping)
             await self.deliver([Pong(ref=frame.ref)])
@@ -419,6 +442,13 @@ class Session:
     async def _end_subscription(self, conversation_id: UUID) -> None:
         """Stop following a conversation; returns once nothing more of it can be queued."""
         task = self.subscriptions.pop(conversation_id, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _end_list(self) -> None:
+        """Stop following the conversation list; returns once nothing more of it can be queued."""
+        task, self.conversation_list = self.conversation_list, None
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
@@ -462,6 +492,18 @@ class Session:
             await asyncio.gather(*answers.values(), return_exceptions=True)
             if self.subscriptions.get(conversation_id) is asyncio.current_task():
                 del self.subscriptions[conversation_id]
+
+    async def _follow_list(self, feed: ListFeed) -> None:
+        """Forward the conversation list's frames (from `feed`, closed at the end)."""
+        try:
+            while True:
+                await self.deliver([await feed.get()])
+        except FeedOverflow:
+            self.close_later(too_slow())
+        finally:
+            self.core.close_list_feed(feed)
+            if self.conversation_list is asyncio.current_task():
+                self.conversation_list = None
 
     async def _follow_answer(self, generation_id: UUID, after: int) -> None:
         attached = False

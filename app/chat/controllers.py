@@ -55,9 +55,12 @@ class ConversationController(Controller):
 
     @post("/", summary="Start a conversation", responses=errors(400, 404, 413))
     async def create_conversation(
-        self, principal: NamedDependency[Principal], data: JSONBody[ConversationCreate]
+        self,
+        principal: NamedDependency[Principal],
+        core: NamedDependency[StreamingCore],
+        data: JSONBody[ConversationCreate],
     ) -> ConversationOut:
-        return await conversations.create_conversation(principal, data)
+        return await conversations.create_conversation(principal, data, core)
 
     @get("/{conversation_id:uuid}", summary="Get a conversation", responses=errors(404))
     async def get_conversation(

@@ -14,7 +14,6 @@ request of its process told it.
 
 from __future__ import annotations
 
-import inspect
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
@@ -24,7 +23,6 @@ import anyio
 import httpx
 import pytest
 
-from app.chat.controllers import ConversationController
 from app.chat.conversations import create_conversation
 from app.chat.schemas import ConversationCreate
 from app.streaming import scopes
@@ -42,14 +40,6 @@ pytestmark = pytest.mark.anyio
 
 LIST_FRAMES = ("conversation.created", "conversation.updated", "conversation.deleted", "conversation.activity")
 MAX_SUBSCRIPTIONS = 1  # the list is not counted: with it, one conversation may still be followed
-
-# `POST /api/conversations` announces the new conversation once its route hands the core to
-# create_conversation (app/chat/controllers.py); until then lists hear of a conversation from its
-# first change or message.
-ANNOUNCES_CREATION = "core" in inspect.signature(ConversationController.create_conversation.fn).parameters
-needs_creation = pytest.mark.skipif(
-    not ANNOUNCES_CREATION, reason="POST /api/conversations does not hand the core to create_conversation yet"
-)
 
 
 @pytest.fixture(scope="module")
@@ -147,9 +137,8 @@ async def test_the_list_follows_a_conversation_from_creation_to_deletion(
         await follow_list(ws)
         conversation = await create(http, acme, "alice", agentId=agent)
         cid = conversation["id"]
-        if ANNOUNCES_CREATION:
-            created = await ws.wait_for(of(cid, "conversation.created"))
-            assert created == {"type": "conversation.created", "conversationId": cid, "conversation": conversation}
+        created = await ws.wait_for(of(cid, "conversation.created"))
+        assert created == {"type": "conversation.created", "conversationId": cid, "conversation": conversation}
 
         renamed = await rename(http, acme, "alice", cid, "Lisbon, May")
         updated = await ws.wait_for(of(cid, "conversation.updated"))
@@ -217,7 +206,7 @@ async def test_a_member_lists_their_own_an_admin_the_companys_another_company_no
         def seen(frames: list[dict[str, Any]]) -> list[tuple[str, str]]:
             return [(f["conversationId"], f["type"]) for f in frames]
 
-        created = ["conversation.created"] if ANNOUNCES_CREATION else []
+        created = ["conversation.created"]
         alice_sees = [(alices, t) for t in [*created, "conversation.updated", "conversation.activity"]]
         alice_sees.append((alices, "conversation.deleted"))
         bob_sees = [(bobs, t) for t in [*created, "conversation.updated", "conversation.activity"]]
@@ -311,9 +300,8 @@ async def test_a_list_on_one_process_follows_what_happens_on_another(pair: Clust
         await follow_list(bob_b)
         conversation = await create(http_a, acme, "alice")
         cid = conversation["id"]
-        if ANNOUNCES_CREATION:
-            created = await admin_b.wait_for(of(cid, "conversation.created"))
-            assert created["conversation"] == conversation
+        created = await admin_b.wait_for(of(cid, "conversation.created"))
+        assert created["conversation"] == conversation
         renamed = await rename(http_a, acme, "alice", cid, "made on A")
         assert (await admin_b.wait_for(of(cid, "conversation.updated")))["conversation"] == renamed
         posted = await post_message(http_a, acme, cid, "hello from A", who="alice", reply=False)
@@ -324,7 +312,6 @@ async def test_a_list_on_one_process_follows_what_happens_on_another(pair: Clust
         assert await list_frames_until_barrier(bob_b) == []  # alice's, not bob's
 
 
-@needs_creation
 async def test_a_conversation_created_on_one_process_is_listed_on_another(pair: Cluster, acme: Tenant) -> None:
     a, b = pair.servers
     async with (

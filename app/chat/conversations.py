@@ -13,6 +13,7 @@ without asking the database.
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 from functools import cache
 from typing import TYPE_CHECKING, Any
@@ -29,8 +30,11 @@ from app.errors import NotFound, check_length, check_text
 from app.limits import MAX_TITLE_CHARS
 from app.pagination import decode_cursor, encode_cursor
 from app.streaming import scopes
+from app.streaming.broker import BrokerUnavailable
 from app.streaming.protocol import ConversationCreated, ConversationDeleted, ConversationUpdated
 from app.tables import Agent, Conversation
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # the core imports the chat services; only the type is needed here
     from app.streaming.core import StreamingCore
@@ -141,7 +145,11 @@ async def create_conversation(
     created = await get_conversation(principal, conversation.id)
     if core is not None:
         scope = scopes.Scope(principal.company_id, principal.user_id)
-        await core.publish(ConversationCreated(conversation_id=created.id, conversation=created), scope)
+        try:
+            await core.publish(ConversationCreated(conversation_id=created.id, conversation=created), scope)
+        except BrokerUnavailable:
+            # It is stored: a 503 now would make a retry store it twice. Lists see it on their next read.
+            logger.warning("conversation %s: created, but the broker is unreachable: lists were not told", created.id)
     return created
 
 

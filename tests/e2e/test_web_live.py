@@ -22,7 +22,9 @@ from tests.e2e.test_web_client import (
     server_logs_are_clean,
     shot,
     sign_in,
+    slow_agent,
     stored_messages,
+    words,
 )
 from tests.factories import Tenant
 from tests.integration.live_server import LiveServer
@@ -161,3 +163,30 @@ async def test_the_server_titles_a_conversation_from_its_first_message(
     await shot(page, "title-from-first-message")
     got = await http.get(f"/api/conversations/{conversation_id}", headers=acme.headers("alice"))
     assert got.json()["title"] == "Plan a trip to Lisbon in May"
+
+
+async def test_leaving_and_coming_back_mid_answer_shows_it_whole_once(
+    page: Page, server: LiveServer, acme: Tenant, http: httpx.AsyncClient
+) -> None:
+    await slow_agent(acme)
+    await sign_in(page, server, acme.tokens["alice"])
+    await new_conversation(page, "Echo")
+    other_id = await current_conversation_id(page)
+    await new_conversation(page, "Slow echo")
+    conversation_id = await current_conversation_id(page)
+    text = words(60)
+    await send_with_enter(page, text)
+    await page.wait_for_function(
+        "() => (document.querySelector('.message.agent.live .content')?.textContent || '').includes('w005')",
+        polling="raf",
+    )
+    # Away while it streams, then back: the answer so far again from its start, then the rest.
+    await listed(page, other_id).click()
+    await expect(page.locator(".message")).to_have_count(0)
+    await listed(page, conversation_id).click()
+    await expect(page.locator(DONE)).to_have_count(1)
+    await expect(page.locator(".message.agent")).to_have_count(1)
+    shown = await page.locator(f"{DONE} .content").text_content()
+    assert shown == text
+    stored = await stored_messages(http, acme, "alice", conversation_id)
+    assert stored[1]["content"] == text

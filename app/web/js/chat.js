@@ -89,7 +89,10 @@ export async function selectConversation(conversation) {
   el.input.focus(); // opening a conversation is to write in it
   el.messageList.replaceChildren();
   // Following it first, then reading its messages: a running answer comes over the socket
-  // from its start, and nothing said meanwhile falls between the two.
+  // from its start, and nothing said meanwhile falls between the two. From its start: what
+  // this page saw of it before (opened earlier, then left) is shown again, whole.
+  state.seqs.clear();
+  state.cursors.delete(conversation.id);
   live.subscribe(conversation.id);
   await loadMessages(conversation);
 }

@@ -248,6 +248,27 @@ async def test_following_the_list_twice_changes_nothing_and_a_followed_conversat
         assert (await ws.wait_for(of(other, "conversation.updated")))["conversation"]["title"] == "again"
 
 
+async def test_the_title_the_server_gives_a_conversation_is_listed(
+    server: LiveServer, http: httpx.AsyncClient, acme: Tenant
+) -> None:
+    """The first message names an untitled conversation (app/chat/titles.py): lists get the
+    message's activity and the new title; the admin's list too."""
+    async with (
+        open_socket(server, "json", acme.headers("alice")) as alice,
+        open_socket(server, "json", acme.headers("admin")) as admin,
+    ):
+        await follow_list(alice)
+        await follow_list(admin)
+        cid = (await create(http, acme, "alice"))["id"]
+        posted = await post_message(http, acme, cid, "Dinner in Lisbon on Friday", who="alice", reply=False)
+        for ws in (alice, admin):
+            activity = await ws.wait_for(of(cid, "conversation.activity"))
+            assert activity["lastMessageAt"] == posted["message"]["createdAt"]
+            named = await ws.wait_for(of(cid, "conversation.updated"))
+            assert named["conversation"]["title"] == "Dinner in Lisbon on Friday"
+            assert named["conversation"] == await get(http, acme, "alice", f"/api/conversations/{cid}")
+
+
 async def test_bad_list_frames_are_refused_and_the_socket_goes_on(server: LiveServer, acme: Tenant) -> None:
     async with open_socket(server, "json", acme.headers("alice")) as ws:
         refused = await ws.refused(

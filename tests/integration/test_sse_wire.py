@@ -790,12 +790,14 @@ async def test_reconnect_after_done_follows_the_next_answer(http: httpx.AsyncCli
     async with events_of(http, conversation, acme.headers("alice")) as stream:
         first = await stream.to_end()
     last_id = f"{first[-1]['generationId']}.{first[-1]['seq']}"
-    second = (await post_message(http, acme, conversation, words(10), disconnectGrace=30))["generation"]["id"]
+    # Long enough (4 s) to be still running when the reconnect comes, even on a loaded machine
+    # (10 words, 0.2 s, had ended first once: the server then rightly answers 204).
+    second = (await post_message(http, acme, conversation, words(200), disconnectGrace=30))["generation"]["id"]
     async with events_of(http, conversation, acme.headers("alice"), last_event_id=last_id) as stream:
         events = await stream.to_end()
     assert {e["generationId"] for e in events} == {second}
     assert_whole_answer(events)
-    assert events[-1]["type"] == "done" and text_of(events) == words(10)
+    assert events[-1]["type"] == "done" and text_of(events) == words(200)
 
 
 # -- beyond the retained log: a small window, an expired log -------------------------------------------

@@ -7,11 +7,14 @@ wait is on the page's own state, none is a sleep.
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import pytest
 from playwright.async_api import Page, expect
 
 from tests.e2e.test_web_client import (
+    STEP,
     browser,
     current_conversation_id,
     http,
@@ -190,3 +193,22 @@ async def test_leaving_and_coming_back_mid_answer_shows_it_whole_once(
     assert shown == text
     stored = await stored_messages(http, acme, "alice", conversation_id)
     assert stored[1]["content"] == text
+
+
+async def test_a_tab_past_the_socket_limit_says_why_it_waits(acme: Tenant, page: Page) -> None:
+    one_socket = LiveServer({"CHATSTREAM_MAX_SOCKETS_PER_KEY": "1"}).start()
+    try:
+        acked = asyncio.Event()  # the first tab's socket answered: it holds the one place
+        page.on("websocket", lambda ws: ws.on("framereceived", lambda frame: acked.set()))
+        await sign_in(page, one_socket, acme.tokens["alice"])
+        await asyncio.wait_for(acked.wait(), STEP / 1000)
+        await expect(page.locator("#connection-status")).to_be_hidden()
+        other = await page.context.new_page()
+        await other.goto(f"{one_socket.url}/")
+        await expect(other.locator("#connection-status")).to_contain_text("Too many open tabs")
+        await shot(other, "too-many-tabs")
+        # Closing the first tab frees its socket: the second one gets in on its next try.
+        await page.close()
+        await expect(other.locator("#connection-status")).to_be_hidden(timeout=30_000)
+    finally:
+        one_socket.stop()

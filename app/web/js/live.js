@@ -22,6 +22,7 @@ export class LiveSocket {
     this.stopped = true;
     this.everOpened = false;
     this.refs = 0;
+    this.reason = null; // why the server refused the socket, when it said so
     this.sent = new Map(); // ref -> the frame, until its ack or error
   }
 
@@ -42,15 +43,11 @@ export class LiveSocket {
   connect() {
     const ws = new WebSocket(`${location.origin.replace(/^http/, "ws")}/api/ws`);
     this.ws = ws;
+    let accepted = false; // the server answered a frame: not only opened, then refused
     ws.addEventListener("open", () => {
       if (this.ws !== ws) return;
-      const again = this.everOpened;
-      this.everOpened = true;
-      this.attempts = 0;
-      this.handlers.status("");
       if (this.watchingList) this.sendFrame({ type: "subscribe_conversations" });
       for (const id of this.subscriptions) this.sendSubscribe(id, this.handlers.cursor(id));
-      if (again) this.handlers.reconnected();
     });
     ws.addEventListener("message", (event) => {
       if (this.ws !== ws || typeof event.data !== "string") return;
@@ -59,6 +56,17 @@ export class LiveSocket {
         frame = JSON.parse(event.data);
       } catch (err) {
         return;
+      }
+      if (frame.type === "error" && frame.code === "too_many_sockets") {
+        // The close (1013) follows; say why while retrying.
+        this.reason = "Too many open tabs or apps use this key: close some. Retrying…";
+      }
+      if (!accepted && frame.type === "ack") {
+        accepted = true;
+        this.attempts = 0;
+        this.handlers.status("");
+        if (this.everOpened) this.handlers.reconnected();
+        this.everOpened = true;
       }
       const request = frame.ref ? this.sent.get(frame.ref) : undefined;
       if (request) this.sent.delete(frame.ref);
@@ -82,7 +90,8 @@ export class LiveSocket {
   retry() {
     const delay = Math.min(MAX_DELAY, 500 * 2 ** this.attempts) * (0.5 + Math.random() / 2);
     this.attempts += 1;
-    this.handlers.status("Connection lost, reconnecting…");
+    this.handlers.status(this.reason || "Connection lost, reconnecting…");
+    this.reason = null;
     this.timer = setTimeout(() => {
       if (!this.stopped) this.connect();
     }, delay);

@@ -243,6 +243,9 @@ class _Watch:
     batch: list[GenerationEvent] = field(default_factory=list)
     batch_from: int | None = None  # `batch` is every event after this seq; None: it follows a gap
     error: BrokerUnavailable | None = None
+    # Bumped when a whole XREAD block passed with nothing read: waiters then look at the log
+    # themselves (it may have expired unseen: an XREAD on a key that is gone waits for ever).
+    checks: int = 0
     wakeup: Wakeup = field(default_factory=Wakeup)  # its waiting readers, woken by what the loop reads
     # Readers caught up with `pos`, written to by the loop itself (app/streaming/direct.py).
     parked: list[DirectReader] = field(default_factory=list)
@@ -603,9 +606,17 @@ class RedisBroker:
         self, generation_id: UUID, watch: _Watch, after: int, deadline: float | None
     ) -> list[GenerationEvent] | None:
         loop = asyncio.get_running_loop()
+        checked = watch.checks
         while True:
             if watch.error is not None:
                 raise BrokerUnavailable(str(watch.error))
+            if watch.checks != checked and watch.pos <= after:
+                checked = watch.checks
+                state = await self._read_now(generation_id, after)
+                if state is None:
+                    return None  # the log expired while this reader waited: the caller reads the store
+                if state[0] or state[2]:
+                    return state[0]
             if watch.pos > after:
                 if watch.batch_from is not None and watch.batch_from <= after:
                     # What the reading loop brought covers this reader: no command of its own.
@@ -622,6 +633,8 @@ class RedisBroker:
                     return []
                 watch.wake_by(deadline)  # may end the wait sooner (another waiter's deadline), never later
             await watch.wakeup.wait()
+            if watch.checks != checked:
+                continue  # look at the log first (above)
             if deadline is not None and watch.pos <= after and watch.error is None:
                 return []  # woken by the idle timer: nothing new for this reader
 
@@ -722,6 +735,13 @@ class RedisBroker:
         response = await self._xread(_resp(*_XREAD, self._wake_key.encode(), *watches, self._wake_id, *ids))
         # {stream: [[id, [field, value]], ...]} (RESP3) or [[stream, entries], ...].
         items: list[Any] = list(response.items()) if isinstance(response, dict) else list(response or [])
+        if not items:
+            # A whole block with nothing: tell the waiters to check their logs still exist.
+            for watch in watches.values():
+                if watch.waiters:
+                    watch.checks += 1
+                    watch.hand_back()
+                    watch.wake()
         for key, entries in items:
             if not entries:
                 continue

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from app.streaming import redis_broker
 from app.streaming.broker import BrokerUnavailable, FeedOverflow
 from app.streaming.events import Done, Start, Token
 from app.streaming.protocol import ConversationDeleted, GenerationStarted
@@ -374,3 +375,26 @@ async def test_an_outage_ends_waiting_reads_and_the_broker_works_again_once_redi
     fresh = broker.open_feed(c)
     await producer.publish(ConversationDeleted(conversation_id=c))
     assert await asyncio.wait_for(fresh.get(), 10) == ConversationDeleted(conversation_id=c)
+
+
+async def test_a_reader_waiting_on_a_log_that_expires_unseen_is_told_it_is_gone(
+    scope: RedisScope, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An XREAD on a stream key that no longer exists blocks until the key is made again, that
+    is for ever: a reader whose log expired between two XREADs (`log_ttl=0` under load) once
+    waited for ever. After a whole block with nothing read, the waiters look at their logs."""
+    monkeypatch.setattr(redis_broker, "BLOCK_MS", 200)  # a short block keeps the test short
+    monkeypatch.setattr(redis_broker, "_XREAD", (b"XREAD", b"BLOCK", b"200", b"STREAMS"))
+    broker = scope.broker()
+    g, c, _ = new_ids()
+    await broker.open_log(g, c)
+    await broker.append(Start(generation_id=g, conversation_id=c, seq=1))
+    await broker.append(Token(generation_id=g, conversation_id=c, seq=2, text="one"))
+    waiting = asyncio.ensure_future(broker.read(g, 2, None))
+
+    async def reader_waits() -> bool:
+        return broker.waiting(g) == 1
+
+    await eventually(reader_waits, what="the reader waits on the log")
+    await scope.redis.unlink(*await scope.keys(str(g)))  # gone without a terminal event
+    assert await asyncio.wait_for(waiting, 5) is None

@@ -36,7 +36,9 @@ def server() -> Iterator[LiveServer]:
         live.stop()
 
 
-async def test_no_operation_answers_5xx_or_outside_its_documented_schema(server: LiveServer, acme: Tenant) -> None:
+async def test_no_operation_answers_5xx_or_outside_its_documented_schema(
+    server: LiveServer, acme: Tenant, tmp_path: Path
+) -> None:
     with anyio.fail_after(240):
         run = await anyio.run_process(
             [
@@ -58,6 +60,7 @@ async def test_no_operation_answers_5xx_or_outside_its_documented_schema(server:
                 "--no-color",
             ],
             check=False,
+            cwd=tmp_path,  # its reports and cache go there, not into the checkout
         )
     out, err = run.stdout.decode(), run.stderr.decode()
     assert run.returncode == 0, out[-12000:] + err[-4000:]

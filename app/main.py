@@ -26,6 +26,7 @@ from app.db import close_pool, open_pool
 from app.exception_handlers import EXCEPTION_HANDLERS
 from app.health import healthz, readyz
 from app.http_security import HttpSecurityMiddleware, with_security_headers
+from app.openapi import close_request_bodies
 from app.streaming.adapters import build_adapters
 from app.streaming.ai_sdk import ai_sdk_chat, ai_sdk_resume
 from app.streaming.broker import Broker, InProcessBroker
@@ -137,6 +138,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         ),
         debug=False,
     )
+    close_request_bodies(app.openapi_schema)  # the document is made once; this edits it in place
     # Around Litestar's whole handler (its error responses and 404s too), not a `before_send` hook.
     app.asgi_handler = with_security_headers(app.asgi_handler)
     return app

@@ -3,7 +3,9 @@ all in the project's error shape (Litestar would otherwise document its own)."""
 
 from __future__ import annotations
 
+import msgspec
 from litestar.openapi.datastructures import ResponseSpec
+from litestar.openapi.spec import OpenAPI, Reference, Schema
 
 from app.errors import ErrorBody
 
@@ -27,3 +29,40 @@ def errors(*statuses: int, authenticated: bool = True) -> dict[int, ResponseSpec
         code: ResponseSpec(data_container=ErrorBody, description=_DESCRIPTIONS[code], generate_examples=False)
         for code in codes
     }
+
+
+def nothing_to_stream(description: str) -> dict[int, ResponseSpec]:
+    """`responses=` entry for a stream route that answers 204 (no body) when nothing runs."""
+    return {204: ResponseSpec(None, description=description)}
+
+
+def _structs(base: type[msgspec.Struct] = msgspec.Struct) -> dict[str, type[msgspec.Struct]]:
+    """Every struct class defined in `app`, by name (as Litestar names its schema)."""
+    found: dict[str, type[msgspec.Struct]] = {}
+    sub: type[msgspec.Struct]
+    for sub in base.__subclasses__():
+        if sub.__module__.startswith("app."):
+            found[sub.__name__] = sub
+        found.update(_structs(sub))
+    return found
+
+
+def close_request_bodies(document: OpenAPI) -> None:
+    """Say `additionalProperties: false` of each request body whose struct refuses unknown fields
+    (an extra field is a 400 `invalid_request`): Litestar leaves it out, and client generators
+    and fuzzers then send fields the server refuses. Response schemas stay open, so that clients
+    keep working when a response gains a field."""
+    structs = _structs()
+    components = document.components.schemas if document.components and document.components.schemas else {}
+    for item in (document.paths or {}).values():
+        for operation in (item.post, item.put, item.patch):
+            body = operation.request_body if operation is not None else None
+            if body is None or isinstance(body, Reference):
+                continue
+            for media in (body.content or {}).values():
+                ref = media.schema.ref if isinstance(media.schema, Reference) else None
+                name = ref.rsplit("/", 1)[-1] if ref else None
+                struct = structs.get(name or "")
+                schema = components.get(name or "")
+                if struct is not None and isinstance(schema, Schema) and struct.__struct_config__.forbid_unknown_fields:
+                    schema.additional_properties = False

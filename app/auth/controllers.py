@@ -50,7 +50,7 @@ class SessionController(Controller):
         status_code=HTTP_200_OK,
         exclude_from_auth=True,
         summary="Sign in with an API key",
-        responses=errors(400, authenticated=False),
+        responses=errors(400, 401, authenticated=False),  # 401: the key is not valid
     )
     async def login(self, data: JSONBody[SessionCreate]) -> Response[Me]:
         principal = await service.authenticate(data.key)
@@ -66,6 +66,7 @@ class SessionController(Controller):
         status_code=HTTP_204_NO_CONTENT,
         exclude_from_auth=True,
         summary="Sign out",
+        security=[{}],  # `{}`: no credentials needed (without a session it is a harmless 204)
         # No body: the generated 204 would document a JSON `null` (Response[None] is for the cookie).
         responses={HTTP_204_NO_CONTENT: ResponseSpec(None, description="Signed out (also when no session was open)")},
     )

@@ -32,7 +32,7 @@ from app.chat.generations import agent_of
 from app.chat.messages import no_agent, post_message
 from app.chat.schemas import MessageCreate
 from app.errors import invalid_field
-from app.openapi import errors
+from app.openapi import errors, nothing_to_stream
 from app.streaming.core import StreamingCore
 from app.streaming.events import (
     Cancelled,
@@ -492,7 +492,7 @@ async def ai_sdk_chat(
         "answer is running. It never starts an answer."
     ),
     media_type="text/event-stream",
-    responses=errors(404, 429),
+    responses={**errors(404, 429), **nothing_to_stream("No answer is running")},
     middleware=[StreamQuota()],
 )
 async def ai_sdk_resume(

@@ -30,7 +30,7 @@ from litestar.utils.helpers import get_enum_string_value
 
 from app.auth.principal import Principal
 from app.chat.conversations import load_conversation
-from app.openapi import errors
+from app.openapi import errors, nothing_to_stream
 from app.streaming.broker import BrokerUnavailable
 from app.streaming.core import StreamingCore
 from app.streaming.direct import DirectReader, start
@@ -293,7 +293,7 @@ class StreamQuota(ASGIMiddleware):
         "terminal event (`done`, `cancelled` or `error`)."
     ),
     media_type="text/event-stream",
-    responses=errors(400, 404, 429),
+    responses={**errors(400, 404, 429), **nothing_to_stream("Nothing to stream: no answer runs or is due")},
     middleware=[StreamQuota()],
 )
 async def stream_conversation(

@@ -2,10 +2,9 @@
 test dependency) generates requests for every operation of `/schema/openapi.json`, with a fixed
 seed and a bounded number of examples, authenticated as an admin (who may call every route).
 
-Held: no 5xx for any of them, and every response's body and content type are what the
-document says of that status. Not held yet (schemathesis reports them; issue #18 note):
-statuses a route answers but does not document, and requests the schema allows that the
-server refuses (e.g. unknown body fields, which the structs forbid but the schema does not say).
+Held: no 5xx for any of them; every status, body, content type and header is one the
+document gives for that operation; no route works without credentials unless the document
+says so. Three checks are left out (see EXCLUDED).
 """
 
 from __future__ import annotations
@@ -24,7 +23,13 @@ from tests.integration.live_server import LiveServer
 pytestmark = pytest.mark.anyio
 
 ST = str(Path(sys.executable).with_name("st"))
-CHECKS = "not_a_server_error,response_schema_conformance,content_type_conformance"
+# Every check but three. `positive_data_acceptance` wants every schema-valid request accepted,
+# which an API with rules a schema cannot say (a cursor is one this API made; an agent's
+# config depends on its adapter; a tool result has `output` or `error`) cannot give: those are
+# 400s in the error shape, by design. Not held yet (issue #18 note): `allow_header_conformance`
+# (Litestar's own OPTIONS answer lists the wrong methods: `Allow: OPTIONS, POST` everywhere) and
+# `negative_data_rejection` (Litestar converts request data leniently: `"reply": 0` is taken as false).
+EXCLUDED = "positive_data_acceptance,allow_header_conformance,negative_data_rejection"
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +53,9 @@ async def test_no_operation_answers_5xx_or_outside_its_documented_schema(
                 "--header",
                 f"Authorization: Bearer {acme.tokens['admin']}",
                 "--checks",
-                CHECKS,
+                "all",
+                "--exclude-checks",
+                EXCLUDED,
                 "--phases",
                 "examples,coverage,fuzzing",
                 "--max-examples",
@@ -88,3 +95,14 @@ async def test_sign_out_documents_no_body_and_sends_none(server: LiveServer) -> 
         response = await http.delete("/api/session")
     assert "content" not in document["paths"]["/api/session"]["delete"]["responses"]["204"]
     assert response.status_code == 204 and response.content == b""
+
+
+async def test_request_bodies_that_refuse_unknown_fields_say_so(server: LiveServer) -> None:
+    """`additionalProperties: false` where an extra field is a 400; responses stay open (a client
+    keeps working when a response gains a field); the AI SDK's body takes what the SDK adds."""
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        schemas = (await http.get("/schema/openapi.json")).json()["components"]["schemas"]
+    for name in ("MessageCreate", "ConversationCreate", "AgentCreate", "ToolResultCreate", "SessionCreate"):
+        assert schemas[name]["additionalProperties"] is False, name
+    assert "additionalProperties" not in schemas["ChatRequest"]
+    assert "additionalProperties" not in schemas["ConversationOut"]

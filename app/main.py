@@ -43,6 +43,18 @@ API_VERSION = "0.1.0"
 WEB_DIR = Path(__file__).resolve().parent / "web"
 
 
+def answer_options_for_the_whole_path(app: Litestar) -> None:
+    """Litestar answers OPTIONS with the methods of a route it made while registering one
+    controller's handlers (`Allow: OPTIONS, POST` for `/api/agents`, which also has GET), not
+    of the final route of the path: point each generated OPTIONS answer at its final route."""
+    for route in app.routes:
+        for handler in getattr(route, "route_handlers", ()):
+            fn = handler.fn
+            code = getattr(fn, "__code__", None)
+            if "create_options_handler" in getattr(fn, "__qualname__", "") and code and code.co_freevars == ("self",):
+                fn.__closure__[0].cell_contents = route  # its one free variable, `self`: the route
+
+
 def create_app(settings: Settings | None = None) -> Litestar:
     """Build the ASGI app: `/api` (authenticated), health probes and OpenAPI at `/schema`."""
     settings = settings or get_settings()
@@ -139,6 +151,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         debug=False,
     )
     close_request_bodies(app.openapi_schema)  # the document is made once; this edits it in place
+    answer_options_for_the_whole_path(app)
     # Around Litestar's whole handler (its error responses and 404s too), not a `before_send` hook.
     app.asgi_handler = with_security_headers(app.asgi_handler)
     return app

@@ -14,11 +14,13 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
-from playwright.async_api import Browser, Page, async_playwright, expect
+from playwright.async_api import Browser, Page, ViewportSize, async_playwright, expect
 
 from app.agents.schemas import AgentCreate
 from app.agents.service import create_agent
@@ -39,8 +41,8 @@ CHROMIUM_ARGS = [
 ]
 STEP = 10_000  # ms: the longest any single wait may take before the test fails
 ARTIFACTS = ROOT / "test-artifacts"
-DESKTOP = {"width": 1280, "height": 800}
-PHONE = {"width": 390, "height": 844}
+DESKTOP: ViewportSize = {"width": 1280, "height": 800}
+PHONE: ViewportSize = {"width": 390, "height": 844}
 expect.set_options(timeout=STEP)
 
 
@@ -96,18 +98,25 @@ async def browser() -> AsyncIterator[Browser]:
             await chromium.close()
 
 
+@asynccontextmanager
+async def tab(browser: Browser, viewport: ViewportSize = DESKTOP, **options: Any) -> AsyncIterator[Page]:
+    """A page in a fresh browser context (no cookies; Playwright's `new_context` options), closed
+    on the way out."""
+    context = await browser.new_context(viewport=viewport, **options)
+    context.set_default_timeout(STEP)
+    try:
+        yield await context.new_page()
+    finally:
+        await context.close()
+
+
 @pytest.fixture
 async def page(browser: Browser) -> AsyncIterator[Page]:
     """A fresh browser context (no cookies) at desktop size; fails the test on any uncaught script error."""
-    context = await browser.new_context(viewport=DESKTOP)
-    context.set_default_timeout(STEP)
-    tab = await context.new_page()
     script_errors: list[str] = []
-    tab.on("pageerror", lambda exc: script_errors.append(str(exc)))
-    try:
-        yield tab
-    finally:
-        await context.close()
+    async with tab(browser) as fresh:
+        fresh.on("pageerror", lambda exc: script_errors.append(str(exc)))
+        yield fresh
     assert not script_errors, f"uncaught errors in the page: {script_errors}"
 
 
@@ -367,12 +376,9 @@ async def test_conversation_list_is_newest_first_with_load_more(
 
 @pytest.mark.parametrize("viewport", [PHONE, DESKTOP], ids=["phone", "desktop"])
 async def test_usable_on_phone_and_desktop_by_keyboard(
-    browser: Browser, server: LiveServer, acme: Tenant, viewport: dict[str, int]
+    browser: Browser, server: LiveServer, acme: Tenant, viewport: ViewportSize
 ) -> None:
-    context = await browser.new_context(viewport=viewport)  # type: ignore[arg-type]
-    context.set_default_timeout(STEP)
-    page = await context.new_page()
-    try:
+    async with tab(browser, viewport) as page:
         await sign_in(page, server, acme.tokens["alice"])
         # Keyboard only: Tab to the agent picker and the create button, Enter to create.
         await page.get_by_label("Agent").focus()
@@ -402,8 +408,6 @@ async def test_usable_on_phone_and_desktop_by_keyboard(
         outline = await box.evaluate("(e) => getComputedStyle(e).outlineStyle")
         assert outline != "none"
         await shot(page, f"viewport-{viewport['width']}x{viewport['height']}")
-    finally:
-        await context.close()
 
 
 async def test_reload_mid_answer_resumes_and_shows_the_whole_answer_once(

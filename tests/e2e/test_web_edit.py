@@ -5,16 +5,11 @@ are reused from there): every wait is on the page's own state, none is a sleep.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-
 import httpx
 import pytest
 from playwright.async_api import Browser, Page, expect
 
 from tests.e2e.test_web_client import (
-    DESKTOP,
-    STEP,
     browser,
     current_conversation_id,
     http,
@@ -25,6 +20,7 @@ from tests.e2e.test_web_client import (
     shot,
     sign_in,
     stored_messages,
+    tab,
 )
 from tests.factories import Tenant
 from tests.integration.live_server import LiveServer
@@ -33,17 +29,6 @@ pytestmark = pytest.mark.anyio
 
 # The shared fixtures, imported so pytest finds them in this module too.
 FIXTURES = (browser, http, page, server, server_logs_are_clean)
-
-
-@asynccontextmanager
-async def second_page(browser: Browser) -> AsyncIterator[Page]:
-    """Another person's tab: its own context (cookies), desktop size."""
-    context = await browser.new_context(viewport=DESKTOP)
-    context.set_default_timeout(STEP)
-    try:
-        yield await context.new_page()
-    finally:
-        await context.close()
 
 
 async def stored_conversation(
@@ -245,7 +230,7 @@ async def test_members_get_no_edit_on_agent_messages_admins_edit_every_message(
     await expect(page.locator(".message.agent").get_by_role("button", name="Edit")).to_have_count(0)
     await expect(page.locator(".message.agent .content")).to_have_text("answer me")
 
-    async with second_page(browser) as admin:
+    async with tab(browser) as admin:  # another person: their own cookies
         await sign_in(admin, server, acme.tokens["admin"])
         await expect(admin.locator("#whoami")).to_contain_text("(admin)")
         await admin.locator(f'#conversation-list button[data-id="{conversation_id}"]').click()

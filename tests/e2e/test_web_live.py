@@ -11,7 +11,7 @@ import asyncio
 
 import httpx
 import pytest
-from playwright.async_api import Page, expect
+from playwright.async_api import Locator, Page, expect
 
 from tests.e2e.test_web_client import (
     STEP,
@@ -40,7 +40,7 @@ FIXTURES = (browser, http, page, server, server_logs_are_clean)
 DONE = ".message.agent[data-id]"
 
 
-def listed(page: Page, conversation_id: str):  # type: ignore[no-untyped-def]
+def listed(page: Page, conversation_id: str) -> Locator:
     return page.locator(f'#conversation-list button[data-id="{conversation_id}"]')
 
 

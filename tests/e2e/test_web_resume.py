@@ -9,13 +9,13 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
 from playwright.async_api import Browser, Page, WebSocketRoute, expect
 
 from tests.e2e.test_web_client import (
-    DESKTOP,
     STEP,
     browser,
     current_conversation_id,
@@ -29,6 +29,7 @@ from tests.e2e.test_web_client import (
     sign_in,
     slow_agent,
     stored_messages,
+    tab,
     words,
 )
 from tests.factories import Tenant
@@ -104,7 +105,7 @@ async def test_network_drop_mid_answer_resumes_and_shows_the_whole_answer_once(
     # The page's socket is cut after the answer's fifth word (as when a proxy or a flaky
     # network drops it); the page must come back by itself and resume after what it had.
     sockets: list[WebSocketRoute] = []
-    resumed_with: list[dict] = []
+    resumed_with: list[dict[str, Any]] = []
     cut_at: list[str] = []
     closing: list[asyncio.Future[None]] = []  # kept: a task nobody holds may be collected
 
@@ -197,10 +198,10 @@ async def test_second_tab_streams_the_same_answer_at_the_same_time(
     await expect(other.get_by_role("button", name="Stop")).to_be_visible()
     await shot(other, "second-tab-streaming")
 
-    for tab in (page, other):
-        done = tab.locator(".message.agent[data-id]")
+    for each in (page, other):
+        done = each.locator(".message.agent[data-id]")
         await expect(done).to_have_count(1)
-        await expect(tab.locator(".message.agent")).to_have_count(1)
+        await expect(each.locator(".message.agent")).to_have_count(1)
         shown = await done.locator(".content").text_content()
         assert shown is not None
         no_repeated_words(shown)
@@ -323,34 +324,31 @@ async def test_server_down_says_cannot_reach_the_server_and_retry_works_once_it_
     browser: Browser, acme: Tenant
 ) -> None:
     dedicated = LiveServer().start()
-    context = await browser.new_context(viewport=DESKTOP)  # type: ignore[arg-type]
-    context.set_default_timeout(STEP)
     try:
-        page = await context.new_page()
-        await sign_in(page, dedicated, acme.tokens["alice"])
-        dedicated.stop()
-        await page.get_by_role("button", name="New conversation").click()
-        await expect(page.get_by_role("alert")).to_contain_text("Cannot reach the server")
-        await readable_alert(page)
-        retry = page.get_by_role("button", name="Retry")
-        await expect(retry).to_be_visible()
-        await shot(page, "error-server-down")
-        # Retrying while it is still down says the same again, no silent failure.
-        await retry.click()
-        await expect(page.get_by_role("alert")).to_contain_text("Cannot reach the server")
-        await expect(retry).to_be_visible()
-
-        # The server comes back on the same address: Retry does what was asked.
-        restarted = LiveServer()
-        restarted.port, restarted.url = dedicated.port, dedicated.url
-        restarted.start()
-        try:
+        async with tab(browser) as page:
+            await sign_in(page, dedicated, acme.tokens["alice"])
+            dedicated.stop()
+            await page.get_by_role("button", name="New conversation").click()
+            await expect(page.get_by_role("alert")).to_contain_text("Cannot reach the server")
+            await readable_alert(page)
+            retry = page.get_by_role("button", name="Retry")
+            await expect(retry).to_be_visible()
+            await shot(page, "error-server-down")
+            # Retrying while it is still down says the same again, no silent failure.
             await retry.click()
-            await expect(page.get_by_role("alert")).to_be_hidden()
-            await expect(page.locator("#conversation-list li")).to_have_count(1)
-            await expect(page.get_by_label("Message", exact=True)).to_be_visible()
-        finally:
-            restarted.stop()
+            await expect(page.get_by_role("alert")).to_contain_text("Cannot reach the server")
+            await expect(retry).to_be_visible()
+
+            # The server comes back on the same address: Retry does what was asked.
+            restarted = LiveServer()
+            restarted.port, restarted.url = dedicated.port, dedicated.url
+            restarted.start()
+            try:
+                await retry.click()
+                await expect(page.get_by_role("alert")).to_be_hidden()
+                await expect(page.locator("#conversation-list li")).to_have_count(1)
+                await expect(page.get_by_label("Message", exact=True)).to_be_visible()
+            finally:
+                restarted.stop()
     finally:
-        await context.close()
         dedicated.stop()

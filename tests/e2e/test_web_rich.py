@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.async_api import Browser, Page, expect
+from playwright.async_api import Browser, Page, ViewportSize, expect
 
 from app.agents.schemas import AgentCreate
 from app.agents.service import create_agent
@@ -22,7 +22,6 @@ from tests.e2e.test_web_client import (
     ARTIFACTS,
     DESKTOP,
     PHONE,
-    STEP,
     browser,
     current_conversation_id,
     http,
@@ -34,6 +33,7 @@ from tests.e2e.test_web_client import (
     shot,
     sign_in,
     stored_messages,
+    tab,
 )
 from tests.e2e.test_web_security import violations, watch_csp
 from tests.factories import Tenant
@@ -83,11 +83,8 @@ async def answer_done(page: Page, count: int = 1) -> None:
 async def test_answers_and_messages_render_markdown_with_highlighted_code(
     browser: Browser, server: LiveServer, acme: Tenant
 ) -> None:
-    context = await browser.new_context(viewport=DESKTOP)
-    context.set_default_timeout(STEP)
-    await context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.url)
-    try:
-        page = await context.new_page()
+    async with tab(browser) as page:
+        await page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.url)
         await sign_in(page, server, acme.tokens["alice"])
         await new_conversation(page, "Echo")
         await send_with_enter(page, MARKDOWN)
@@ -119,8 +116,6 @@ async def test_answers_and_messages_render_markdown_with_highlighted_code(
         # Copy (the whole answer) gives its markdown, as written.
         await answer.locator(".message-actions .copy").click()
         assert await page.evaluate("navigator.clipboard.readText()") == MARKDOWN
-    finally:
-        await context.close()
 
 
 # While the answer streams, a block that is finished is never rendered again: the observer
@@ -376,14 +371,11 @@ async def audit(page: Page, where: str) -> None:
 
 @pytest.mark.parametrize("viewport", [DESKTOP, PHONE], ids=["1280x800", "390x844"])
 async def test_accessibility_audit_finds_no_serious_violation(
-    browser: Browser, server: LiveServer, acme: Tenant, viewport: dict[str, int]
+    browser: Browser, server: LiveServer, acme: Tenant, viewport: ViewportSize
 ) -> None:
     await agent(acme, "Parts echo", pace=0, mode="parts")
     for scheme in ("light", "dark"):
-        context = await browser.new_context(viewport=viewport, color_scheme=scheme)  # type: ignore[arg-type]
-        context.set_default_timeout(STEP)
-        try:
-            page = await context.new_page()
+        async with tab(browser, viewport, color_scheme=scheme) as page:
             await page.goto(f"{server.url}/")
             await expect(page.get_by_label("API key")).to_be_visible()
             await audit(page, f"sign-in, {scheme}")
@@ -397,5 +389,3 @@ async def test_accessibility_audit_finds_no_serious_violation(
             await audit(page, f"an answer with parts and markdown, {scheme}")
             await page.get_by_role("button", name="Rename").click()
             await audit(page, f"the rename form, {scheme}")
-        finally:
-            await context.close()

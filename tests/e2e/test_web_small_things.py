@@ -13,9 +13,7 @@ import pytest
 from playwright.async_api import Browser, Page, Response, Route, expect
 
 from tests.e2e.test_web_client import (
-    DESKTOP,
     PHONE,
-    STEP,
     browser,
     current_conversation_id,
     http,
@@ -27,6 +25,7 @@ from tests.e2e.test_web_client import (
     sign_in,
     slow_agent,
     stored_messages,
+    tab,
     words,
 )
 from tests.factories import Tenant
@@ -184,20 +183,15 @@ async def test_text_typed_for_a_conversation_deleted_elsewhere_is_kept(
 async def test_the_theme_follows_the_system_setting(
     browser: Browser, server: LiveServer, acme: Tenant, scheme: str, background: str
 ) -> None:
-    context = await browser.new_context(viewport=DESKTOP, color_scheme=scheme)  # type: ignore[arg-type]
-    context.set_default_timeout(STEP)
-    try:
-        tab = await context.new_page()
-        await sign_in(tab, server, acme.tokens["alice"])
-        colors = await tab.evaluate(
+    async with tab(browser, color_scheme=scheme) as page:
+        await sign_in(page, server, acme.tokens["alice"])
+        colors = await page.evaluate(
             "() => [getComputedStyle(document.documentElement).backgroundColor,"
             " getComputedStyle(document.documentElement).color]"
         )
         assert colors[0] == background
         assert colors[1] != colors[0]
-        await shot(tab, f"theme-{scheme}")
-    finally:
-        await context.close()
+        await shot(page, f"theme-{scheme}")
 
 
 async def test_the_conversation_list_filters_by_title(
@@ -241,10 +235,7 @@ async def test_on_a_phone_the_list_is_behind_a_button_and_the_answer_and_compose
     browser: Browser, server: LiveServer, acme: Tenant
 ) -> None:
     await slow_agent(acme)
-    context = await browser.new_context(viewport=PHONE)  # type: ignore[arg-type]
-    context.set_default_timeout(STEP)
-    try:
-        page = await context.new_page()
+    async with tab(browser, PHONE) as page:
         await sign_in(page, server, acme.tokens["alice"])
         toggle = page.locator("#toggle-conversations")
         # No conversation open: the list fills the screen, the chat waits behind it.
@@ -279,18 +270,13 @@ async def test_on_a_phone_the_list_is_behind_a_button_and_the_answer_and_compose
         await page.locator("#conversation-list button").first.click()
         await expect(page.locator("main.chat")).to_be_visible()
         await expect(box).to_be_focused()
-    finally:
-        await context.close()
 
 
 async def test_the_answer_is_followed_unless_the_reader_scrolled_up_then_jump_to_latest(
     browser: Browser, server: LiveServer, acme: Tenant
 ) -> None:
     await slow_agent(acme)
-    context = await browser.new_context(viewport=PHONE)  # type: ignore[arg-type]
-    context.set_default_timeout(STEP)
-    try:
-        page = await context.new_page()
+    async with tab(browser, PHONE) as page:
         await sign_in(page, server, acme.tokens["alice"])
         await new_conversation(page, "Slow echo")
         box = page.get_by_label("Message", exact=True)
@@ -314,16 +300,11 @@ async def test_the_answer_is_followed_unless_the_reader_scrolled_up_then_jump_to
         await expect(jump).to_be_hidden()
         await page.get_by_role("button", name="Stop").click()
         await expect(page.locator(".message.agent.stopped .note")).to_be_in_viewport()
-    finally:
-        await context.close()
 
 
 async def test_copy_puts_the_answer_on_the_clipboard(browser: Browser, server: LiveServer, acme: Tenant) -> None:
-    context = await browser.new_context(viewport=DESKTOP)
-    context.set_default_timeout(STEP)
-    await context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.url)
-    try:
-        page = await context.new_page()
+    async with tab(browser) as page:
+        await page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.url)
         await sign_in(page, server, acme.tokens["alice"])
         await new_conversation(page, "Echo")
         box = page.get_by_label("Message", exact=True)
@@ -336,8 +317,6 @@ async def test_copy_puts_the_answer_on_the_clipboard(browser: Browser, server: L
         copy = answer.locator(".message-actions .copy")  # by class: its name changes
         await expect(copy).to_have_text("Copied")
         assert await page.evaluate("navigator.clipboard.readText()") == "copy me, please"
-    finally:
-        await context.close()
 
 
 async def test_a_conversation_made_while_the_agents_load_gets_the_chosen_agent(

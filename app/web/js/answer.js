@@ -34,7 +34,7 @@ export class AnswerView {
     this.root.replaceChildren();
     this.parts = [];
     for (const stored of parts) {
-      const part = this.add(stored.kind, stored);
+      const part = this.add(stored.kind, stored, false);
       if (!part) continue;
       part.text = stored.text || "";
       if (part.view) part.view.set(part.text);
@@ -90,7 +90,8 @@ export class AnswerView {
     if (last && last.kind === "text" && last.state === "streaming") this.close(last, { state: "complete" });
   }
 
-  add(kind, info) {
+  /** A new open part; `live`: seen from its start here, so its duration is known. */
+  add(kind, info, live = true) {
     const part = {
       kind,
       state: "streaming",
@@ -99,7 +100,7 @@ export class AnswerView {
       toolCallId: info.toolCallId || null,
       value: null,
       error: null,
-      startedAt: performance.now(),
+      startedAt: live ? performance.now() : null,
     };
     const build = BUILDERS[kind];
     if (!build) return null; // a kind this page does not know: skipped, as the protocol asks
@@ -116,7 +117,7 @@ export class AnswerView {
     part.value = end.value === undefined ? null : end.value;
     part.error = end.error || null;
     if (part.view) part.view.flush();
-    if (part.finish) part.finish(part, end);
+    if (part.finish) part.finish(part);
   }
 }
 
@@ -128,12 +129,11 @@ const BUILDERS = {
     const summary = element("summary", null, "Thinking…");
     part.body = element("div", "part-body");
     details.append(summary, part.body);
-    part.finish = (p, end) => {
-      // Live, the page saw how long it took; a stored answer does not say.
-      const live = !("kind" in end);
+    part.finish = (p) => {
+      // Seen live, the page knows how long it took; a stored answer does not say.
       const seconds = Math.max(1, Math.round((performance.now() - p.startedAt) / 1000));
       if (p.state === "incomplete") summary.textContent = "Thinking (stopped)";
-      else summary.textContent = live ? `Thought for ${seconds} s` : "Thoughts";
+      else summary.textContent = p.startedAt === null ? "Thoughts" : `Thought for ${seconds} s`;
     };
     return details;
   },

@@ -87,10 +87,9 @@ export function actionButton(text, className, m, onClick) {
   return button;
 }
 
-/** The markdown of an answer (or the edited text), which is what a person pastes elsewhere. */
+/** The markdown of an answer (its text parts: the edited text once edited), what a person pastes elsewhere. */
 export function answerText(li) {
-  if (li.message && li.message.editedAt) return li.message.effectiveContent;
-  return li.answer ? li.answer.text : li.message ? li.message.effectiveContent : "";
+  return li.answer ? li.answer.text : li.message.effectiveContent;
 }
 
 export async function copyAnswer(li) {

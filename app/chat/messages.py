@@ -306,7 +306,11 @@ async def _start_answer(
     started = None
     try:
         answer = running_row(conversation_id, reply_to_id, agent.id, reserved, core.broker.node)
-        admit = None if _counted(core, reserved, principal) else partial(core.count_answer, reserved, principal)
+        # Counted up front only where the store is one statement (PostgreSQL); on SQLite always
+        # after the insert, inside its transaction: counted early, concurrent posts that then
+        # lose the race (409) hold the key's places meanwhile, and the one that wins got 429.
+        early = on_postgres(Message) and _counted(core, reserved, principal)
+        admit = None if early else partial(core.count_answer, reserved, principal)
         stored = await store(answer, admit)
         started = generation_out(answer.to_dict())  # as inserted: committed
     finally:

@@ -70,11 +70,8 @@ def ensure_chromium() -> None:
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[LiveServer]:
-    live = LiveServer().start()
-    try:
+    with LiveServer() as live:
         yield live
-    finally:
-        live.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -196,8 +196,7 @@ async def test_leaving_and_coming_back_mid_answer_shows_it_whole_once(
 
 
 async def test_a_tab_past_the_socket_limit_says_why_it_waits(acme: Tenant, page: Page) -> None:
-    one_socket = LiveServer({"CHATSTREAM_MAX_SOCKETS_PER_KEY": "1"}).start()
-    try:
+    with LiveServer({"CHATSTREAM_MAX_SOCKETS_PER_KEY": "1"}) as one_socket:
         acked = asyncio.Event()  # the first tab's socket answered: it holds the one place
         page.on("websocket", lambda ws: ws.on("framereceived", lambda frame: acked.set()))
         await sign_in(page, one_socket, acme.tokens["alice"])
@@ -210,5 +209,3 @@ async def test_a_tab_past_the_socket_limit_says_why_it_waits(acme: Tenant, page:
         # Closing the first tab frees its socket: the second one gets in on its next try.
         await page.close()
         await expect(other.locator("#connection-status")).to_be_hidden(timeout=30_000)
-    finally:
-        one_socket.stop()

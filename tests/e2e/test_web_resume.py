@@ -248,11 +248,8 @@ async def test_opening_a_quiet_conversation_shows_no_answer_and_the_tab_keeps_on
 
 @pytest.fixture
 def limited_server() -> Iterator[LiveServer]:
-    live = LiveServer({"CHATSTREAM_MESSAGES_PER_MINUTE": "2"}).start()
-    try:
+    with LiveServer({"CHATSTREAM_MESSAGES_PER_MINUTE": "2"}) as live:
         yield live
-    finally:
-        live.stop()
 
 
 async def readable_alert(page: Page) -> str:

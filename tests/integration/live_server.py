@@ -70,6 +70,13 @@ class LiveServer:
         LiveServer.running.append(self)
         return self
 
+    def __enter__(self) -> LiveServer:
+        """`with LiveServer(...) as live:` starts it, and stops it on the way out."""
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def _read_until(self, needle: str) -> None:
         assert self.proc is not None and self.proc.stdout is not None
         for line in self.proc.stdout:

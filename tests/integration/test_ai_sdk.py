@@ -63,11 +63,8 @@ def node_packages() -> Path:
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[LiveServer]:
-    live = LiveServer({"CHATSTREAM_SSE_PING_INTERVAL": "0.3"}).start()
-    try:
+    with LiveServer({"CHATSTREAM_SSE_PING_INTERVAL": "0.3"}) as live:
         yield live
-    finally:
-        live.stop()
 
 
 @pytest.fixture(autouse=True)
@@ -332,11 +329,8 @@ async def test_resume_after_a_drop_has_every_part_once(
 @pytest.fixture(scope="module")
 def small_window_server() -> Iterator[LiveServer]:
     """A server whose logs keep only the last 5 events of an answer."""
-    live = LiveServer({"CHATSTREAM_LOG_RETAIN": "5"}).start()
-    try:
+    with LiveServer({"CHATSTREAM_LOG_RETAIN": "5"}) as live:
         yield live
-    finally:
-        live.stop()
 
 
 @pytest.mark.parametrize("mode", ["text", "parts"])

@@ -34,11 +34,8 @@ EXCLUDED = "positive_data_acceptance,negative_data_rejection"
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[LiveServer]:
-    live = LiveServer().start()
-    try:
+    with LiveServer() as live:
         yield live
-    finally:
-        live.stop()
 
 
 async def test_no_operation_answers_5xx_or_outside_its_documented_schema(

@@ -195,11 +195,8 @@ async def test_a_star_turns_the_host_check_off() -> None:
 @pytest.fixture(scope="module")
 def public_server() -> Iterator[LiveServer]:
     """A real server whose public URL is elsewhere: 127.0.0.1 is then a foreign host."""
-    live = LiveServer({"CHATSTREAM_PUBLIC_URL": "https://chat.example.com", "CHATSTREAM_ALLOWED_HOSTS": ""}).start()
-    try:
+    with LiveServer({"CHATSTREAM_PUBLIC_URL": "https://chat.example.com", "CHATSTREAM_ALLOWED_HOSTS": ""}) as live:
         yield live
-    finally:
-        live.stop()
 
 
 async def test_a_real_server_refuses_foreign_hosts_for_http_and_websocket(

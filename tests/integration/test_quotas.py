@@ -231,18 +231,15 @@ SOCKETS_PER_COMPANY = 3
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[LiveServer]:
-    live = LiveServer(
+    with LiveServer(
         {
             "CHATSTREAM_MAX_SOCKETS_PER_KEY": str(SOCKETS_PER_KEY),
             "CHATSTREAM_MAX_SOCKETS_PER_COMPANY": str(SOCKETS_PER_COMPANY),
             "CHATSTREAM_MAX_STREAMS_PER_KEY": "1",
             "CHATSTREAM_MAX_ANSWERS_PER_KEY": "1",
         }
-    ).start()
-    try:
+    ) as live:
         yield live
-    finally:
-        live.stop()
 
 
 @pytest.fixture

@@ -72,11 +72,8 @@ async def test_cookie_sessions_and_bearer_requests_of_a_key_share_its_budget(lim
 
 @pytest.fixture(scope="module")
 def limited_server():
-    live = LiveServer({"CHATSTREAM_MESSAGES_PER_MINUTE": "3"}).start()
-    try:
+    with LiveServer({"CHATSTREAM_MESSAGES_PER_MINUTE": "3"}) as live:
         yield live
-    finally:
-        live.stop()
 
 
 async def test_websocket_sends_count_in_the_same_budget(limited_server, acme):

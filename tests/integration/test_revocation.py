@@ -45,17 +45,15 @@ COOKIE = "chatstream_session"
 @pytest.fixture(scope="module")
 def server() -> Iterator[LiveServer]:
     """One process, in-process broker, default re-check (60 s)."""
-    live = LiveServer().start()
-    yield live
-    live.stop()
+    with LiveServer() as live:
+        yield live
 
 
 @pytest.fixture(scope="module")
 def recheck_server() -> Iterator[LiveServer]:
     """Re-checks credentials every 0.3 s."""
-    live = LiveServer({"CHATSTREAM_CREDENTIAL_RECHECK": "0.3"}).start()
-    yield live
-    live.stop()
+    with LiveServer({"CHATSTREAM_CREDENTIAL_RECHECK": "0.3"}) as live:
+        yield live
 
 
 @pytest.fixture(scope="module")

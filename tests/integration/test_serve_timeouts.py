@@ -60,17 +60,14 @@ def stack(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(scope="module")
 def timed(stack: str) -> Iterator[LiveServer]:
-    live = LiveServer(
+    with LiveServer(
         {
             "CHATSTREAM_SERVER_IMPL": stack,
             "CHATSTREAM_HEADER_TIMEOUT": str(TIMEOUT),
             "CHATSTREAM_BODY_TIMEOUT": str(TIMEOUT),
         }
-    ).start()
-    try:
+    ) as live:
         yield live
-    finally:
-        live.stop()
 
 
 def startup_lines(live: LiveServer) -> list[str]:

@@ -56,11 +56,8 @@ SSE_HEADERS = {"Accept": "text/event-stream"}
 def server() -> Iterator[LiveServer]:
     """One real server for the module, on the run's PostgreSQL database, pinging idle streams every 0.3 s."""
     # 36 streams of one key at once in test_first_readers_arriving_together_share_one_answer.
-    live = LiveServer({"CHATSTREAM_SSE_PING_INTERVAL": "0.3", "CHATSTREAM_MAX_STREAMS_PER_KEY": "50"}).start()
-    try:
+    with LiveServer({"CHATSTREAM_SSE_PING_INTERVAL": "0.3", "CHATSTREAM_MAX_STREAMS_PER_KEY": "50"}) as live:
         yield live
-    finally:
-        live.stop()
 
 
 @pytest.fixture(autouse=True)
@@ -807,13 +804,10 @@ async def test_reconnect_after_done_follows_the_next_answer(http: httpx.AsyncCli
 def small_log_server() -> Iterator[LiveServer]:
     """A second server on the same database that keeps 5 events per answer and drops a log as
     soon as its answer ends, so that snapshots and the stored outcome are what readers get."""
-    live = LiveServer(
+    with LiveServer(
         {"CHATSTREAM_SSE_PING_INTERVAL": "0.3", "CHATSTREAM_LOG_RETAIN": "5", "CHATSTREAM_LOG_TTL": "0"}
-    ).start()
-    try:
+    ) as live:
         yield live
-    finally:
-        live.stop()
 
 
 @pytest.fixture

@@ -21,11 +21,8 @@ CONSOLE_SCRIPT = str(Path(sys.executable).with_name("chatstream"))
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[LiveServer]:
-    live = LiveServer().start()
-    try:
+    with LiveServer() as live:
         yield live
-    finally:
-        live.stop()
 
 
 def chat(server: LiveServer, key: str, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:

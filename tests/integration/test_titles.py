@@ -203,11 +203,8 @@ async def test_a_title_given_at_creation_stays_and_a_second_message_changes_noth
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[LiveServer]:
-    live = LiveServer().start()
-    try:
+    with LiveServer() as live:
         yield live
-    finally:
-        live.stop()
 
 
 @asynccontextmanager

@@ -44,9 +44,8 @@ MAX_SUBSCRIPTIONS = 1  # the list is not counted: with it, one conversation may 
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[LiveServer]:
-    live = LiveServer({"CHATSTREAM_WS_MAX_SUBSCRIPTIONS": str(MAX_SUBSCRIPTIONS)}).start()
-    yield live
-    live.stop()
+    with LiveServer({"CHATSTREAM_WS_MAX_SUBSCRIPTIONS": str(MAX_SUBSCRIPTIONS)}) as live:
+        yield live
 
 
 @pytest.fixture

@@ -79,11 +79,8 @@ LONG_ANSWERS = 5
 
 
 def live_server(env: dict[str, str]) -> Iterator[LiveServer]:
-    live = LiveServer(env).start()
-    try:
+    with LiveServer(env) as live:
         yield live
-    finally:
-        live.stop()
 
 
 @pytest.fixture(scope="module")

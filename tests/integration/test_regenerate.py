@@ -62,6 +62,13 @@ async def ask(core: StreamingCore, who: Principal, cid: UUID, content: str = QUE
     return posted
 
 
+async def stored_answer(posted: Any) -> UUID:
+    """The message the (ended) answer of a post stored."""
+    generation = await load_generation(posted.generation.id)
+    assert generation is not None and generation.result_message_id is not None
+    return generation.result_message_id
+
+
 def words(events: list[GenerationEvent]) -> str:
     return "".join(e.text for e in events if isinstance(e, Token))
 
@@ -91,7 +98,7 @@ async def test_asking_again_starts_a_new_answer_and_keeps_the_old_one(streaming:
     assert done is not None and done.status is GenerationStatus.done
 
     # Both answers are stored and listed; the history keeps the newer one only.
-    old = (await load_generation(first.generation.id)).result_message_id  # type: ignore[union-attr]
+    old = await stored_answer(first)
     listed = await roles_and_ids(alice, cid)
     assert listed == [("user", first.message.id), ("agent", old), ("agent", done.result_message_id)]
     turns = await history(alice, cid)
@@ -175,7 +182,7 @@ async def test_only_the_last_user_message_can_be_answered_again(streaming: Strea
     cid = await conversation(tenant)
     earlier = await ask(streaming, alice, cid, "earlier")
     last = await ask(streaming, alice, cid, "last")
-    answer = (await load_generation(last.generation.id)).result_message_id  # type: ignore[union-attr]
+    answer = await stored_answer(last)
     for message_id in (earlier.message.id, answer):  # an earlier user message; an agent message
         with pytest.raises(Conflict) as refused:
             await answer_again(alice, cid, message_id, AnswerAgain(), streaming)

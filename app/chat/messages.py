@@ -302,20 +302,20 @@ async def _start_answer(
     `store` returned. Raises :class:`GenerationBusy` when the conversation has a running answer
     (409), `TooManyRequests` past the caller's running answers (429); the reservation is
     given back then. Start it with :func:`_launch_answer`."""
-    reserved = await core.reserve(conversation_id)
-    started = None
-    try:
-        answer = running_row(conversation_id, reply_to_id, agent.id, reserved, core.broker.node)
-        # Counted up front only where the store is one statement (PostgreSQL); on SQLite always
-        # after the insert, inside its transaction: counted early, concurrent posts that then
-        # lose the race (409) hold the key's places meanwhile, and the one that wins got 429.
-        early = on_postgres(Message) and _counted(core, reserved, principal)
-        admit = None if early else partial(core.count_answer, reserved, principal)
-        stored = await store(answer, admit)
-        started = generation_out(answer.to_dict())  # as inserted: committed
-    finally:
-        if started is None:
-            await core.release(reserved)
+    async with core.one_start_at_a_time(conversation_id):
+        reserved = await core.reserve(conversation_id)
+        started = None
+        try:
+            answer = running_row(conversation_id, reply_to_id, agent.id, reserved, core.broker.node)
+            # Counted up front only where the store is one statement (PostgreSQL); on SQLite after
+            # the insert, inside its transaction.
+            early = on_postgres(Message) and _counted(core, reserved, principal)
+            admit = None if early else partial(core.count_answer, reserved, principal)
+            stored = await store(answer, admit)
+            started = generation_out(answer.to_dict())  # as inserted: committed
+        finally:
+            if started is None:
+                await core.release(reserved)
     return started, stored
 
 

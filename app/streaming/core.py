@@ -145,6 +145,8 @@ class StreamingCore:
         self.quotas = quotas or Quotas()
         # Reserved generations not launched yet, with the caller whose answer quota they hold.
         self._reserved: dict[UUID, Starter] = {}
+        # conversation -> (its lock for starting answers, how many hold or wait for it)
+        self._starting: dict[UUID, tuple[asyncio.Lock, list[int]]] = {}
         self.sse_ping_interval = sse_ping_interval
         # Seconds between re-checks of the open connections' credentials.
         self.credential_recheck = credential_recheck
@@ -316,6 +318,21 @@ class StreamingCore:
     def is_local(self, generation_id: UUID) -> bool:
         """True while this process produces the generation."""
         return generation_id in self._producers
+
+    @contextlib.asynccontextmanager
+    async def one_start_at_a_time(self, conversation_id: UUID) -> AsyncIterator[None]:
+        """Answers of one conversation start one after another in this process: a post that
+        loses to a concurrent one is told 409 before it holds a place in the key's running
+        answers (12 concurrent posts once held all 10, and the one that won got 429)."""
+        lock, users = self._starting.setdefault(conversation_id, (asyncio.Lock(), [0]))
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if users[0] == 0:
+                del self._starting[conversation_id]
 
     async def reserve(self, conversation_id: UUID) -> UUID:
         """A new generation id whose (empty) log exists before its `running` row does, so a

@@ -57,6 +57,7 @@ from app.streaming.events import (
     Start,
     is_terminal,
 )
+from app.streaming.observers import AnswerEnded, AnswerObserver, AnswerStarted
 from app.streaming.parts import text_of
 from app.streaming.policy import BusyPolicy, PartialPolicy, StreamPolicy
 from app.streaming.protocol import (
@@ -123,6 +124,7 @@ class _Producer:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     # Whose running-answers quota the answer counts against, until it ends.
     starter: Starter | None = None
+    company_id: UUID | None = None
 
 
 class StreamingCore:
@@ -154,6 +156,7 @@ class StreamingCore:
         self._revocation_hooks: list[Callable[[UUID, UUID | None], None]] = []
         self.adapters = dict(build_adapters() if adapters is None else adapters)
         self._producers: dict[UUID, _Producer] = {}
+        self.observers: list[AnswerObserver] = []
         self._background: set[asyncio.Task[Any]] = set()
         self._closing = False
         _cores.add(self)
@@ -373,8 +376,12 @@ class StreamingCore:
         policy: StreamPolicy | None = None,
     ) -> None:
         """Start producing a reserved generation whose `running` row was just created."""
+        starter = self._reserved.pop(generation.id, None)
         producer = _Producer(
-            generation=generation, policy=policy or self.policy, starter=self._reserved.pop(generation.id, None)
+            generation=generation,
+            policy=policy or self.policy,
+            starter=starter,
+            company_id=starter.company_id if starter is not None else None,
         )
         self._producers[generation.id] = producer
         adapter = self.adapters.get(adapter_name)
@@ -457,6 +464,10 @@ class StreamingCore:
         started = time.monotonic()
         try:
             try:
+                for observer in self.observers:
+                    observer.answer_started(
+                        AnswerStarted(gen.id, gen.conversation_id, producer.company_id, adapter_name)
+                    )
                 await emit(Start, reply_to_id=gen.reply_to_id, agent_id=gen.agent_id)
                 if adapter is None:
                     raise AdapterError("unknown_adapter", f"this server has no adapter named {adapter_name!r}")
@@ -531,6 +542,19 @@ class StreamingCore:
             except BrokerUnavailable as exc:
                 # Stored already: readers that come back get the outcome from the database.
                 logger.warning("generation %s: its end could not be announced: %s", gen.id, exc)
+            ended = AnswerEnded(
+                gen.id,
+                gen.conversation_id,
+                producer.company_id,
+                adapter_name,
+                status,
+                ttft_ms,
+                time.monotonic() - started,
+                built.pieces if end.token_count is None else end.token_count,
+                terminal[1].get("code") or terminal[1].get("reason"),
+            )
+            for observer in self.observers:
+                observer.answer_ended(ended)
         finally:
             # With the producer gone, before `done`: whoever waited for the end (an
             # interrupting post) may start the next answer at once.

@@ -27,6 +27,7 @@ from app.exception_handlers import EXCEPTION_HANDLERS
 from app.health import healthz, readyz
 from app.http_security import HttpSecurityMiddleware, with_security_headers
 from app.openapi import close_request_bodies
+from app.rate_limit import RedisWindows
 from app.streaming.adapters import build_adapters
 from app.streaming.ai_sdk import ai_sdk_chat, ai_sdk_resume
 from app.streaming.broker import Broker, InProcessBroker
@@ -86,7 +87,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
             adapters=build_adapters(settings),
             sse_ping_interval=settings.sse_ping_interval,
             credential_recheck=settings.credential_recheck,
-            quotas=Quotas(settings),
+            quotas=Quotas(
+                settings,
+                RedisWindows(settings.redis_url, prefix=settings.redis_prefix) if settings.redis_url else None,
+            ),
         )
         core.on_revoked(principal_cache.forget)
         await core.startup()
@@ -96,6 +100,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         core: StreamingCore | None = app.state.get("core")
         if core is not None:
             await core.shutdown()
+            await core.quotas.windows.close()
         await close_pool(engine)
 
     api = Router(

@@ -1,19 +1,29 @@
-"""Per-key limit on posting messages (each one can start an answer), and the 429 error.
+"""Per-key rate limits (messages posted, WebSocket frames received), and the 429 error.
 
-One limiter per process counts the messages of each API key over HTTP and WebSocket
-`send` alike, keyed by the key's id, so that a key's Bearer requests and its cookie
-sessions share one budget. Limits shared by several processes are issue #18.
+A :class:`RateLimit` allows at most `per_minute` units per API key in any 60 s (a sliding
+window), keyed by the key's id, so that a key's Bearer requests, its cookie sessions and
+its sockets share one budget. The window is counted in this process's memory
+(:class:`LocalWindows`) or, with several processes (`REDIS_URL`), in Redis
+(:class:`RedisWindows`), where every process and node counts against the same budget.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
+from typing import Protocol
 from uuid import UUID
 
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
 from app.errors import ApiError
+
+logger = logging.getLogger("chatstream.limits")
 
 WINDOW_SECONDS = 60.0
 
@@ -32,39 +42,118 @@ class TooManyRequests(ApiError):
         self.retry_after = retry_after
 
 
-class MessageLimiter:
-    """At most `per_minute` messages per key in any 60 s (a sliding window).
+class Windows(Protocol):
+    """Sliding 60 s windows, one per bucket name."""
 
-    Memory is bounded: a key keeps at most `per_minute` timestamps, and keys idle for a
-    whole window are dropped."""
+    async def take(self, bucket: str, limit: int) -> int | None:
+        """Count one unit in `bucket` if fewer than `limit` are in its window: None; else
+        (nothing counted) the seconds until one leaves it."""
+        ...
 
-    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
-        self.per_minute = per_minute
+    async def close(self) -> None:
+        """Let go of what the windows hold (connections)."""
+        ...
+
+
+class LocalWindows:
+    """Windows in this process's memory. Memory is bounded: a bucket keeps at most `limit`
+    timestamps, and buckets idle for a whole window are dropped."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        self._sent: dict[UUID, deque[float]] = {}
+        self._taken: dict[str, deque[float]] = {}
         self._last_sweep = clock()
 
-    def check(self, key_id: UUID) -> None:
-        """Count one message of `key_id`, or raise :class:`TooManyRequests` (nothing counted)."""
+    async def take(self, bucket: str, limit: int) -> int | None:
         now = self._clock()
         if now - self._last_sweep > WINDOW_SECONDS:
             self._sweep(now)
-        sent = self._sent.setdefault(key_id, deque())
-        while sent and now - sent[0] >= WINDOW_SECONDS:
-            sent.popleft()
-        if len(sent) >= self.per_minute:
-            retry_after = max(1, math.ceil(WINDOW_SECONDS - (now - sent[0])))
+        taken = self._taken.setdefault(bucket, deque())
+        while taken and now - taken[0] >= WINDOW_SECONDS:
+            taken.popleft()
+        if len(taken) >= limit:
+            return max(1, math.ceil(WINDOW_SECONDS - (now - taken[0])))
+        taken.append(now)
+        return None
+
+    def tracked(self) -> int:
+        """How many buckets hold timestamps."""
+        return len(self._taken)
+
+    def _sweep(self, now: float) -> None:
+        self._taken = {name: taken for name, taken in self._taken.items() if taken and now - taken[-1] < WINDOW_SECONDS}
+        self._last_sweep = now
+
+    async def close(self) -> None:
+        return None
+
+
+# A sorted set per bucket: one member per unit, scored by Redis's clock in ms (one clock for
+# every node). Returns -1 when a unit was taken, else the ms until the oldest leaves the window.
+_TAKE = """
+local now = redis.call('TIME')
+now = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local window = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then
+    local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+    return math.max(tonumber(oldest[2]) + window - now, 1)
+end
+redis.call('ZADD', KEYS[1], now, ARGV[3])
+redis.call('PEXPIRE', KEYS[1], window)
+return -1
+"""
+
+
+class RedisWindows:
+    """Windows in Redis, shared by every process and node that uses the same Redis and prefix.
+
+    If Redis cannot be reached, units are allowed (the limit is a guard against floods, not
+    a gate: what the unit does fails on its own without the broker) and a warning is logged."""
+
+    def __init__(self, url: str, *, prefix: str = "chatstream:") -> None:
+        self._redis = Redis.from_url(url, max_connections=8, socket_timeout=2.0, socket_connect_timeout=2.0)
+        self._take = self._redis.register_script(_TAKE)
+        self._prefix = f"{prefix}rate:"
+        self._failing = False
+
+    async def take(self, bucket: str, limit: int) -> int | None:
+        try:
+            wait_ms = await self._take(
+                keys=[self._prefix + bucket], args=[limit, int(WINDOW_SECONDS * 1000), uuid.uuid4().hex]
+            )
+        except (RedisError, OSError) as exc:
+            if not self._failing:
+                logger.warning("rate limits are not counted: Redis cannot be reached (%s)", type(exc).__name__)
+                self._failing = True
+            return None
+        if self._failing:
+            logger.info("rate limits are counted again")
+            self._failing = False
+        return None if int(wait_ms) < 0 else max(1, math.ceil(int(wait_ms) / 1000))
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+class RateLimit:
+    """At most `per_minute` units of `what` per API key in any 60 s, counted in `windows`."""
+
+    def __init__(self, what: str, per_minute: int, windows: Windows) -> None:
+        self.what = what
+        self.per_minute = per_minute
+        self.windows = windows
+
+    async def take(self, key_id: UUID) -> int | None:
+        """Count one unit of `key_id`: None; or, past the limit (nothing counted), the seconds to wait."""
+        return await self.windows.take(f"{self.what}:{key_id}", self.per_minute)
+
+    async def check(self, key_id: UUID) -> None:
+        """Count one unit of `key_id`, or raise :class:`TooManyRequests` (nothing counted)."""
+        retry_after = await self.take(key_id)
+        if retry_after is not None:
             raise TooManyRequests(
-                f"too many messages: at most {self.per_minute} per minute; retry in {retry_after} s",
+                f"too many {self.what}: at most {self.per_minute} per minute; retry in {retry_after} s",
                 retry_after=retry_after,
                 details={"limit": self.per_minute},
             )
-        sent.append(now)
-
-    def tracked_keys(self) -> int:
-        """How many keys the limiter holds timestamps for."""
-        return len(self._sent)
-
-    def _sweep(self, now: float) -> None:
-        self._sent = {key: sent for key, sent in self._sent.items() if sent and now - sent[-1] < WINDOW_SECONDS}
-        self._last_sweep = now

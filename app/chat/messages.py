@@ -137,7 +137,7 @@ async def post_message(
     busy conversation (policy `reject`) refuses the message with 409 and stores nothing;
     so does a key over its message rate or its running answers (429).
     A conversation without a title is named after the message (app/chat/titles.py)."""
-    core.quotas.messages.check(principal.key_id)
+    await core.quotas.messages.check(principal.key_id)
     _check_grace(principal, data.disconnect_grace, core.policy.disconnect_grace)
     agent = await load_agent_of(principal, conversation_id)  # 404 unless the caller may see the conversation
     _check_content(data.content)
@@ -205,7 +205,7 @@ async def answer_again(
     quotas; it counts as a message towards the key's rate). The earlier answers stay
     stored; the history shows only the newest answer to a message (:func:`load_history`).
     Returns the user message (as it reads now) and the new answer."""
-    core.quotas.messages.check(principal.key_id)
+    await core.quotas.messages.check(principal.key_id)
     _check_grace(principal, data.disconnect_grace, core.policy.disconnect_grace)
     agent = await load_agent_of(principal, conversation_id)  # 404 unless the caller may see the conversation
     row = await _with_last_user_message(conversation_id, message_id)

@@ -35,7 +35,7 @@ async def post_tool_result(
     """Store the result of a pending tool call and, when it was the last one the answer
     waited for, start the agent's next answer. Returns the result message, that answer
     (null while other calls wait) and whether the result was new (a retry returns the first)."""
-    core.quotas.messages.check(principal.key_id)
+    await core.quotas.messages.check(principal.key_id)
     conversation = await load_conversation(principal, conversation_id)
     check_text("toolCallId", data.tool_call_id)
     if (data.output is msgspec.UNSET) == (data.error is None):

@@ -1,9 +1,10 @@
 """What one API key and one company may hold at once, in this process: WebSocket sockets,
-SSE streams and running answers (each running answer holds a model connection).
+SSE streams and running answers (each running answer holds a model connection); and what
+a key may do per minute (messages posted, WebSocket frames), in every process.
 
 A :class:`Quota` counts holders by key id and company id; `acquire` either takes one
-unit or says which limit is full, `release` gives it back. Counts live in this process
-(shared limits over several processes are issue #18).
+unit or says which limit is full, `release` gives it back. Counts live in this process.
+The rates are :class:`~app.rate_limit.RateLimit` windows, in Redis when processes share it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Literal
 from uuid import UUID
 
 from app.config import Settings
-from app.rate_limit import MessageLimiter, TooManyRequests
+from app.rate_limit import LocalWindows, RateLimit, TooManyRequests, Windows
 
 Scope = Literal["key", "company"]
 # Seconds a client refused by a quota is asked to wait: these free up as streams end.
@@ -67,11 +68,14 @@ class Quota:
 
 
 class Quotas:
-    """Every per-key limit of this process: message rate, sockets, streams, running answers."""
+    """Every per-key limit: message and frame rates, sockets, streams, running answers."""
 
-    def __init__(self, settings: Settings | None = None) -> None:
+    def __init__(self, settings: Settings | None = None, windows: Windows | None = None) -> None:
         settings = settings or Settings()
-        self.messages = MessageLimiter(settings.messages_per_minute)
+        # Where the rates are counted: this process, or Redis (shared by every process).
+        self.windows = windows or LocalWindows()
+        self.messages = RateLimit("messages", settings.messages_per_minute, self.windows)
+        self.frames = RateLimit("frames", settings.ws_frames_per_minute, self.windows)
         self.sockets = Quota(
             "open WebSocket connections", settings.max_sockets_per_key, settings.max_sockets_per_company
         )

@@ -18,8 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
-import time
 from collections import deque
 from collections.abc import Awaitable, Sequence
 from typing import Any
@@ -198,7 +196,6 @@ class Session:
         self.subscriptions: dict[UUID, asyncio.Task[None]] = {}
         # Forwards the conversation list while the socket follows it (not counted in the limit).
         self.conversation_list: asyncio.Task[None] | None = None
-        self.frame_times: deque[float] = deque()
         self.violations = 0
         self.closing: asyncio.Future[SocketClosing] = asyncio.get_running_loop().create_future()
 
@@ -321,7 +318,8 @@ class Session:
         if size > self.settings.ws_max_frame_bytes:
             limit = self.settings.ws_max_frame_bytes
             return await self._violation(None, "frame_too_large", f"frames are limited to {limit} bytes")
-        retry_after = self._rate_limited()
+        # Counted per key, over all its sockets (on every process when they share Redis).
+        retry_after = await self.core.quotas.frames.take(self.principal.key_id)
         if retry_after is not None:
             limit = self.settings.ws_frames_per_minute
             message = f"at most {limit} frames per minute; retry in {retry_after} s"
@@ -351,16 +349,6 @@ class Session:
         except Exception:
             logger.exception("websocket frame %s failed", type(frame).__name__)
             await self.deliver([ErrorFrame(ref=frame.ref, code="internal_error", message="internal server error")])
-
-    def _rate_limited(self) -> int | None:
-        """None if one more frame fits in the last minute; else seconds until one does."""
-        now = time.monotonic()
-        while self.frame_times and now - self.frame_times[0] > 60:
-            self.frame_times.popleft()
-        if len(self.frame_times) >= self.settings.ws_frames_per_minute:
-            return max(1, math.ceil(60 - (now - self.frame_times[0])))
-        self.frame_times.append(now)
-        return None
 
     async def _violation(self, ref: str | None, code: str, message: str, details: object = None) -> None:
         await self.deliver([ErrorFrame(ref=ref, code=code, message=message, details=details)])

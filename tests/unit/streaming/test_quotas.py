@@ -8,7 +8,7 @@ import msgspec
 import pytest
 
 from app.config import Settings
-from app.rate_limit import MessageLimiter, TooManyRequests
+from app.rate_limit import LocalWindows, RateLimit, TooManyRequests
 from app.streaming.quotas import Quota, Quotas
 
 
@@ -51,7 +51,7 @@ def test_quotas_come_from_settings() -> None:
     )
     quotas = Quotas(settings)
     assert quotas.sockets.per_key == 1 and quotas.streams.per_company == 2 and quotas.answers.per_key == 3
-    assert quotas.messages.per_minute == 4
+    assert quotas.messages.per_minute == 4 and quotas.frames.per_minute == settings.ws_frames_per_minute
 
 
 class Clock:
@@ -62,30 +62,41 @@ class Clock:
         return self.now
 
 
-def test_the_limiter_is_a_sliding_window_per_key() -> None:
+@pytest.mark.anyio
+async def test_the_limiter_is_a_sliding_window_per_key() -> None:
     clock = Clock()
-    limiter = MessageLimiter(3, clock=clock)
+    limiter = RateLimit("messages", 3, LocalWindows(clock=clock))
     alice, bob = uuid.uuid4(), uuid.uuid4()
     for step in range(3):
         clock.now += 10 * step
-        limiter.check(alice)
+        await limiter.check(alice)
     # At 1030: three in the last minute (1000, 1010, 1030); the first leaves the window at 1060.
     with pytest.raises(TooManyRequests) as refused:
-        limiter.check(alice)
+        await limiter.check(alice)
     assert refused.value.retry_after == 30 and refused.value.details == {"limit": 3, "retryAfter": 30}
-    limiter.check(bob)  # another key has its own budget
+    await limiter.check(bob)  # another key has its own budget
     clock.now = 1060.0
-    limiter.check(alice)  # the oldest one has left the window
+    await limiter.check(alice)  # the oldest one has left the window
     with pytest.raises(TooManyRequests):
-        limiter.check(alice)
+        await limiter.check(alice)
 
 
-def test_the_limiter_forgets_idle_keys() -> None:
+@pytest.mark.anyio
+async def test_limits_of_different_things_count_apart() -> None:
+    windows = LocalWindows()
+    messages, frames, key = RateLimit("messages", 1, windows), RateLimit("frames", 1, windows), uuid.uuid4()
+    assert await messages.take(key) is None and await frames.take(key) is None
+    assert await messages.take(key) is not None and await frames.take(key) is not None
+
+
+@pytest.mark.anyio
+async def test_the_windows_forget_idle_keys() -> None:
     clock = Clock()
-    limiter = MessageLimiter(5, clock=clock)
+    windows = LocalWindows(clock=clock)
+    limiter = RateLimit("messages", 5, windows)
     for _ in range(100):
-        limiter.check(uuid.uuid4())
-    assert limiter.tracked_keys() == 100
+        await limiter.check(uuid.uuid4())
+    assert windows.tracked() == 100
     clock.now += 61
-    limiter.check(uuid.uuid4())
-    assert limiter.tracked_keys() == 1
+    await limiter.check(uuid.uuid4())
+    assert windows.tracked() == 1

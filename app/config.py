@@ -39,6 +39,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # it up every time). Revocation clears it at once on every process; this bounds a lost message.
     auth_cache_seconds: Annotated[float, msgspec.Meta(ge=0, le=60)] = 5.0
     log_level: str = "INFO"
+    # `text`: plain lines for people; `json`: one JSON object per line for log pipelines (app/logs.py).
+    log_format: Literal["text", "json"] = "text"
     # Messages one API key may post per minute (HTTP and WebSocket `send` together; each
     # can start an answer), per server process.
     messages_per_minute: int = 60
@@ -125,6 +127,7 @@ ENV = {
     "credential_recheck": "CHATSTREAM_CREDENTIAL_RECHECK",
     "auth_cache_seconds": "CHATSTREAM_AUTH_CACHE_SECONDS",
     "log_level": "CHATSTREAM_LOG_LEVEL",
+    "log_format": "CHATSTREAM_LOG_FORMAT",
     "messages_per_minute": "CHATSTREAM_MESSAGES_PER_MINUTE",
     "max_sockets_per_key": "CHATSTREAM_MAX_SOCKETS_PER_KEY",
     "max_sockets_per_company": "CHATSTREAM_MAX_SOCKETS_PER_COMPANY",
@@ -181,6 +184,8 @@ def settings_from_env(env: dict[str, str] | None = None) -> Settings:
         values["cookie_secure"] = _BOOL_WORDS.get(flag, flag)
     if "log_level" in values:
         values["log_level"] = values["log_level"].upper()
+    if "log_format" in values:
+        values["log_format"] = values["log_format"].lower()
     try:
         # Environment values are strings: msgspec converts them to each field's type.
         settings = msgspec.convert(values, Settings, strict=False)

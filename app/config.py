@@ -41,6 +41,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     log_level: str = "INFO"
     # `text`: plain lines for people; `json`: one JSON object per line for log pipelines (app/logs.py).
     log_format: Literal["text", "json"] = "text"
+    # Prometheus metrics at `/metrics` (app/metrics.py); off: no such route (404). With a
+    # token, a scrape must send `Authorization: Bearer <token>` (else 401).
+    metrics: bool = True
+    metrics_token: str | None = None
     # Messages one API key may post per minute (HTTP and WebSocket `send` together; each
     # can start an answer), per server process.
     messages_per_minute: int = 60
@@ -128,6 +132,8 @@ ENV = {
     "auth_cache_seconds": "CHATSTREAM_AUTH_CACHE_SECONDS",
     "log_level": "CHATSTREAM_LOG_LEVEL",
     "log_format": "CHATSTREAM_LOG_FORMAT",
+    "metrics": "CHATSTREAM_METRICS",
+    "metrics_token": "CHATSTREAM_METRICS_TOKEN",
     "messages_per_minute": "CHATSTREAM_MESSAGES_PER_MINUTE",
     "max_sockets_per_key": "CHATSTREAM_MAX_SOCKETS_PER_KEY",
     "max_sockets_per_company": "CHATSTREAM_MAX_SOCKETS_PER_COMPANY",
@@ -179,9 +185,10 @@ def settings_from_env(env: dict[str, str] | None = None) -> Settings:
         values["allowed_origins"] = env[LEGACY_ALLOWED_ORIGINS].strip()
     if "public_url" in values:
         values["public_url"] = values["public_url"].rstrip("/")
-    if "cookie_secure" in values:
-        flag = values["cookie_secure"].lower()
-        values["cookie_secure"] = _BOOL_WORDS.get(flag, flag)
+    for switch in ("cookie_secure", "metrics"):
+        if switch in values:
+            flag = values[switch].lower()
+            values[switch] = _BOOL_WORDS.get(flag, flag)
     if "log_level" in values:
         values["log_level"] = values["log_level"].upper()
     if "log_format" in values:

@@ -27,7 +27,7 @@ from app.exception_handlers import EXCEPTION_HANDLERS
 from app.health import healthz, readyz
 from app.http_security import HttpSecurityMiddleware, with_security_headers
 from app.openapi import close_request_bodies
-from app.rate_limit import RedisWindows
+from app.rate_limit import RedisWindows, Windows
 from app.streaming.adapters import build_adapters
 from app.streaming.ai_sdk import ai_sdk_chat, ai_sdk_resume
 from app.streaming.broker import Broker, InProcessBroker
@@ -78,8 +78,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
             broker = RedisBroker(
                 settings.redis_url, prefix=settings.redis_prefix, retain=settings.log_retain, log_ttl=settings.log_ttl
             )
+            windows: Windows | None = RedisWindows(broker.commands, prefix=settings.redis_prefix)
         else:
             broker = InProcessBroker(retain=settings.log_retain, log_ttl=settings.log_ttl)
+            windows = None
         core = StreamingCore(
             broker,
             policy,
@@ -87,10 +89,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             adapters=build_adapters(settings),
             sse_ping_interval=settings.sse_ping_interval,
             credential_recheck=settings.credential_recheck,
-            quotas=Quotas(
-                settings,
-                RedisWindows(settings.redis_url, prefix=settings.redis_prefix) if settings.redis_url else None,
-            ),
+            quotas=Quotas(settings, windows),
         )
         core.on_revoked(principal_cache.forget)
         await core.startup()
@@ -100,7 +99,6 @@ def create_app(settings: Settings | None = None) -> Litestar:
         core: StreamingCore | None = app.state.get("core")
         if core is not None:
             await core.shutdown()
-            await core.quotas.windows.close()
         await close_pool(engine)
 
     api = Router(

@@ -50,10 +50,6 @@ class Windows(Protocol):
         (nothing counted) the seconds until one leaves it."""
         ...
 
-    async def close(self) -> None:
-        """Let go of what the windows hold (connections)."""
-        ...
-
 
 class LocalWindows:
     """Windows in this process's memory. Memory is bounded: a bucket keeps at most `limit`
@@ -84,9 +80,6 @@ class LocalWindows:
         self._taken = {name: taken for name, taken in self._taken.items() if taken and now - taken[-1] < WINDOW_SECONDS}
         self._last_sweep = now
 
-    async def close(self) -> None:
-        return None
-
 
 # A sorted set per bucket: one member per unit, scored by Redis's clock in ms (one clock for
 # every node). Returns -1 when a unit was taken, else the ms until the oldest leaves the window.
@@ -111,9 +104,9 @@ class RedisWindows:
     If Redis cannot be reached, units are allowed (the limit is a guard against floods, not
     a gate: what the unit does fails on its own without the broker) and a warning is logged."""
 
-    def __init__(self, url: str, *, prefix: str = "chatstream:") -> None:
-        self._redis = Redis.from_url(url, max_connections=8, socket_timeout=2.0, socket_connect_timeout=2.0)
-        self._take = self._redis.register_script(_TAKE)
+    def __init__(self, redis: Redis, *, prefix: str = "chatstream:") -> None:
+        # The broker's command connections: a process holds a fixed number of them.
+        self._take = redis.register_script(_TAKE)
         self._prefix = f"{prefix}rate:"
         self._failing = False
 
@@ -131,9 +124,6 @@ class RedisWindows:
             logger.info("rate limits are counted again")
             self._failing = False
         return None if int(wait_ms) < 0 else max(1, math.ceil(int(wait_ms) / 1000))
-
-    async def close(self) -> None:
-        await self._redis.aclose()
 
 
 class RateLimit:

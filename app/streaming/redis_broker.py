@@ -392,6 +392,11 @@ class RedisBroker:
         self._control_channel = f"{prefix}control"
         self._control: Callable[[ControlMessage], None] | None = None
 
+    @property
+    def commands(self) -> Redis:
+        """The client of the broker's command pool (for other small shared state: rate limits)."""
+        return self._redis
+
     def client_name(self, role: str) -> str:
         """The name (CLIENT SETNAME) of this broker's connections for `role`: commands, reader, feeds."""
         return f"{self.prefix}{self.id}:{role}"

@@ -1,7 +1,9 @@
 """Prometheus metrics, served at `/metrics` (docs/deploy.md lists them, with alerts).
 
 Everything is counted in this module: the rest of the app calls its small functions (or the
-:class:`AnswerMetrics` observer the streaming core tells of each answer). Labelled series are
+:class:`AnswerMetrics` observer the streaming core tells of each answer); the route and the
+counting of HTTP requests are in app/metrics_http.py (this module imports no Litestar: the
+streaming core uses it). Labelled series are
 bound once (module constants, or a cache per label set), and nothing is counted per token:
 an answer's tokens are added when it ends.
 
@@ -17,31 +19,22 @@ that ends as dead (its gauges stop counting) and removes the directory when it s
 from __future__ import annotations
 
 import contextlib
-import hmac
 import os
 import shutil
 import sqlite3
 import tempfile
 import time
-from collections.abc import Awaitable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Literal
 from uuid import UUID
 
-from litestar import Request, Response, get
-from litestar.enums import ScopeType
-from litestar.handlers import HTTPRouteHandler
-from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
-
-from app.errors import Unauthorized
 
 if TYPE_CHECKING:
     from app.streaming.observers import AnswerEnded, AnswerStarted
 
 # Where the processes of `serve --workers N` keep their figures (prometheus-client's name).
 MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
-METRICS_PATH = "/metrics"
 
 # -- answers (counted where they are produced) -----------------------------------------------
 
@@ -132,7 +125,6 @@ WORKER_START = Gauge(
 _BROKER_ERRORS = {operation: BROKER_ERRORS.labels(operation) for operation in ("command", "reading", "subscription")}
 _DATABASE_ERRORS = {site: DATABASE_ERRORS.labels(site) for site in ("http", "websocket", "answer")}
 _SLOW_WEBSOCKETS = SLOW_READERS_CLOSED.labels("websocket")
-_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # Series bound once per label set (bounded: route templates, known methods, statuses).
 _http_series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 _ended_series: dict[tuple[str, str], tuple[Any, Any]] = {}
@@ -235,47 +227,17 @@ def process_started() -> None:
     WORKER_START.set(time.time())
 
 
-# -- HTTP requests ----------------------------------------------------------------------------------
-
-
-def counting_http_requests(app: ASGIApp) -> ASGIApp:
-    """Wrap Litestar's whole handler (its error responses and 404s too): count each HTTP request
-    by method, route template and status, and time it to the end of its response."""
-
-    async def handle(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != ScopeType.HTTP:
-            await app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 0
-
-        def send_watching_status(message: Message) -> Awaitable[None]:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            return send(message)
-
-        try:
-            await app(scope, receive, send_watching_status)
-        finally:
-            if status:  # else the client left before any answer
-                sent: str = scope.get("method", "")
-                method = sent if sent in _METHODS else "other"
-                route = scope.get("path_template") or "unmatched"
-                key = (method, route, status)
-                series = _http_series.get(key)
-                if series is None:
-                    series = _http_series[key] = (
-                        HTTP_REQUESTS.labels(method, route, str(status)),
-                        HTTP_DURATION.labels(method, route),
-                    )
-                series[0].inc()
-                series[1].observe(time.perf_counter() - started)
-
-    return handle
-
-
-# -- the endpoint -----------------------------------------------------------------------------------
+def http_request(method: str, route: str, status: int, seconds: float) -> None:
+    """An HTTP request was answered (see app/metrics_http.py)."""
+    key = (method, route, status)
+    series = _http_series.get(key)
+    if series is None:
+        series = _http_series[key] = (
+            HTTP_REQUESTS.labels(method, route, str(status)),
+            HTTP_DURATION.labels(method, route),
+        )
+    series[0].inc()
+    series[1].observe(seconds)
 
 
 def exposition() -> bytes:
@@ -286,21 +248,6 @@ def exposition() -> bytes:
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return generate_latest(registry)
     return generate_latest(REGISTRY)
-
-
-def metrics_route(token: str | None) -> HTTPRouteHandler:
-    """`GET /metrics`; with `token`, only for `Authorization: Bearer <token>` (else 401)."""
-    expected = f"Bearer {token}".encode() if token else None
-
-    @get(METRICS_PATH, include_in_schema=False, sync_to_thread=False, name="metrics")
-    def metrics_endpoint(request: Request[Any, Any, Any]) -> Response[bytes]:
-        if expected is not None:
-            sent = request.headers.get("authorization", "").encode()
-            if not hmac.compare_digest(sent, expected):
-                raise Unauthorized("metrics need 'Authorization: Bearer <CHATSTREAM_METRICS_TOKEN>'")
-        return Response(exposition(), media_type=CONTENT_TYPE_PLAIN_0_0_4, headers={"Cache-Control": "no-store"})
-
-    return metrics_endpoint
 
 
 # -- several workers (the supervisor of `serve --workers N`) ----------------------------------------

@@ -30,6 +30,7 @@ from uuid import UUID
 
 import msgspec
 
+from app import metrics
 from app.errors import invalid_field
 from app.streaming import scopes
 from app.streaming.adapters import (
@@ -710,8 +711,9 @@ class StreamingCore:
 
     async def attach(self, generation_id: UUID) -> None:
         """A reader starts following the generation: no grace countdown while it reads."""
-        await self.broker.add_reader(generation_id)
+        readers = await self.broker.add_reader(generation_id)
         producer = self._producers.get(generation_id)
+        metrics.reader_attached(generation_id, readers, produced_here=producer is not None)
         if producer is not None and producer.grace_timer is not None:
             producer.grace_timer.cancel()
             producer.grace_timer = None
@@ -719,6 +721,7 @@ class StreamingCore:
     def detach(self, generation_id: UUID) -> None:
         """A reader left. Synchronous on purpose: safe in a cancelled response's `finally`;
         the bookkeeping runs as the core's own task."""
+        metrics.reader_detached()
         self._spawn(self._reader_left(generation_id))
 
     async def _reader_left(self, generation_id: UUID) -> None:

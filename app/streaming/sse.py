@@ -28,6 +28,7 @@ from litestar.status_codes import HTTP_204_NO_CONTENT
 from litestar.types import ASGIApp, Receive, Scope, Send
 from litestar.utils.helpers import get_enum_string_value
 
+from app import metrics
 from app.auth.principal import Principal
 from app.chat.conversations import load_conversation
 from app.openapi import errors, nothing_to_stream
@@ -214,6 +215,7 @@ async def reader_frames(
             try:
                 await core.attach(generation_id)
                 attached = True
+                metrics.sse_stream_opened()
                 yield OK_COMMENT
                 batches = core.follow(generation_id, after, ping_interval, writer)
                 while not revocation.revoked:
@@ -237,6 +239,7 @@ async def reader_frames(
                 yield end
     finally:
         if attached:
+            metrics.sse_stream_closed()
             core.detach(generation_id)
 
 

@@ -28,6 +28,7 @@ from litestar import WebSocket, websocket
 from litestar.di import NamedDependency
 from litestar.exceptions import WebSocketDisconnect
 
+from app import metrics
 from app.auth.middleware import credentials, principal_for
 from app.auth.principal import Principal
 from app.chat.conversations import load_conversation
@@ -77,6 +78,7 @@ MAX_VIOLATIONS_IN_A_ROW = 5
 # Batches waiting for the writer; each batch is whatever piled up for one reader.
 OUTBOX_BATCHES = 64
 CLOSE_TIMEOUT = 5.0
+TOO_SLOW = "too_slow"
 
 
 class SocketClosing(Exception):
@@ -233,6 +235,8 @@ class Session:
             self.closing.set_result(closing)
 
     async def _close(self, closing: SocketClosing) -> None:
+        if closing.notice is not None and closing.notice.code == TOO_SLOW:
+            metrics.slow_websocket_closed()
         # The peer may not be reading: bound the goodbye, the server closes the transport anyway.
         with contextlib.suppress(Exception):
             async with asyncio.timeout(CLOSE_TIMEOUT):
@@ -346,8 +350,9 @@ class Session:
             await self.deliver([broker_unavailable(frame.ref)])
         except asyncio.CancelledError:
             raise
-        except Exception:
+        except Exception as exc:
             logger.exception("websocket frame %s failed", type(frame).__name__)
+            metrics.database_error("websocket", exc)
             await self.deliver([ErrorFrame(ref=frame.ref, code="internal_error", message="internal server error")])
 
     async def _violation(self, ref: str | None, code: str, message: str, details: object = None) -> None:
@@ -529,7 +534,7 @@ def credentials_revoked() -> SocketClosing:
 
 def too_slow() -> SocketClosing:
     message = "this connection could not keep up; reconnect and subscribe with your last cursors"
-    return SocketClosing(CLOSE_TRY_AGAIN_LATER, "too slow", ErrorFrame(code="too_slow", message=message))
+    return SocketClosing(CLOSE_TRY_AGAIN_LATER, "too slow", ErrorFrame(code=TOO_SLOW, message=message))
 
 
 @websocket(
@@ -555,8 +560,10 @@ async def ws_endpoint(socket: WebSocket[Any, Any, Any], core: NamedDependency[St
             await codec.send(socket, ErrorFrame(code=refusal.code, message=refusal.message, details=refusal.details))
             await socket.close(CLOSE_TRY_AGAIN_LATER, "too many sockets")
         return
+    metrics.websocket_opened()
     try:
         with contextlib.suppress(WebSocketDisconnect):
             await Session(socket, principal, core, codec, settings).run()
     finally:
+        metrics.websocket_closed()
         sockets.release(principal.key_id, principal.company_id)

@@ -11,6 +11,7 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from litestar.types import ExceptionHandlersMap
 
+from app import metrics
 from app.config import get_settings
 from app.errors import ApiError, ErrorBody
 from app.rate_limit import TooManyRequests
@@ -131,6 +132,7 @@ def _validation_body(exc: ValidationException) -> ErrorBody:
 def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
     """A bug of ours: log it with its traceback, answer without one."""
     logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    metrics.database_error("http", exc)
     return _response(
         HTTP_500_INTERNAL_SERVER_ERROR,
         ErrorBody(error="internal server error", code="internal_error"),

@@ -20,8 +20,8 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from app.config import Settings
 from app.errors import ApiError, Forbidden, InvalidInput
 
-# Load balancers probe these with whatever Host they like.
-PROBE_PATHS = frozenset({"/healthz", "/readyz"})
+# Load balancers probe these, and Prometheus scrapes `/metrics`, with whatever Host they like.
+PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 LOGIN_PATH = "/api/session"

@@ -57,6 +57,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT, KeyT
 
+from app import metrics
 from app.streaming.broker import BrokerUnavailable, ConversationFeed, ConversationFeeds, ListFeed, ListFeeds
 from app.streaming.control import ControlMessage, control_decoder, control_encoder
 from app.streaming.direct import DirectReader, deliver_to
@@ -218,6 +219,7 @@ def _unavailable() -> Iterator[None]:
     try:
         yield
     except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        metrics.broker_error("command")
         raise BrokerUnavailable(f"Redis is not reachable: {exc}") from exc
 
 
@@ -717,6 +719,7 @@ class RedisBroker:
                 failures = 0
             except (RedisError, OSError) as exc:
                 failures += 1
+                metrics.broker_error("reading")
                 if failures == 1:
                     continue
                 if failures == 2:  # once per outage, not at every retry
@@ -886,6 +889,7 @@ class RedisBroker:
                         elif message["type"] == "message":
                             self._dispatch_control(message["data"])
             except (RedisError, OSError) as exc:
+                metrics.broker_error("subscription")
                 if not self._feeds_down:
                     logger.warning("redis broker: lost the conversation feeds' subscription (%s)", exc)
             except Exception:

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 from litestar.logging.config import LoggingConfig
+from uvicorn.config import LOGGING_CONFIG
 
 from app.config import Settings
 
@@ -91,12 +92,17 @@ def _encode_other(value: Any) -> Any:
 _encoder = msgspec.json.Encoder(enc_hook=_encode_other)
 
 
+def utc_time(timestamp: float) -> str:
+    """`2026-12-07T01:44:12.281Z`: ISO 8601, UTC, milliseconds."""
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per record, on one line (see the module docstring)."""
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "time": utc_time(record.created),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
@@ -117,7 +123,8 @@ class JsonFormatter(logging.Formatter):
         try:
             return _encoder.encode(line).decode()
         except (TypeError, ValueError, OverflowError):  # an extra msgspec cannot take: as text
-            return _encoder.encode({k: v if isinstance(v, str | int | float | bool) else str(v) for k, v in line.items()}).decode()
+            plain = {k: v if v is None or isinstance(v, str | int | float | bool) else str(v) for k, v in line.items()}
+            return _encoder.encode(plain).decode()
 
 
 class RequestIdFilter(logging.Filter):
@@ -136,8 +143,12 @@ class WebSocketPathWithoutQuery(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.msg, str) and '"WebSocket %s"' in record.msg and isinstance(record.args, tuple):
-            record.args = tuple(a.partition("?")[0] if isinstance(a, str) and a.startswith("/") else a for a in record.args)
+            record.args = tuple(_path_only(a) for a in record.args)
         return True
+
+
+def _path_only(arg: object) -> object:
+    return arg.partition("?")[0] if isinstance(arg, str) and arg.startswith("/") else arg
 
 
 _WS_PATH_FILTER = WebSocketPathWithoutQuery()
@@ -151,12 +162,11 @@ def json_handler() -> logging.Handler:
     return handler
 
 
-def uvicorn_log_config(settings: Settings) -> dict[str, Any] | None:
-    """uvicorn's `log_config` for `settings` (None: uvicorn's own, the text default). In JSON
-    mode uvicorn's loggers and the root logger write JSON lines; uvicorn passes this to every
-    worker it spawns."""
+def uvicorn_log_config(settings: Settings) -> dict[str, Any]:
+    """uvicorn's `log_config` for `settings`: uvicorn's own for text; for JSON, uvicorn's
+    loggers and the root logger write JSON lines. uvicorn sets it up in every worker it spawns."""
     if settings.log_format != "json":
-        return None
+        return LOGGING_CONFIG
     handler = {
         "class": "logging.StreamHandler",
         "formatter": "default",

@@ -36,18 +36,34 @@ def _login_link(host: str, port: int, token: str) -> str:
     return f"{base}/#key={token}"
 
 
+def _say(text: str, **fields: Any) -> None:
+    """A line of `serve`'s own, before the server starts: a JSON log line in JSON log format."""
+    if get_settings().log_format == "json":
+        from app.logs import json_line
+
+        text = json_line(text, "chatstream.cli", **fields)
+    print(text)
+
+
 async def _prepare_serve(args: argparse.Namespace) -> None:
     from app.demo import seed_demo_if_empty
     from app.migrations import apply_migrations
 
     if not args.no_migrate:
         await apply_migrations(quiet=True)
-        print("database: migrations applied")
+        _say("database: migrations applied")
     if args.no_demo:
         return
     seed = await seed_demo_if_empty()
     if seed is None:
-        print("Sign in with an API key (create one with `chatstream key create --company <name or id>`).")
+        _say("Sign in with an API key (create one with `chatstream key create --company <name or id>`).")
+        return
+    if get_settings().log_format == "json":  # log lines hold no key: make one to sign in
+        _say(
+            "Created a demo company with an `echo` agent; its key is not shown in JSON logs: "
+            f"create one with `chatstream key create --company {seed.company_id}`",
+            companyId=seed.company_id,
+        )
         return
     print("Created a demo company with an `echo` agent and a member key (shown once, not stored):")
     print(f"  key: {seed.member_token}")

@@ -154,6 +154,13 @@ def _path_only(arg: object) -> object:
 _WS_PATH_FILTER = WebSocketPathWithoutQuery()
 
 
+def json_line(message: str, logger: str, **fields: Any) -> str:
+    """One JSON line at INFO, for output written before logging is set up (`serve`'s start)."""
+    record = logging.makeLogRecord({"name": logger, "levelno": logging.INFO, "levelname": "INFO", "msg": message})
+    record.__dict__.update(fields)
+    return JsonFormatter().format(record)
+
+
 def json_handler() -> logging.Handler:
     """A handler writing JSON lines to stderr."""
     handler = logging.StreamHandler()

@@ -7,6 +7,8 @@ carry the id of the request that started it), whatever fields the call passed as
 Our loggers (`chatstream.*`) and uvicorn's (`uvicorn.error`; its access log is replaced by the
 request line of app/request_log.py) write the same lines, in every worker of `serve --workers N`.
 
+Imports neither Litestar nor uvicorn at load (the streaming core uses it).
+
 No log line may hold a token, an API key, a cookie or message content: callers log ids,
 counts and codes, and URLs through :func:`without_credentials`.
 """
@@ -18,14 +20,15 @@ import re
 import uuid
 from contextvars import ContextVar
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
-from litestar.logging.config import LoggingConfig
-from uvicorn.config import LOGGING_CONFIG
 
 from app.config import Settings
+
+if TYPE_CHECKING:
+    from litestar.logging.config import LoggingConfig
 
 # The id of the request this code runs for (set by app/request_log.py), None outside one.
 request_id_var: ContextVar[str | None] = ContextVar("chatstream_request_id", default=None)
@@ -173,6 +176,8 @@ def uvicorn_log_config(settings: Settings) -> dict[str, Any]:
     """uvicorn's `log_config` for `settings`: uvicorn's own for text; for JSON, uvicorn's
     loggers and the root logger write JSON lines. uvicorn sets it up in every worker it spawns."""
     if settings.log_format != "json":
+        from uvicorn.config import LOGGING_CONFIG
+
         return LOGGING_CONFIG
     handler = {
         "class": "logging.StreamHandler",
@@ -227,4 +232,6 @@ def log_fields(**fields: Any) -> dict[str, Any]:
 def litestar_logging_config(settings: Settings) -> LoggingConfig | None:
     """Litestar's `logging_config`: its default for text (it sets up the root logger), none for
     JSON (the root logger is already ours, see :func:`configure_logging`)."""
+    from litestar.logging.config import LoggingConfig
+
     return None if settings.log_format == "json" else LoggingConfig()

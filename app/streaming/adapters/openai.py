@@ -34,6 +34,7 @@ import httpcore
 import httpx
 import msgspec
 
+from app.logs import without_credentials
 from app.streaming.adapters.base import (
     AdapterConfigError,
     AdapterError,
@@ -300,6 +301,11 @@ def _short(text: str) -> str:
     return text if len(text) <= _MESSAGE_LIMIT else text[: _MESSAGE_LIMIT - 1] + "…"
 
 
+def _chunk_size(chunk: str) -> str:
+    """A chunk as a log line may show it: its size, not its text (which may be the answer's)."""
+    return f"{len(chunk)} characters (not logged: it may hold the answer)"
+
+
 def error_message(payload: Any) -> str:
     """The human part of an upstream error body: OpenAI's `{"error": {"message"}}`,
     `{"error": "..."}`, `{"message": "..."}` or plain text."""
@@ -531,7 +537,7 @@ class OpenAIAdapter:
         try:
             check_key_destination(config, self.policy)
         except AdapterConfigError as exc:
-            logger.warning("refused a request to the model server at %s: %s", config.base_url, exc)
+            logger.warning("refused a request to the model server at %s: %s", without_credentials(config.base_url), exc)
             if exc.field == "apiKeyEnv":
                 raise AdapterError("api_key_not_allowed", "this server does not send the agent's key there") from None
             raise unreachable() from None
@@ -539,6 +545,7 @@ class OpenAIAdapter:
         if config.api_key_env:
             headers["Authorization"] = f"Bearer {self.api_key(config.api_key_env)}"
         url = config.base_url.rstrip("/") + "/chat/completions"
+        shown = without_credentials(url)  # for log lines: a `user:password@` in the URL stays out
         body = request_body(config, history)
         answering = False
         try:
@@ -547,7 +554,7 @@ class OpenAIAdapter:
             ) as response:
                 if response.status_code != 200:
                     said = error_message(await _head(response))
-                    logger.warning("the model server at %s answered %s: %s", url, response.status_code, said)
+                    logger.warning("the model server at %s answered %s: %s", shown, response.status_code, said)
                     raise status_error(response.status_code, response.headers)
                 answering = True
                 lines = response.aiter_lines()
@@ -556,10 +563,10 @@ class OpenAIAdapter:
                 await _drain(lines)
         except AdapterError as exc:
             if exc.code in ("upstream_malformed", MALFORMED_TOOL_CALL, "upstream_error"):
-                logger.warning("the model server at %s: %s", url, exc.__cause__ or exc.message)
+                logger.warning("the model server at %s: %s", shown, exc.__cause__ or exc.message)
             raise
         except httpx.HTTPError as exc:
-            logger.warning("request to the model server at %s failed: %r", url, exc)
+            logger.warning("request to the model server at %s failed: %r", shown, exc)
             raise _network_error(exc, answering, config.timeout) from None
 
     async def aclose(self) -> None:
@@ -697,7 +704,7 @@ async def _answer(events: AsyncIterator[str]) -> AsyncGenerator[AnswerItem]:
         try:
             chunk = _chunk_decoder.decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            detail = ValueError(f"{exc}; the chunk: {_short(data)}")
+            detail = ValueError(f"{exc}; the chunk: {_chunk_size(data)}")
             raise AdapterError("upstream_malformed", "the model server sent a chunk we cannot read") from detail
         if chunk.error is not None:
             detail = ValueError(error_message({"error": chunk.error}))
@@ -731,7 +738,7 @@ async def _answer(events: AsyncIterator[str]) -> AsyncGenerator[AnswerItem]:
                     try:
                         steps = calls.items(delta.tool_calls)
                     except _BadToolCall as exc:
-                        detail = ValueError(f"{exc}; the chunk: {_short(data)}")
+                        detail = ValueError(f"{exc}; the chunk: {_chunk_size(data)}")
                         message = f"the model server sent a malformed tool call: {exc}"
                         raise AdapterError(MALFORMED_TOOL_CALL, message) from detail
                     for item in steps:

@@ -357,7 +357,7 @@ async def test_a_malformed_tool_call_chunk_is_an_adapter_error(case: str) -> Non
     assert failed.value.code == MALFORMED_TOOL_CALL == "upstream_malformed_tool_call"
     assert failed.value.message.startswith("the model server sent a malformed tool call: "), failed.value.message
     assert says in failed.value.message, failed.value.message
-    # The chunk itself goes to the log (as the cause), never into the message.
+    # The chunk goes to the log as the cause, by its size only (its text may be the answer), never into the message.
     assert "the chunk:" in str(failed.value.__cause__)
     assert not any(isinstance(item, AnswerEnd) for item in seen)
 

@@ -37,6 +37,7 @@ from app.streaming.quotas import Quotas
 from app.streaming.redis_broker import RedisBroker
 from app.streaming.sse import stream_conversation
 from app.streaming.ws import ws_endpoint
+from app.strict_json import StrictJSONRequest
 from app.tables import Company
 
 API_VERSION = "0.1.0"
@@ -132,6 +133,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         on_startup=[startup],
         on_shutdown=[shutdown],
         exception_handlers=EXCEPTION_HANDLERS,
+        request_class=StrictJSONRequest,
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(
             title="chatstream",

@@ -303,6 +303,11 @@ WRONG_TYPES = [
     ("POST keys", {"name": "k", "role": "root"}, "role"),
     ("POST keys", {"name": "k", "userId": "nope"}, "userId"),
     ("POST session", {"key": 5}, "key"),
+    # JSON is typed: no lenient conversion of numbers to booleans or of text to numbers.
+    ("POST messages", {"content": "x", "reply": 0}, "reply"),
+    ("POST messages", {"content": "x", "reply": "false"}, "reply"),
+    ("POST messages", {"content": "x", "disconnectGrace": "5"}, "disconnectGrace"),
+    ("POST messages", {"content": "x", "disconnectGrace": True}, "disconnectGrace"),
 ]
 
 

@@ -24,12 +24,11 @@ from tests.integration.live_server import LiveServer
 pytestmark = pytest.mark.anyio
 
 ST = str(Path(sys.executable).with_name("st"))
-# Every check but two. `positive_data_acceptance` wants every schema-valid request accepted,
+# Every check but one. `positive_data_acceptance` wants every schema-valid request accepted,
 # which an API with rules a schema cannot say (a cursor is one this API made; an agent's
 # config depends on its adapter; a tool result has `output` or `error`) cannot give: those are
-# 400s in the error shape, by design. Not held yet (issue #18 note): `negative_data_rejection`
-# (Litestar converts request data leniently: `"reply": 0` is taken as false).
-EXCLUDED = "positive_data_acceptance,negative_data_rejection"
+# 400s in the error shape, by design.
+EXCLUDED = "positive_data_acceptance"
 
 
 @pytest.fixture(scope="module")

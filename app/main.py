@@ -14,6 +14,7 @@ from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.static_files import create_static_files_router
 
+from app import metrics
 from app.agents.controllers import AgentController
 from app.auth.controllers import ApiKeyController, MeController, SessionController
 from app.auth.guards import provide_principal
@@ -26,6 +27,7 @@ from app.db import close_pool, open_pool
 from app.exception_handlers import EXCEPTION_HANDLERS
 from app.health import healthz, readyz
 from app.http_security import HttpSecurityMiddleware, with_security_headers
+from app.metrics_http import counting_http_requests, metrics_route
 from app.openapi import close_request_bodies
 from app.rate_limit import RedisWindows, Windows
 from app.streaming.adapters import build_adapters
@@ -93,6 +95,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
             quotas=Quotas(settings, windows),
         )
         core.on_revoked(principal_cache.forget)
+        if settings.metrics:  # answers started and ended, TTFT, duration, tokens (app/metrics.py)
+            core.observers.append(metrics.AnswerMetrics())
+            metrics.process_started()
         await core.startup()
         app.state.core = core
 
@@ -127,7 +132,13 @@ def create_app(settings: Settings | None = None) -> Litestar:
         path="/", directories=[WEB_DIR], html_mode=True, name="web", include_in_schema=False
     )
     app = Litestar(
-        route_handlers=[api, healthz, readyz, web],
+        route_handlers=[
+            api,
+            healthz,
+            readyz,
+            *([metrics_route(settings.metrics_token)] if settings.metrics else []),
+            web,
+        ],
         middleware=[HttpSecurityMiddleware(settings)],
         state=State({"principal_cache": principal_cache}),
         on_startup=[startup],
@@ -157,6 +168,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
     )
     close_request_bodies(app.openapi_schema)  # the document is made once; this edits it in place
     answer_options_for_the_whole_path(app)
+    if settings.metrics:  # every HTTP request, by route template and status
+        app.asgi_handler = counting_http_requests(app.asgi_handler)
     # Around Litestar's whole handler (its error responses and 404s too), not a `before_send` hook.
     app.asgi_handler = with_security_headers(app.asgi_handler)
     return app

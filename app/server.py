@@ -15,6 +15,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.supervisors import ChangeReload, Multiprocess, multiprocess
 from websockets.exceptions import InvalidState
 
+from app import metrics
 from app.config import ENV, Settings, get_settings
 
 # uvicorn[standard]'s event loop and HTTP parser: pinned dependencies, but only installed
@@ -283,6 +284,10 @@ class Worker(multiprocess.Process):
             self._server = Server(config=self.config)
         return self._server
 
+    def join(self) -> None:
+        super().join()
+        metrics.worker_ended(self.pid)  # its open streams, sockets and answers stop counting
+
 
 def run(host: str, port: int, log_level: str, reload: bool = False, workers: int = 1) -> None:
     """Serve `app.main:create_app` until stopped: restarting on code changes with `reload`,
@@ -316,7 +321,9 @@ def run(host: str, port: int, log_level: str, reload: bool = False, workers: int
         config.workers = workers
         # The supervisor makes (and remakes) its workers with its module's `Process`.
         multiprocess.Process = Worker  # type: ignore[misc]
-        Multiprocess(config, sockets=[config.bind_socket()]).run()
+        # The workers write their metrics to files in one directory: a scrape of any worker sums them.
+        with metrics.shared_by_workers(settings.metrics):
+            Multiprocess(config, sockets=[config.bind_socket()]).run()
     else:
         server.run()
 

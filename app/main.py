@@ -25,11 +25,14 @@ from app.chat.controllers import ConversationController, GenerationController, p
 from app.config import Settings, get_settings
 from app.db import close_pool, open_pool
 from app.exception_handlers import EXCEPTION_HANDLERS
+from app.generation_log import GenerationLog
 from app.health import healthz, readyz
 from app.http_security import HttpSecurityMiddleware, with_security_headers
+from app.logs import configure_logging, litestar_logging_config
 from app.metrics_http import counting_http_requests, metrics_route
 from app.openapi import close_request_bodies
 from app.rate_limit import RedisWindows, Windows
+from app.request_log import with_request_log
 from app.streaming.adapters import build_adapters
 from app.streaming.ai_sdk import ai_sdk_chat, ai_sdk_resume
 from app.streaming.broker import Broker, InProcessBroker
@@ -62,10 +65,7 @@ def answer_options_for_the_whole_path(app: Litestar) -> None:
 def create_app(settings: Settings | None = None) -> Litestar:
     """Build the ASGI app: `/api` (authenticated), health probes and OpenAPI at `/schema`."""
     settings = settings or get_settings()
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(settings)  # text, or JSON lines (CHATSTREAM_LOG_FORMAT)
     # httpx logs every request to a model server at INFO: one line per answer is noise.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLevelName(settings.log_level)))
     engine = Company._meta.db
@@ -98,6 +98,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         if settings.metrics:  # answers started and ended, TTFT, duration, tokens (app/metrics.py)
             core.observers.append(metrics.AnswerMetrics())
             metrics.process_started()
+        core.observers.append(GenerationLog())  # a line when each answer starts and ends
         await core.startup()
         app.state.core = core
 
@@ -165,6 +166,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             ),
         ),
         debug=False,
+        logging_config=litestar_logging_config(settings),
     )
     close_request_bodies(app.openapi_schema)  # the document is made once; this edits it in place
     answer_options_for_the_whole_path(app)
@@ -172,4 +174,6 @@ def create_app(settings: Settings | None = None) -> Litestar:
         app.asgi_handler = counting_http_requests(app.asgi_handler)
     # Around Litestar's whole handler (its error responses and 404s too), not a `before_send` hook.
     app.asgi_handler = with_security_headers(app.asgi_handler)
+    # Outermost: a request id (header, log context) and one log line for every request.
+    app.asgi_handler = with_request_log(app.asgi_handler)
     return app

@@ -17,6 +17,7 @@ from websockets.exceptions import InvalidState
 
 from app import metrics
 from app.config import ENV, Settings, get_settings
+from app.logs import uvicorn_log_config
 
 # uvicorn[standard]'s event loop and HTTP parser: pinned dependencies, but only installed
 # where they build (CPython; uvloop not on Windows). Without them: asyncio + h11.
@@ -301,6 +302,10 @@ def run(host: str, port: int, log_level: str, reload: bool = False, workers: int
         host=host,
         port=port,
         log_level=log_level,
+        # Text or JSON lines (CHATSTREAM_LOG_FORMAT, app/logs.py). The app logs one line per
+        # request itself (app/request_log.py: with its request id, without the query string).
+        log_config=uvicorn_log_config(settings),
+        access_log=False,
         reload=reload,
         proxy_headers=True,
         loop=stack.loop,

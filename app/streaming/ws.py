@@ -551,6 +551,7 @@ async def ws_endpoint(socket: WebSocket[Any, Any, Any], core: NamedDependency[St
     except SocketClosing as refused:
         await socket.close(refused.code, refused.reason)
         return
+    socket.scope["user"] = principal  # as the auth middleware does: the request's log line names its company
     codec = Codec(use_msgpack)
     sockets = core.quotas.sockets
     full = sockets.acquire(principal.key_id, principal.company_id)

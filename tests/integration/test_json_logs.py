@@ -279,7 +279,8 @@ async def test_a_full_scenario_logs_json_lines_with_ids_and_no_secret_or_content
         assert status is None or line["status"] == status, line
         assert "?" not in line["path"] and isinstance(line["durationMs"], float)
         assert line["level"] == "INFO" and line["logger"] == "chatstream.access"
-    assert requests[sent_ids["post"]]["companyId"] == str(acme.company_id)
+    for name in ("post", "sse", "ws", "edit"):
+        assert requests[sent_ids[name]]["companyId"] == str(acme.company_id)
     assert requests[bad_made]["status"] == 400 and unsent_made in requests
     assert "companyId" not in requests[sent_ids["signin"]]  # not signed in yet
 

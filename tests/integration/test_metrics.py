@@ -101,13 +101,14 @@ def words(n: int) -> str:
 
 
 @asynccontextmanager
-async def sse_reader(url: str, tenant: Tenant, conversation_id: str) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
-    """An open SSE stream of the conversation; yields its events as they come."""
+async def sse_reader(
+    url: str, tenant: Tenant, conversation_id: str, cursor: str | None = None
+) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
+    """An open SSE stream of the conversation (after `cursor`); yields its events as they come."""
+    headers = {**tenant.headers("alice"), **({"Last-Event-ID": cursor} if cursor else {})}
     async with (
         httpx.AsyncClient(base_url=url, timeout=STEP) as http,
-        aconnect_sse(
-            http, "GET", f"/api/conversations/{conversation_id}/stream", headers=tenant.headers("alice")
-        ) as source,
+        aconnect_sse(http, "GET", f"/api/conversations/{conversation_id}/stream", headers=headers) as source,
     ):
         assert source.response.status_code == 200
 
@@ -316,7 +317,8 @@ async def test_one_scrape_sums_every_worker(tmp_path: Path) -> None:
             for round_ in range(12):
                 async with httpx.AsyncClient(base_url=live.url, timeout=STEP) as http:
                     posted = await post_message(http, tenant, cid, words(3))
-                async with sse_reader(live.url, tenant, cid) as events:
+                # From its start: it may have ended already (the stream then resumes it from its log).
+                async with sse_reader(live.url, tenant, cid, f"{posted['generation']['id']}.0") as events:
                     end = await until_terminal(events)
                 assert end["generationId"] == posted["generation"]["id"] and end["type"] == "done", round_
             for _ in range(20):

@@ -318,10 +318,11 @@ async def test_bad_client_input_logs_one_line_and_no_traceback(timed: LiveServer
     async with raw(timed) as (reader, writer):
         writer.write(b"POST /api/conversations HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\n")
         assert (await closed_by_server(reader)).startswith(b"HTTP/1.1 400 ")
-    # A later request's access line: everything the bad input made the server log is before it.
-    barrier = f"/healthz?after={uuid.uuid4().hex}"
+    # A later request's log line (it names its request id): everything the bad input made the
+    # server log is before it.
+    barrier = f"barrier-{uuid.uuid4().hex}"
     async with httpx.AsyncClient(base_url=timed.url, timeout=DEADLINE) as http:
-        assert (await http.get(barrier)).status_code == 200
+        assert (await http.get("/healthz", headers={"X-Request-ID": barrier})).status_code == 200
     output = (await output_until(timed, barrier))[mark:]
     bad = [line for line in output if "Traceback" in line or "ERROR" in line]
     assert not bad, "".join(output)

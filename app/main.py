@@ -31,6 +31,7 @@ from app.http_security import HttpSecurityMiddleware, with_security_headers
 from app.logs import configure_logging, litestar_logging_config
 from app.metrics_http import counting_http_requests, metrics_route
 from app.openapi import close_request_bodies
+from app.protocol_documents import asyncapi_json, protocol_json
 from app.rate_limit import RedisWindows, Windows
 from app.request_log import with_request_log
 from app.streaming.adapters import build_adapters
@@ -137,6 +138,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             api,
             healthz,
             readyz,
+            asyncapi_json,
+            protocol_json,
             *([metrics_route(settings.metrics_token)] if settings.metrics else []),
             web,
         ],

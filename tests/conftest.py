@@ -21,6 +21,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from tests.node_support import install_node_packages
+
 ROOT = Path(__file__).resolve().parent.parent
 PG_SERVER = os.environ.get("CHATSTREAM_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
 TEST_DB = f"chatstream_test_{uuid.uuid4().hex[:12]}"
@@ -94,6 +96,12 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if _runs_tests(session.config):
         drop_database(TEST_DB)
+
+
+@pytest.fixture(scope="session")
+def node_packages() -> Path:
+    """tests/js/node_modules (the pinned Node packages of the tests), installed once."""
+    return install_node_packages()
 
 
 @pytest.fixture

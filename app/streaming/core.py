@@ -506,7 +506,7 @@ class StreamingCore:
                 )
             except asyncio.CancelledError:
                 # The core cancelled its own task: the cancellation ends here, as an outcome.
-                reason = producer.cancel_reason or "cancelled"
+                reason = producer.cancel_reason or "shutdown"  # cancelled with no reason: the process is stopping
                 status, keep, error = GenerationStatus.cancelled, producer.policy.partial == "keep", reason
                 terminal = (Cancelled, {"reason": reason})
             except BrokerUnavailable as exc:
@@ -836,7 +836,7 @@ class StreamingCore:
                 finish_reason=gen.finish_reason or "stop",
             )
         elif gen.status is GenerationStatus.cancelled:
-            terminal = Cancelled(**ids, seq=end, reason=gen.error or "cancelled", message_id=gen.result_message_id)
+            terminal = Cancelled(**ids, seq=end, reason=gen.error or "shutdown", message_id=gen.result_message_id)
         elif gen.status is GenerationStatus.interrupted:
             known = code if message and code.isidentifier() else None  # e.g. `producer_lost: ...`
             terminal = Error(

@@ -8,13 +8,50 @@ to its `seq` for a reader whose cursor fell out of the retained log.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
 import msgspec
 
 from app.errors import InvalidInput
 from app.streaming.parts import AnswerParts, Part
+
+# Why an answer was cancelled (docs/protocol.md, `cancelled`).
+CANCEL_REASONS = ("user", "interrupted", "disconnected", "deleted", "shutdown")
+# Why an answer failed (docs/protocol.md, `error` (generation event)): the core's, then the model adapters'.
+ANSWER_ERROR_CODES = (
+    "adapter_failed",
+    "unknown_adapter",
+    "invalid_agent_config",
+    "invalid_part",
+    "upstream_auth",
+    "upstream_not_found",
+    "upstream_rate_limited",
+    "upstream_unavailable",
+    "upstream_rejected",
+    "upstream_unreachable",
+    "upstream_timeout",
+    "upstream_malformed",
+    "upstream_malformed_tool_call",
+    "upstream_error",
+    "upstream_incomplete",
+    "upstream_failed",
+    "api_key_missing",
+    "api_key_not_allowed",
+    "producer_lost",
+    "broker_unavailable",
+    "interrupted",
+    "generation_ended",
+    "storage_failed",
+    "log_unavailable",
+    "failed",
+)
+
+
+# Closed sets in the JSON Schema (`enum`), `str` in Python: a value read back from storage
+# never fails to decode, and the protocol tests check that the server keeps to the sets.
+CancelReason = Annotated[str, msgspec.Meta(extra_json_schema={"enum": list(CANCEL_REASONS)})]
+AnswerErrorCode = Annotated[str, msgspec.Meta(extra_json_schema={"enum": list(ANSWER_ERROR_CODES)})]
 
 
 class _Event(msgspec.Struct, tag_field="type", rename="camel", kw_only=True):
@@ -34,7 +71,7 @@ class Token(_Event, tag="token"):
     """The next piece of the answer's text: it grows the last part if that is an open text
     part, else opens a new text part (text parts have no start or end event)."""
 
-    text: str
+    text: Annotated[str, msgspec.Meta(min_length=1)]
 
 
 class PartStart(_Event, tag="part.start"):
@@ -83,7 +120,7 @@ class Done(_Event, tag="done"):
 class Cancelled(_Event, tag="cancelled"):
     """The answer was stopped. `messageId` is the stored partial answer, or null when discarded."""
 
-    reason: str
+    reason: CancelReason
     message_id: UUID | None = None
 
 
@@ -92,7 +129,7 @@ class Error(_Event, tag="error"):
     produced, as message `messageId`. `retryAfter`: seconds the agent's model server asked
     to wait before trying again (rate limited, overloaded), when it said."""
 
-    code: str
+    code: AnswerErrorCode
     message: str
     message_id: UUID | None = None
     retry_after: float | None = None

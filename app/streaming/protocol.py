@@ -9,7 +9,6 @@ they are. `ref` is a string the client may put on any frame; the `ack`, `error` 
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Any
 from uuid import UUID
 
@@ -17,7 +16,7 @@ import msgspec
 
 from app.streaming.events import GenerationEvent
 from app.streaming.policy import BusyPolicy, PartialPolicy
-from app.streaming.records import ConversationOut, GenerationOut, MessageOut
+from app.streaming.records import ConversationOut, GenerationOut, MessageOut, Timestamp
 from app.text_types import ClientMessageId, Text, ToolCallId
 
 Ref = Annotated[str, msgspec.Meta(max_length=64)]
@@ -87,6 +86,34 @@ ClientFrame = (
 )
 
 
+# The codes of the server `error` frame (docs/protocol.md, Error codes): a closed set in the
+# JSON Schema, `str` in Python (a service's ApiError code passes through as it is).
+FRAME_ERROR_CODES = (
+    "frame_too_large",
+    "rate_limited",
+    "malformed_frame",
+    "unknown_type",
+    "invalid_frame",
+    "too_many_subscriptions",
+    "not_found",
+    "invalid_cursor",
+    "invalid_request",
+    "too_large",
+    "tool_call_not_found",
+    "tool_call_answered",
+    "generation_in_progress",
+    "too_many_answers",
+    "admin_required",
+    "too_many_sockets",
+    "client_message_id_conflict",
+    "internal_error",
+    "too_slow",
+    "broker_unavailable",
+    "credentials_revoked",
+)
+FrameErrorCode = Annotated[str, msgspec.Meta(extra_json_schema={"enum": list(FRAME_ERROR_CODES)})]
+
+
 class _ServerFrame(msgspec.Struct, tag_field="type", rename="camel", kw_only=True, omit_defaults=True):
     pass
 
@@ -106,7 +133,7 @@ class ErrorFrame(_ServerFrame, tag="error"):
     """A client frame could not be done (or the connection is about to close). Unlike a
     generation's `error` event, it has no `generationId`."""
 
-    code: str
+    code: FrameErrorCode
     message: str
     ref: str | None = None
     details: object = None
@@ -149,7 +176,7 @@ class ConversationActivity(_ServerFrame, tag="conversation.activity"):
     (to conversation list subscribers only; the conversation's subscribers get the message)."""
 
     conversation_id: UUID
-    last_message_at: datetime
+    last_message_at: Timestamp
 
 
 class GenerationStarted(msgspec.Struct, frozen=True):
@@ -180,6 +207,8 @@ ServerFrame = (
 OutgoingFrame = ServerFrame | GenerationEvent
 
 MSGPACK_SUBPROTOCOL = "chatstream.msgpack"
+# The protocol's version (docs/asyncapi.json): the major part changes only with a change old clients cannot follow.
+PROTOCOL_VERSION = "1.0.0"
 
 
 def list_frame(event: ConversationEvent) -> ListFrame | None:

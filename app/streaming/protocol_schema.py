@@ -6,8 +6,9 @@ generation events the server forwards (`generationEvent`) — as three top-level
 that reference shared definitions in `$defs`. It is generated from the msgspec structs
 themselves, so it cannot disagree with the server.
 
-Run `python -m app.streaming.protocol_schema` to write it to docs/protocol.schema.json
-(`--check` only compares, exiting 1 when the file is stale). docs/protocol.md explains it.
+Run `python -m app.streaming.protocol_schema` to write it to docs/protocol.schema.json, and
+the AsyncAPI document made from it (app/streaming/asyncapi.py) to docs/asyncapi.json
+(`--check` only compares, exiting 1 when a file is stale). docs/protocol.md explains them.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ from typing import Any
 
 import msgspec
 
+from app.streaming import asyncapi
 from app.streaming.events import GenerationEvent
 from app.streaming.protocol import ClientFrame, ServerFrame
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "docs" / "protocol.schema.json"
+ASYNCAPI_PATH = SCHEMA_PATH.with_name("asyncapi.json")
 REF_TEMPLATE = "#/$defs/{name}"
 DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
@@ -53,6 +56,38 @@ def _schema_hook(cls: type) -> dict[str, Any]:
     if cls is object:
         return {"description": "Any JSON value; its shape depends on the error `code` (see docs/protocol.md)."}
     raise NotImplementedError
+
+
+def _server_structs() -> list[type[msgspec.Struct]]:
+    """Every struct the server sends: its frames, the generation events and what they carry."""
+    found: dict[type[msgspec.Struct], None] = {}
+
+    def visit(info: msgspec.inspect.Type) -> None:
+        if isinstance(info, msgspec.inspect.StructType):
+            if info.cls in found:
+                return
+            found[info.cls] = None
+            for field in info.fields:
+                visit(field.type)
+        for attribute in ("types", "item_type", "key_type", "value_type"):  # unions, lists, dicts
+            child = getattr(info, attribute, None)
+            for each in child if isinstance(child, tuple) else (child,) if child is not None else ():
+                visit(each)
+
+    for info in msgspec.inspect.multi_type_info([ServerFrame, GenerationEvent]):
+        visit(info)
+    return list(found)
+
+
+def _always_present(defs: dict[str, Any]) -> None:
+    """msgspec calls a field with a default optional, which is right for what a client sends.
+    What the server sends has every field on the wire unless its struct omits defaults (the
+    server frames omit their null optional fields): mark those fields required."""
+    for cls in _server_structs():
+        definition = defs.get(cls.__name__)
+        if definition is None or cls.__struct_config__.omit_defaults:
+            continue
+        definition["required"] = list(definition.get("properties", {}))
 
 
 def _tidy(node: Any) -> Any:
@@ -93,6 +128,7 @@ def protocol_schema() -> dict[str, Any]:
         ),
         "$defs": _tidy(components),
     }
+    _always_present(document["$defs"])
     for name, schema in zip(names, unions, strict=True):
         document[name] = {"description": UNIONS[name][1], **schema}
     return document
@@ -103,23 +139,28 @@ def render(schema: dict[str, Any]) -> str:
     return json.dumps(schema, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
+def documents() -> dict[Path, str]:
+    """The committed documents, path -> text: the JSON Schema and the AsyncAPI document made from it."""
+    schema = protocol_schema()
+    return {SCHEMA_PATH: render(schema), ASYNCAPI_PATH: asyncapi.render(asyncapi.asyncapi_document(schema))}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Write docs/protocol.schema.json; with `--check`, only tell whether it is up to date."""
+    """Write docs/protocol.schema.json and docs/asyncapi.json; with `--check`, only tell whether they are up to date."""
     args = list(sys.argv[1:] if argv is None else argv)
-    text = render(protocol_schema())
-    if args == ["--check"]:
-        current = SCHEMA_PATH.read_text(encoding="utf-8") if SCHEMA_PATH.exists() else None
-        if current != text:
-            print(f"{SCHEMA_PATH} is stale: run `python -m app.streaming.protocol_schema`", file=sys.stderr)
-            return 1
-        return 0
-    if args:
+    if args not in ([], ["--check"]):
         print("usage: python -m app.streaming.protocol_schema [--check]", file=sys.stderr)
         return 2
-    SCHEMA_PATH.parent.mkdir(parents=True, exist_ok=True)
-    SCHEMA_PATH.write_text(text, encoding="utf-8")
-    print(f"wrote {SCHEMA_PATH}")
-    return 0
+    stale = 0
+    for path, text in documents().items():
+        if args == ["--check"]:
+            if not path.exists() or path.read_text(encoding="utf-8") != text:
+                print(f"{path} is stale: run `python -m app.streaming.protocol_schema`", file=sys.stderr)
+                stale = 1
+            continue
+        path.write_text(text, encoding="utf-8")
+        print(f"wrote {path}")
+    return stale
 
 
 if __name__ == "__main__":

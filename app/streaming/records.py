@@ -6,6 +6,7 @@ re-exports them), so a message looks the same in a response and in a WebSocket f
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Annotated
 from uuid import UUID
 
 import msgspec
@@ -13,15 +14,18 @@ import msgspec
 from app.streaming.parts import Part
 from app.tables import GenerationStatus, MessageRole, MessageStatus
 
+# Every time the server sends carries its offset (RFC 3339; the schemas say `date-time`).
+Timestamp = Annotated[datetime, msgspec.Meta(tz=True)]
+
 
 class ConversationOut(msgspec.Struct, rename="camel"):
     id: UUID
     owner_id: UUID
     agent_id: UUID | None
     title: str | None
-    last_message_at: datetime
-    created_at: datetime
-    updated_at: datetime
+    last_message_at: Timestamp
+    created_at: Timestamp
+    updated_at: Timestamp
 
 
 class MessageOut(msgspec.Struct, rename="camel"):
@@ -31,12 +35,12 @@ class MessageOut(msgspec.Struct, rename="camel"):
     author_id: UUID | None
     content: str
     edited_content: str | None
-    edited_at: datetime | None
+    edited_at: Timestamp | None
     effective_content: str
     client_message_id: str | None
     generation_id: UUID | None
     status: MessageStatus
-    created_at: datetime
+    created_at: Timestamp
     # The answer's parts (an agent or tool message); a user message: one text part.
     parts: list[Part] = msgspec.field(default_factory=list)
 
@@ -57,8 +61,8 @@ class GenerationOut(msgspec.Struct, rename="camel"):
     finish_reason: str | None
     ttft_ms: int | None
     error: str | None
-    started_at: datetime
-    finished_at: datetime | None
+    started_at: Timestamp
+    finished_at: Timestamp | None
 
 
 class HistoryItem(msgspec.Struct, rename="camel"):
@@ -67,7 +71,7 @@ class HistoryItem(msgspec.Struct, rename="camel"):
     id: UUID
     role: MessageRole
     effective_content: str
-    created_at: datetime
+    created_at: Timestamp
     # The turn as parts: a user message one text part; an agent message its stored parts
     # (edited: its other parts, then the edited text); a tool message its tool_result part.
     parts: list[Part] = msgspec.field(default_factory=list)

@@ -78,7 +78,6 @@ MAX_VIOLATIONS_IN_A_ROW = 5
 # Batches waiting for the writer; each batch is whatever piled up for one reader.
 OUTBOX_BATCHES = 64
 CLOSE_TIMEOUT = 5.0
-TOO_SLOW = "too_slow"
 
 
 class SocketClosing(Exception):
@@ -235,7 +234,7 @@ class Session:
             self.closing.set_result(closing)
 
     async def _close(self, closing: SocketClosing) -> None:
-        if closing.notice is not None and closing.notice.code == TOO_SLOW:
+        if closing.notice is not None and closing.notice.code == "too_slow":
             metrics.slow_websocket_closed()
         # The peer may not be reading: bound the goodbye, the server closes the transport anyway.
         with contextlib.suppress(Exception):
@@ -534,7 +533,7 @@ def credentials_revoked() -> SocketClosing:
 
 def too_slow() -> SocketClosing:
     message = "this connection could not keep up; reconnect and subscribe with your last cursors"
-    return SocketClosing(CLOSE_TRY_AGAIN_LATER, "too slow", ErrorFrame(code=TOO_SLOW, message=message))
+    return SocketClosing(CLOSE_TRY_AGAIN_LATER, "too slow", ErrorFrame(code="too_slow", message=message))
 
 
 @websocket(

@@ -17,8 +17,6 @@ are bounded loops. The Node packages come from `npm ci` (tests/js/package-lock.j
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,34 +29,20 @@ from app.agents.schemas import AgentCreate
 from app.agents.service import create_agent
 from app.streaming.ai_sdk import DONE_FRAME, UIMessageView, encode_chunks
 from app.streaming.events import GenerationEvent, Snapshot
-from tests.conftest import ROOT
 from tests.factories import Tenant
 from tests.integration.live_server import LiveServer
 from tests.integration.wire_api import messages_of, new_conversation, post_message
+from tests.node_support import JS_DIR
 from tests.unit.streaming import test_ai_sdk_view as view_cases
 
 pytestmark = pytest.mark.anyio
 
-JS_DIR = ROOT / "tests" / "js"
 DRIVER = JS_DIR / "driver.mjs"
 STEP = 10.0  # the longest any single HTTP call or settle poll may take
 DRIVER_TIMEOUT = 60.0  # the driver stops itself after 30 s
 
 
 # -- Node and the server -------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def node_packages() -> Path:
-    """tests/js/node_modules, installed by `npm ci` from the lock file when missing."""
-    if shutil.which("node") is None or shutil.which("npm") is None:
-        pytest.fail("node and npm are needed for the AI SDK tests (Node 20 or later)")
-    if not (JS_DIR / "node_modules" / "ai" / "package.json").exists():
-        result = subprocess.run(
-            ["npm", "ci", "--no-audit", "--no-fund"], cwd=JS_DIR, capture_output=True, text=True, timeout=600
-        )
-        assert result.returncode == 0, f"npm ci failed:\n{result.stdout}\n{result.stderr}"
-    return JS_DIR / "node_modules"
 
 
 @pytest.fixture(scope="module")

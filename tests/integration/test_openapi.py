@@ -9,6 +9,7 @@ missing from the app fails as well as a route missing from the document.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -18,6 +19,7 @@ from litestar import Litestar
 from litestar.routes import HTTPRoute
 
 from app.config import get_settings
+from app.streaming.protocol_schema import ASYNCAPI_PATH, SCHEMA_PATH
 
 pytestmark = pytest.mark.anyio
 
@@ -315,3 +317,12 @@ async def test_readyz(client: httpx.AsyncClient) -> None:
         body = r.json()
         assert body["status"] == "ready", body
         assert body["checks"] == {"database": "ok", "broker": "in-process"}, body
+
+
+async def test_the_socket_protocol_documents_are_served_next_to_openapi(client: httpx.AsyncClient) -> None:
+    """/schema/asyncapi.json and /schema/protocol.json: the committed docs, without credentials."""
+    for url, path in (("/schema/asyncapi.json", ASYNCAPI_PATH), ("/schema/protocol.json", SCHEMA_PATH)):
+        response = await client.get(url)
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"].startswith("application/json")
+        assert response.json() == json.loads(path.read_text(encoding="utf-8"))

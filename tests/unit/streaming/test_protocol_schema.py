@@ -13,17 +13,19 @@ import re
 from pathlib import Path
 from typing import Any, get_args
 
+import jsonschema_rs
 import msgspec
 import pytest
 
 import app.streaming.ws as ws
 from app.config import ENV
-from app.streaming.events import GenerationEvent
-from app.streaming.protocol import ClientFrame, ServerFrame, json_client_decoder
-from app.streaming.protocol_schema import SCHEMA_PATH, UNIONS, protocol_schema, render
+from app.streaming import adapters, answer_builder
+from app.streaming.events import ANSWER_ERROR_CODES, CANCEL_REASONS, GenerationEvent
+from app.streaming.protocol import FRAME_ERROR_CODES, ClientFrame, ServerFrame, json_client_decoder
+from app.streaming.protocol_schema import ASYNCAPI_PATH, SCHEMA_PATH, UNIONS, documents, protocol_schema
 
 DOCS = SCHEMA_PATH.parent / "protocol.md"
-REGENERATE = "run `python -m app.streaming.protocol_schema` and commit docs/protocol.schema.json"
+REGENERATE = "run `python -m app.streaming.protocol_schema` and commit docs/protocol.schema.json and docs/asyncapi.json"
 
 server_decoder = msgspec.json.Decoder(ServerFrame)
 event_decoder = msgspec.json.Decoder(GenerationEvent)
@@ -67,10 +69,25 @@ def test_committed_schema_is_the_generated_one() -> None:
     assert committed == protocol_schema(), f"docs/protocol.schema.json is stale: {REGENERATE}"
 
 
-def test_committed_schema_is_formatted_as_generated() -> None:
-    assert SCHEMA_PATH.read_text(encoding="utf-8") == render(protocol_schema()), (
-        f"docs/protocol.schema.json is not formatted as generated: {REGENERATE}"
+def test_committed_documents_are_formatted_as_generated() -> None:
+    for path, text in documents().items():
+        assert path.read_text(encoding="utf-8") == text, f"{path.name} is not as generated: {REGENERATE}"
+
+
+def test_the_asyncapi_document_has_every_frame_and_close_code() -> None:
+    document = json.loads(ASYNCAPI_PATH.read_text(encoding="utf-8"))
+    assert document["asyncapi"] == "3.1.0"
+    assert document["components"]["schemas"] == json.loads(
+        json.dumps(protocol_schema()["$defs"]).replace("#/$defs/", "#/components/schemas/")
     )
+    operations = document["operations"]
+    received = {ref["$ref"].rsplit("/", 1)[1] for ref in operations["receiveClientFrames"]["messages"]}
+    sent = {ref["$ref"].rsplit("/", 1)[1] for ref in operations["sendServerFrames"]["messages"]}
+    assert received == {cls.__name__ for cls in get_args(ClientFrame)}
+    assert sent == {cls.__name__ for union in (ServerFrame, GenerationEvent) for cls in get_args(union)}
+    close_codes = {entry["code"] for entry in document["channels"]["chat"]["x-close-codes"]}
+    documented = set(map(int, re.findall(r"^\| (\d{4}) \|", section("## Close codes"), flags=re.M)))
+    assert close_codes == documented
 
 
 def test_schema_has_three_unions_over_shared_definitions() -> None:
@@ -141,3 +158,81 @@ def test_docs_list_every_error_code_the_transport_sends() -> None:
     text = DOCS.read_text(encoding="utf-8")
     missing = sorted(code for code in codes if f"| `{code}` |" not in text)
     assert not missing, f"the error code table of docs/protocol.md has no row for {missing}"
+
+
+def section(title: str) -> str:
+    """The text of one `## `/`### ` section of docs/protocol.md (up to the next heading of any level)."""
+    text = DOCS.read_text(encoding="utf-8")
+    start = text.index(f"\n{title}\n")
+    following = re.search(r"^#{2,3} ", text[start + len(title) + 2 :], flags=re.M)
+    return text[start : start + len(title) + 2 + (following.start() if following else len(text))]
+
+
+def table_codes(text: str) -> set[str]:
+    """The codes in the first column of the markdown tables of `text` (not its tables of fields)."""
+    codes: set[str] = set()
+    for table in re.findall(r"(?:^\|.*\n)+", text, flags=re.M):
+        header, _, *rows = table.splitlines()
+        if not header.startswith("| field "):
+            codes |= {match.group(1) for row in rows if (match := re.match(r"\| `([a-z_]+)`", row))}
+    return codes
+
+
+def test_the_closed_sets_of_the_schema_are_the_documented_ones() -> None:
+    errors = section("## Error codes")
+    http_only = {code for code in table_codes(errors) if re.search(rf"^\| `{code}` \| HTTP only", errors, flags=re.M)}
+    assert table_codes(errors) - http_only == set(FRAME_ERROR_CODES)
+    assert table_codes(section("### `error` (generation event)")) == set(ANSWER_ERROR_CODES)
+    assert table_codes(section("### `cancelled`")) == set(CANCEL_REASONS)
+    defs = protocol_schema()["$defs"]
+    assert defs["ErrorFrame"]["properties"]["code"]["enum"] == list(FRAME_ERROR_CODES)
+    assert defs["Error"]["properties"]["code"]["enum"] == list(ANSWER_ERROR_CODES)
+    assert defs["Cancelled"]["properties"]["reason"]["enum"] == list(CANCEL_REASONS)
+
+
+def test_adapters_fail_only_with_documented_codes() -> None:
+    sources = [*Path(adapters.__file__).parent.glob("*.py"), Path(answer_builder.__file__)]
+    codes = {code for path in sources for code in re.findall(r'AdapterError\(\s*"([a-z_]+)"', path.read_text())}
+    assert {"upstream_timeout", "invalid_part", "api_key_missing"} <= codes
+    assert codes <= set(ANSWER_ERROR_CODES), sorted(codes - set(ANSWER_ERROR_CODES))
+
+
+def validator(union: str) -> jsonschema_rs.Validator:
+    document = protocol_schema()
+    return jsonschema_rs.Draft202012Validator({"$defs": document["$defs"], **document[union]}, validate_formats=True)
+
+
+def test_the_docs_examples_match_the_schema() -> None:
+    for frame in examples():
+        errors = [error.message for error in validator(kind(frame)).iter_errors(frame)]
+        assert not errors, f"docs/protocol.md example {frame} does not match the schema: {errors}"
+
+
+GID, CID = "a0027643-1198-460d-8eda-923f863a4b51", "f455e359-7f0b-444f-9c31-7f6f45f1664b"
+IDS = {"generationId": GID, "conversationId": CID, "seq": 2}
+
+
+@pytest.mark.parametrize(
+    ("union", "frame"),
+    [
+        ("generationEvent", {"type": "token", "text": "", **IDS}),  # a token is never empty
+        ("generationEvent", {"type": "token", **IDS}),  # nor missing
+        ("generationEvent", {"type": "cancelled", "reason": "bored", "messageId": None, **IDS}),
+        ("generationEvent", {"type": "cancelled", "reason": "user", **IDS}),  # `messageId` is always there
+        (
+            "generationEvent",
+            {"type": "error", "code": "oops", "message": "m", "messageId": None, "retryAfter": None, **IDS},
+        ),
+        ("serverFrame", {"type": "error", "code": "oops", "message": "m"}),
+        ("serverFrame", {"type": "conversation.activity", "conversationId": CID, "lastMessageAt": "yesterday"}),
+        (
+            "serverFrame",
+            {"type": "conversation.activity", "conversationId": "c1", "lastMessageAt": "2026-12-07T01:02:03Z"},
+        ),
+    ],
+)
+def test_the_schema_refuses_what_the_server_never_sends(union: str, frame: dict[str, Any]) -> None:
+    assert not validator(union).is_valid(frame)
+    assert validator("serverFrame").is_valid(
+        {"type": "conversation.activity", "conversationId": CID, "lastMessageAt": "2026-12-07T01:02:03.5+00:00"}
+    )

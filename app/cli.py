@@ -176,7 +176,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if not args.key:
         print("error: an API key is needed: --key or CHATSTREAM_KEY", file=sys.stderr)
         return 2
-    return asyncio.run(run_chat(args))
+    try:
+        return asyncio.run(run_chat(args))
+    except KeyboardInterrupt:
+        return 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -244,6 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--new", nargs="?", const="", default=None, metavar="TITLE", help="start a new conversation")
     chat.add_argument("--message", action="append", help="send this message, print the answer, exit (repeatable)")
     chat.add_argument("--msgpack", action="store_true", help="use MessagePack frames instead of JSON")
+    chat.add_argument(
+        "--reconnect-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="after a drop, give up (exit 1) when no connection has worked for this long (default 60)",
+    )
     chat.set_defaults(func=cmd_chat)
     return parser
 

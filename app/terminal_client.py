@@ -116,7 +116,7 @@ class Backoff:
         limit: float,
         *,
         base: float = 0.5,
-        cap: float = 8.0,
+        cap: float = 5.0,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -513,6 +513,7 @@ class Session:
         self.prompt = prompt  # a person at a terminal: show "you: " when ready, do not echo lines
         self.outgoing: asyncio.Queue[str | None] = asyncio.Queue()
         self.running: str | None = None  # the id of the answer being written
+        self._idle = False  # waiting for the next line to send (the prompt is shown)
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def run(self, messages: list[str] | None = None) -> int:
@@ -548,11 +549,11 @@ class Session:
             if command == "/quit":
                 return True
             if command == "/help":
-                self.transcript.note(HELP)
+                self._say(HELP)
             elif command == "/stop":
                 self._spawn(self._stop())
             elif command.startswith("/") and not command.startswith("//"):
-                self.transcript.note(f"unknown command {printable(command.split()[0])}; /help lists the commands")
+                self._say(f"unknown command {printable(command.split()[0])}; /help lists the commands")
             elif command:
                 self.outgoing.put_nowait(line.lstrip()[1:] if command.startswith("//") else line)
         self.outgoing.put_nowait(None)  # the input ended: finish what was typed, then leave
@@ -563,7 +564,9 @@ class Session:
         while True:
             if self.prompt and self.outgoing.empty():
                 self.transcript.write("you: ")
+            self._idle = True
             text = await self.outgoing.get()
+            self._idle = False
             if text is None:
                 return
             if not self.prompt:
@@ -592,12 +595,18 @@ class Session:
     async def _stop(self) -> None:
         """`/stop`: cancel the running answer (its `cancelled` event says so)."""
         if self.running is None:
-            self.transcript.note("no answer is being written")
+            self._say("no answer is being written")
             return
         try:
             await self.link.request({"type": "cancel", "generationId": self.running})
         except ServerRefused as exc:
             self.transcript.status(f"error: {printable(exc)}")
+
+    def _say(self, text: str) -> None:
+        """A line of ours in answer to a command; the prompt again if it was showing."""
+        self.transcript.note(text)
+        if self.prompt and self._idle:
+            self.transcript.write("you: ")
 
     def _spawn(self, work: Any) -> None:
         task: asyncio.Task[None] = asyncio.create_task(work)

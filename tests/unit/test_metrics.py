@@ -159,3 +159,32 @@ def test_a_dead_workers_live_gauges_are_dropped(monkeypatch: pytest.MonkeyPatch,
         (tmp_path / name).write_bytes(b"")
     metrics.worker_ended(4242)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["counter_4242.db", "gauge_livesum_7.db"]
+
+
+@pytest.mark.anyio
+async def test_an_unreachable_redis_is_a_broker_error() -> None:
+    from app.streaming.broker import BrokerUnavailable
+    from app.streaming.redis_broker import RedisBroker
+    from tests.integration.live_server import free_port
+
+    broker = RedisBroker(f"redis://127.0.0.1:{free_port()}/0")  # nobody listens there
+    before = value("chatstream_broker_errors_total", operation="command")
+    try:
+        with pytest.raises(BrokerUnavailable):
+            await broker.ping()
+    finally:
+        await broker.close()
+    assert value("chatstream_broker_errors_total", operation="command") == before + 1
+
+
+def test_a_request_failing_on_the_database_is_counted() -> None:
+    from types import SimpleNamespace
+    from typing import Any, cast
+
+    from app.exception_handlers import handle_unexpected
+
+    request = cast(Any, SimpleNamespace(method="GET", url=SimpleNamespace(path="/api/me")))
+    before = value("chatstream_database_errors_total", where="http")
+    assert handle_unexpected(request, sqlite3.OperationalError("disk I/O error")).status_code == 500
+    assert handle_unexpected(request, KeyError("a bug")).status_code == 500
+    assert value("chatstream_database_errors_total", where="http") == before + 1

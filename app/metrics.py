@@ -28,10 +28,22 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Literal
 from uuid import UUID
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+    multiprocess,
+)
 
 if TYPE_CHECKING:
     from app.streaming.observers import AnswerEnded, AnswerStarted
+
+# No `*_created` series beside each counter and histogram (with several workers there are none either).
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # Where the processes of `serve --workers N` keep their figures (prometheus-client's name).
 MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"

@@ -33,6 +33,7 @@ import httpx
 import msgspec
 import pytest
 from httpx_sse import EventSource, aconnect_sse
+from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Close, Frame, Opcode
@@ -1356,6 +1357,13 @@ async def overwhelmed(
         yield state
 
 
+async def slow_readers_closed(http: httpx.AsyncClient) -> float:
+    """The server's `chatstream_slow_readers_closed_total` (app/metrics.py)."""
+    text = (await http.get("/metrics")).text
+    families = text_string_to_metric_families(text)
+    return sum(s.value for f in families for s in f.samples if s.name == "chatstream_slow_readers_closed_total")
+
+
 async def test_a_reader_that_cannot_keep_up_is_closed_and_resumes(
     slow_server: LiveServer, acme: Tenant, encoding: str
 ) -> None:
@@ -1368,9 +1376,11 @@ async def test_a_reader_that_cannot_keep_up_is_closed_and_resumes(
     the stored message."""
     content = words(8000)
     async with httpx.AsyncClient(base_url=slow_server.url, timeout=STEP) as http:
+        slow_before = await slow_readers_closed(http)
         async with overwhelmed(slow_server, http, acme, encoding, content) as state:
             state.slow.conn.transport.resume_reading()
             close = await state.slow.closed()
+        assert await slow_readers_closed(http) == slow_before + 1  # in the server's metrics
         notices = [f for f in state.slow.log if f["type"] == "error" and "generationId" not in f]
         observed = f"close={close}, notices={notices}"
 

@@ -13,6 +13,7 @@ import asyncio
 import codecs
 import contextlib
 import random
+import re
 import subprocess
 import sys
 import time
@@ -22,11 +23,12 @@ from typing import Any
 
 import httpx
 import pytest
+from websockets.asyncio.client import connect
 
 from app.agents.schemas import AgentCreate
 from app.agents.service import create_agent
 from app.tables import Generation, Message
-from app.terminal_client import Backoff, Link, answer_events, send_message
+from app.terminal_client import Backoff, Link, answer_events, send_message, websocket_url
 from tests.factories import Tenant
 from tests.integration.live_server import LiveServer
 from tests.integration.wire_api import new_conversation
@@ -312,6 +314,28 @@ async def test_a_revoked_key_is_not_retried(server: LiveServer, acme: Tenant) ->
             assert await client.exit_code() == 1
     assert "the server refused the API key (close code 4401" in client.err
     assert "reconnecting (attempt" not in client.err
+
+
+@pytest.mark.anyio
+async def test_close_code_1013_is_retried_soon(acme: Tenant) -> None:
+    """Too many sockets: the server closes with 1013, and the client tries again after 0.5-2 s."""
+    with LiveServer({"CHATSTREAM_MAX_SOCKETS_PER_KEY": "1"}) as server:
+        key = acme.tokens["alice"]
+        blocker = await connect(websocket_url(server.url), additional_headers={"Authorization": f"Bearer {key}"})
+        await blocker.send('{"type": "ping", "ref": "p"}')
+        async with asyncio.timeout(STEP):  # the key's one socket is open once the pong is there
+            while '"pong"' not in str(await blocker.recv()):
+                pass  # a greeting frame may come first
+        async with chat_process(server.url, key, "--new") as client:
+            await client.wait_for("connection lost (1013")
+            retry = re.search(r"\(1013[^)]*\); reconnecting \(attempt 1, next in ([\d.]+) s\)", client.err)
+            assert retry is not None and 0.5 <= float(retry[1]) <= 2.0, client.err
+            await blocker.close()
+            await client.type("hello")
+            await client.wait_for("Echo: hello\n")
+            await client.type("/quit")
+            assert await client.exit_code() == 0
+        assert "reconnected" in client.err
 
 
 # -- the link and the backoff, in process ----------------------------------------------------

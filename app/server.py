@@ -115,8 +115,10 @@ class Server(uvicorn.Server):
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         # Imported here: the bare peers of bench/peers.py use this module without the app.
         from app.streaming.core import stop_all_answers
+        from app.streaming.ws import close_every_socket
 
         await stop_all_answers("shutdown")
+        await close_every_socket()  # each told to come back in a second (1012), not dropped
         await super().shutdown(sockets)
 
 

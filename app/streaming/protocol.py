@@ -110,6 +110,7 @@ FRAME_ERROR_CODES = (
     "too_slow",
     "broker_unavailable",
     "credentials_revoked",
+    "server_restarting",
 )
 FrameErrorCode = Annotated[str, msgspec.Meta(extra_json_schema={"enum": list(FRAME_ERROR_CODES)})]
 
@@ -141,6 +142,28 @@ class ErrorFrame(_ServerFrame, tag="error"):
 
 class Pong(_ServerFrame, tag="pong"):
     ref: str | None = None
+
+
+class HelloLimits(msgspec.Struct, rename="camel"):
+    """This socket's limits (docs/protocol.md, Limits): frame size in bytes, conversations
+    followed, frames per minute (per API key), messages posted per minute (per API key)."""
+
+    max_frame_bytes: int
+    max_subscriptions: int
+    frames_per_minute: int
+    messages_per_minute: int
+
+
+class Hello(_ServerFrame, tag="hello"):
+    """The first frame of every accepted socket: the protocol version, the server's protocol
+    ping interval and timeout (seconds), the limits, and the server's `disconnectGrace`
+    (seconds an answer keeps going after its last reader left), for the client's timers."""
+
+    protocol_version: str
+    ping_interval: float
+    ping_timeout: float
+    limits: HelloLimits
+    disconnect_grace: float
 
 
 class MessageCreated(_ServerFrame, tag="message.created"):
@@ -194,7 +217,8 @@ ConversationEvent = (
 ListFrame = ConversationCreated | ConversationUpdated | ConversationDeleted | ConversationActivity
 # Everything the server sends.
 ServerFrame = (
-    Ack
+    Hello
+    | Ack
     | ErrorFrame
     | Pong
     | MessageCreated

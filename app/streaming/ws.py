@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Sequence
 from typing import Any
@@ -45,12 +46,15 @@ from app.streaming.direct import DirectReader, start
 from app.streaming.events import Cursor, GenerationEvent, json_encoder
 from app.streaming.protocol import (
     MSGPACK_SUBPROTOCOL,
+    PROTOCOL_VERSION,
     Ack,
     Cancel,
     ClientFrame,
     ConversationDeleted,
     ErrorFrame,
     GenerationStarted,
+    Hello,
+    HelloLimits,
     OutgoingFrame,
     Ping,
     Pong,
@@ -73,6 +77,9 @@ CLOSE_ORIGIN_REFUSED = 4403
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_INTERNAL_ERROR = 1011
+CLOSE_SERVICE_RESTART = 1012
+# Seconds a client told to come back later (too slow, server restarting) is asked to wait.
+RECONNECT_AFTER = 1
 # Limit violations in a row (a valid frame resets the count) before the socket is closed.
 MAX_VIOLATIONS_IN_A_ROW = 5
 # Batches waiting for the writer; each batch is whatever piled up for one reader.
@@ -199,14 +206,22 @@ class Session:
         self.conversation_list: asyncio.Task[None] | None = None
         self.violations = 0
         self.closing: asyncio.Future[SocketClosing] = asyncio.get_running_loop().create_future()
+        self.ended = asyncio.Event()  # set once the socket is closed
 
     # -- lifecycle -----------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Serve the socket until the peer leaves, the session closes it, or its key or
-        session is revoked (on any process; see StreamingCore.revoke_credentials)."""
-        with self.core.credentials.holding(self.principal.key_id, self.principal.session_id, self._revoked):
-            await self._serve()
+        """Greet the client, then serve the socket until the peer leaves, the session closes
+        it, its key or session is revoked (on any process; see StreamingCore.revoke_credentials),
+        or the server stops (:func:`close_every_socket`)."""
+        await self.codec.send(self.socket, hello(self.settings, self.core))
+        _open_sessions.add(self)
+        try:
+            with self.core.credentials.holding(self.principal.key_id, self.principal.session_id, self._revoked):
+                await self._serve()
+        finally:
+            _open_sessions.discard(self)
+            self.ended.set()
 
     def _revoked(self) -> None:
         self.close_later(credentials_revoked())
@@ -533,7 +548,41 @@ def credentials_revoked() -> SocketClosing:
 
 def too_slow() -> SocketClosing:
     message = "this connection could not keep up; reconnect and subscribe with your last cursors"
-    return SocketClosing(CLOSE_TRY_AGAIN_LATER, "too slow", ErrorFrame(code="too_slow", message=message))
+    notice = ErrorFrame(code="too_slow", message=message, details={"retryAfter": RECONNECT_AFTER})
+    return SocketClosing(CLOSE_TRY_AGAIN_LATER, "too slow", notice)
+
+
+def hello(settings: Settings, core: StreamingCore) -> Hello:
+    """The greeting: what a client tunes its timers and backoff with."""
+    return Hello(
+        protocol_version=PROTOCOL_VERSION,
+        ping_interval=settings.ws_ping_interval,
+        ping_timeout=settings.ws_ping_timeout,
+        limits=HelloLimits(
+            max_frame_bytes=settings.ws_max_frame_bytes,
+            max_subscriptions=settings.ws_max_subscriptions,
+            frames_per_minute=core.quotas.frames.per_minute,
+            messages_per_minute=core.quotas.messages.per_minute,
+        ),
+        disconnect_grace=core.policy.disconnect_grace,
+    )
+
+
+# The sockets this process serves, told to come back later when it stops.
+_open_sessions: weakref.WeakSet[Session] = weakref.WeakSet()
+
+
+async def close_every_socket() -> None:
+    """The server is stopping: tell every socket when to come back (an `error`
+    `server_restarting` with `retryAfter`), close it with 1012, and wait until they are closed."""
+    message = "the server is restarting; reconnect and resume with your cursors"
+    notice = ErrorFrame(code="server_restarting", message=message, details={"retryAfter": RECONNECT_AFTER})
+    sessions = list(_open_sessions)
+    for session in sessions:
+        session.close_later(SocketClosing(CLOSE_SERVICE_RESTART, "server restarting", notice))
+    with contextlib.suppress(TimeoutError):  # each close is bounded (CLOSE_TIMEOUT) already
+        async with asyncio.timeout(CLOSE_TIMEOUT + 1):
+            await asyncio.gather(*(session.ended.wait() for session in sessions))
 
 
 @websocket(

@@ -279,7 +279,7 @@ async def assert_open(conn: ClientConnection) -> None:
 
 
 async def assert_refused_socket(server: LiveServer, tenant: Tenant, who: str, scope: str) -> None:
-    """The upgrade is accepted, then an `error` frame says why and the close is 1013."""
+    """The upgrade is accepted, then (no `hello`) an `error` frame says why and the close is 1013."""
     async with socket(server, tenant, who) as conn:
         notice = await frame(conn)
         assert notice["type"] == "error" and notice["code"] == "too_many_sockets", notice
@@ -290,9 +290,9 @@ async def assert_refused_socket(server: LiveServer, tenant: Tenant, who: str, sc
 
 
 async def socket_opens(server: LiveServer, tenant: Tenant, who: str) -> bool:
+    """An accepted socket is greeted (`hello`); a refused one gets the `error` instead."""
     async with socket(server, tenant, who) as conn:
-        await conn.send(json.dumps({"type": "ping", "ref": "r"}))
-        return (await frame(conn))["type"] == "pong"
+        return (await frame(conn))["type"] == "hello"
 
 
 async def test_sockets_are_capped_per_key_and_per_company(server: LiveServer) -> None:

@@ -238,9 +238,12 @@ def ws_url(server: LiveServer) -> str:
 
 
 async def open_ws(server: LiveServer, tenant: Tenant) -> ClientConnection:
-    return await connect(
+    """A socket of alice's, its greeting (`hello`) read."""
+    socket = await connect(
         ws_url(server), additional_headers=tenant.headers("alice"), proxy=None, ping_interval=None, close_timeout=1
     )
+    assert (await ws_frame(socket))["type"] == "hello"
+    return socket
 
 
 async def ws_frame(socket: ClientConnection) -> dict[str, Any]:

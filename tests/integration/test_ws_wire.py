@@ -40,6 +40,8 @@ from websockets.frames import Close, Frame, Opcode
 
 from app.agents.schemas import AgentCreate
 from app.agents.service import create_agent
+from app.config import get_settings
+from app.streaming.protocol import PROTOCOL_VERSION
 from tests.factories import Tenant
 from tests.integration.live_server import LiveServer
 from tests.integration.wire_api import make_agent, messages_of, new_conversation, post_message, text_of
@@ -219,6 +221,7 @@ class Socket:
         self.pending: list[dict[str, Any]] = []
         self.log: list[dict[str, Any]] = []
         self.raw: list[str | bytes] = []
+        self.hello: dict[str, Any] | None = None
         self._refs = itertools.count(1)
 
     def encode(self, frame: Any) -> str | bytes:
@@ -228,19 +231,24 @@ class Socket:
         await self.conn.send(self.encode(frame))
 
     async def _receive(self) -> dict[str, Any]:
-        with anyio.fail_after(STEP):
-            data = await self.conn.recv()
-        self.raw.append(data)
-        if self.msgpack:
-            assert isinstance(data, bytes), f"a text frame on a MessagePack socket: {data!r}"
-            frame = plain(msgspec.msgpack.decode(data))
-        else:
-            assert isinstance(data, str), f"a binary frame on a JSON socket: {data!r}"
-            frame = json.loads(data)
-        assert isinstance(frame, dict) and isinstance(frame.get("type"), str), frame
-        assert frame.get("code") != "internal_error", frame
-        self.log.append(frame)
-        return frame
+        """The next frame; the greeting (`hello`, always the first) is kept in `hello` instead."""
+        while True:
+            with anyio.fail_after(STEP):
+                data = await self.conn.recv()
+            self.raw.append(data)
+            if self.msgpack:
+                assert isinstance(data, bytes), f"a text frame on a MessagePack socket: {data!r}"
+                frame = plain(msgspec.msgpack.decode(data))
+            else:
+                assert isinstance(data, str), f"a binary frame on a JSON socket: {data!r}"
+                frame = json.loads(data)
+            assert isinstance(frame, dict) and isinstance(frame.get("type"), str), frame
+            assert frame.get("code") != "internal_error", frame
+            self.log.append(frame)
+            if frame["type"] != "hello":
+                return frame
+            assert len(self.log) == 1, f"hello is the first frame, not {self.log}"
+            self.hello = frame
 
     async def _find(self, match: Callable[[dict[str, Any]], bool], take: bool) -> dict[str, Any]:
         checked = 0
@@ -690,6 +698,28 @@ async def test_text_that_is_not_utf8_is_closed_with_1007(server: LiveServer, acm
 
 
 # -- 3. frames ------------------------------------------------------------------------------------------------
+
+
+async def test_the_first_frame_is_hello(server: LiveServer, acme: Tenant, encoding: str) -> None:
+    """Rule: an accepted socket first gets `hello`: the protocol version, the server's ping
+    timers, its limits and its disconnect grace, in the socket's encoding."""
+    async with open_socket(server, encoding, acme.headers("alice")) as ws:
+        await ws.assert_usable()
+        settings = get_settings()
+        assert ws.hello == {
+            "type": "hello",
+            "protocolVersion": PROTOCOL_VERSION,
+            "pingInterval": settings.ws_ping_interval,
+            "pingTimeout": settings.ws_ping_timeout,
+            "limits": {
+                "maxFrameBytes": settings.ws_max_frame_bytes,
+                "maxSubscriptions": settings.ws_max_subscriptions,
+                "framesPerMinute": settings.ws_frames_per_minute,
+                "messagesPerMinute": settings.messages_per_minute,
+            },
+            "disconnectGrace": settings.disconnect_grace,
+        }
+        assert ws.log[0] is ws.hello
 
 
 async def test_ping_gets_pong(server: LiveServer, acme: Tenant, encoding: str) -> None:
@@ -1228,10 +1258,13 @@ async def test_subscriptions_per_socket_are_limited(limits_server: LiveServer, a
 
 
 async def test_frames_per_minute_are_limited(limits_server: LiveServer, acme: Tenant, encoding: str) -> None:
-    """Rule: at most CHATSTREAM_WS_FRAMES_PER_MINUTE frames per socket per minute: the next
-    ones get error frames `rate_limited`, and five in a row close the socket with 1008."""
+    """Rule: at most CHATSTREAM_WS_FRAMES_PER_MINUTE frames per API key per minute (the
+    greeting says how many): the next ones get error frames `rate_limited`, and five in a row
+    close the socket with 1008."""
     async with open_socket(limits_server, encoding, acme.headers("alice")) as ws:
-        for _ in range(FRAMES_PER_MINUTE):
+        await ws.assert_usable()
+        assert ws.hello is not None and ws.hello["limits"]["framesPerMinute"] == FRAMES_PER_MINUTE
+        for _ in range(FRAMES_PER_MINUTE - 1):
             await ws.assert_usable()
         await ws.send({"type": "ping", "ref": "too-many"})
         error = await ws.wait_for(lambda f: f["type"] == "error")
@@ -1362,6 +1395,28 @@ async def slow_readers_closed(http: httpx.AsyncClient) -> float:
     text = (await http.get("/metrics")).text
     families = text_string_to_metric_families(text)
     return sum(s.value for f in families for s in f.samples if s.name == "chatstream_slow_readers_closed_total")
+
+
+async def test_a_stopping_server_says_when_to_come_back(http: httpx.AsyncClient, acme: Tenant) -> None:
+    """Rule: when the server stops, a socket gets its running answer's `cancelled`
+    (reason `shutdown`), then an `error` `server_restarting` with `retryAfter`, then close 1012."""
+    agent = await make_agent(acme, 60)  # an answer that runs until the server stops
+    with LiveServer() as stopping:
+        async with httpx.AsyncClient(base_url=stopping.url, timeout=STEP) as client:
+            conversation = await new_conversation(client, acme, agent)
+        async with open_socket(stopping, "json", acme.headers("alice")) as ws:
+            await ws.ack(subscribe(conversation))
+            generation = (await ws.ack(send(conversation, "one two three", "stop-1")))["generation"]["id"]
+            await ws.wait_for(lambda f: f.get("generationId") == generation and f["type"] == "start")
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(anyio.to_thread.run_sync, stopping.stop)  # SIGINT: a graceful stop
+                close = await ws.closed()
+    assert close is not None and close.code == 1012, close
+    cancelled = [f for f in ws.pending if f.get("generationId") == generation and f["type"] in TERMINAL]
+    assert cancelled == [cancelled[0]] and cancelled[0]["reason"] == "shutdown", ws.pending
+    notice = ws.pending[-1]
+    assert_error_frame(notice, "server_restarting", None)
+    assert notice["details"] == {"retryAfter": 1}
 
 
 async def test_a_reader_that_cannot_keep_up_is_closed_and_resumes(

@@ -23,6 +23,7 @@ export class LiveSocket {
     this.everOpened = false;
     this.refs = 0;
     this.reason = null; // why the server refused the socket, when it said so
+    this.retryAfter = 0; // seconds the server asked to wait before reconnecting
     this.sent = new Map(); // ref -> the frame, until its ack or error
   }
 
@@ -43,7 +44,7 @@ export class LiveSocket {
   connect() {
     const ws = new WebSocket(`${location.origin.replace(/^http/, "ws")}/api/ws`);
     this.ws = ws;
-    let accepted = false; // the server answered a frame: not only opened, then refused
+    let accepted = false; // the server greeted the socket (or answered a frame): not opened, then refused
     ws.addEventListener("open", () => {
       if (this.ws !== ws) return;
       if (this.watchingList) this.sendFrame({ type: "subscribe_conversations" });
@@ -57,11 +58,15 @@ export class LiveSocket {
       } catch (err) {
         return;
       }
+      if (frame.type === "error" && !frame.ref && frame.details && frame.details.retryAfter) {
+        // A close that means "come back later" follows (1012, 1013): not before it says.
+        this.retryAfter = frame.details.retryAfter;
+      }
       if (frame.type === "error" && frame.code === "too_many_sockets") {
         // The close (1013) follows; say why while retrying.
         this.reason = "Too many open tabs or apps use this key: close some. Retrying…";
       }
-      if (!accepted && frame.type === "ack") {
+      if (!accepted && (frame.type === "hello" || frame.type === "ack")) {
         accepted = true;
         this.attempts = 0;
         this.handlers.status("");
@@ -88,7 +93,9 @@ export class LiveSocket {
 
   /** The next attempt after a growing, jittered pause (0.5 s, 1 s, 2 s … up to 15 s). */
   retry() {
-    const delay = Math.min(MAX_DELAY, 500 * 2 ** this.attempts) * (0.5 + Math.random() / 2);
+    const backoff = Math.min(MAX_DELAY, 500 * 2 ** this.attempts) * (0.5 + Math.random() / 2);
+    const delay = Math.max(backoff, (this.retryAfter || 0) * 1000);
+    this.retryAfter = 0;
     this.attempts += 1;
     this.handlers.status(this.reason || "Connection lost, reconnecting…");
     this.reason = null;

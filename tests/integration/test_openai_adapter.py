@@ -708,12 +708,16 @@ LEAKS = {
 }
 
 
+STREAM_CHUNKS = {"non-JSON chunk", "malformed tool call"}
+
+
 @pytest.mark.parametrize("case", list(LEAKS))
 async def test_tenants_get_a_generic_error_and_the_detail_goes_to_the_log(
     fake: FakeModelServer, client: httpx.AsyncClient, app: Any, caplog: pytest.LogCaptureFixture, case: str
 ) -> None:
     """What another service answers must not come back through an agent (SSRF with the
-    response reflected): not in the `error` event, not in the generation; the log has it."""
+    response reflected): not in the `error` event, not in the generation; the log has it
+    (an error's text; of a malformed chunk of the answer's stream, only its size)."""
     tenant, _, cid = await openai_conversation(fake.url)
     fake.queue(LEAKS[case])
     caplog.set_level("WARNING", logger="chatstream.openai")
@@ -726,8 +730,12 @@ async def test_tenants_get_a_generic_error_and_the_detail_goes_to_the_log(
     generation = await client.get(f"/api/generations/{gid}", headers=tenant.headers("alice"))
     for text in (error.message, generation.text):
         assert SECRET not in text and str(fake.port) not in text and "127.0.0.1" not in text, text
-    logged = [r for r in caplog.records if r.name == "chatstream.openai" and r.levelname == "WARNING"]
-    assert any(SECRET in r.getMessage() and fake.url in r.getMessage() for r in logged), caplog.text
+    logged = [r.getMessage() for r in caplog.records if r.name == "chatstream.openai" and r.levelname == "WARNING"]
+    if case in STREAM_CHUNKS:  # a chunk of the answer's stream may hold the answer: its size only
+        assert any(fake.url in line and "not logged" in line for line in logged), caplog.text
+        assert not any(SECRET in line for line in logged), caplog.text
+    else:
+        assert any(SECRET in line and fake.url in line for line in logged), caplog.text
 
 
 async def test_a_refused_connection_is_an_error_event(core: StreamingCore) -> None:

@@ -6,9 +6,11 @@ the stock `piccolo` CLI and the tests all pick the same database.
 
 from __future__ import annotations
 
+import sqlite3
 from functools import cache
 from typing import Any
 
+import asyncpg
 from piccolo.engine.base import Engine
 from piccolo.engine.postgres import PostgresEngine
 from piccolo.engine.sqlite import SQLiteEngine, TransactionType
@@ -141,3 +143,30 @@ def insert_select_sql(table: type[Table], source: str) -> str:
     name): none when `source` is empty. The values are cast, having no column to type them."""
     casts = ",".join(f"{{}}::{column.column_type}" for column in table._meta.columns)
     return f'INSERT INTO "{table._meta.tablename}" ({columns_of(table)}) SELECT {casts} FROM {source}'
+
+
+# Failures that mean the database cannot be reached or is not taking work now (an outage,
+# not a bug of ours): asyncpg's connection errors (class 08), a server shutting down or
+# refusing connections (class 57, 53300), a connection lost mid-query, and SQLite's
+# OperationalError (locked past the busy timeout, the file unreadable).
+_OUTAGES: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.InterfaceError,
+    sqlite3.OperationalError,
+    ConnectionError,
+    TimeoutError,
+)
+
+
+def is_outage(exc: BaseException) -> bool:
+    """True when `exc` (or what caused it) says the database is down or unreachable."""
+    error: BaseException | None = exc
+    for _ in range(4):  # the exception and a few of its causes
+        if error is None:
+            return False
+        if isinstance(error, _OUTAGES):
+            return True
+        error = error.__cause__ or error.__context__
+    return False

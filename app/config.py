@@ -38,6 +38,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Seconds a process reuses an authenticated key or session for its next requests (0: look
     # it up every time). Revocation clears it at once on every process; this bounds a lost message.
     auth_cache_seconds: Annotated[float, msgspec.Meta(ge=0, le=60)] = 5.0
+    # Signing secret of short-lived access tokens (`POST /api/tokens`, HS256 JWTs); at least
+    # 32 characters, the same on every process and node. Unset: no tokens are issued or accepted.
+    token_secret: str | None = None
+    # Lifetime of an access token in seconds (a request may ask for less, never more).
+    token_ttl: Annotated[int, msgspec.Meta(ge=60, le=86400)] = 900
     log_level: str = "INFO"
     # `text`: plain lines for people; `json`: one JSON object per line for log pipelines (app/logs.py).
     log_format: Literal["text", "json"] = "text"
@@ -130,6 +135,8 @@ ENV = {
     "cookie_max_age": "CHATSTREAM_COOKIE_MAX_AGE",
     "credential_recheck": "CHATSTREAM_CREDENTIAL_RECHECK",
     "auth_cache_seconds": "CHATSTREAM_AUTH_CACHE_SECONDS",
+    "token_secret": "CHATSTREAM_TOKEN_SECRET",
+    "token_ttl": "CHATSTREAM_TOKEN_TTL",
     "log_level": "CHATSTREAM_LOG_LEVEL",
     "log_format": "CHATSTREAM_LOG_FORMAT",
     "metrics": "CHATSTREAM_METRICS",
@@ -167,6 +174,9 @@ ENV = {
     "redis_prefix": "CHATSTREAM_REDIS_PREFIX",
 }
 
+# The shortest access token secret accepted (HS256 wants a key of at least 256 bits).
+MIN_TOKEN_SECRET_CHARS = 32
+
 # The former name of CHATSTREAM_ALLOWED_ORIGINS (it applied to WebSocket upgrades only).
 LEGACY_ALLOWED_ORIGINS = "CHATSTREAM_WS_ALLOWED_ORIGINS"
 
@@ -193,6 +203,12 @@ def settings_from_env(env: dict[str, str] | None = None) -> Settings:
         values["log_level"] = values["log_level"].upper()
     if "log_format" in values:
         values["log_format"] = values["log_format"].lower()
+    secret = values.get("token_secret")
+    if secret is not None and len(secret) < MIN_TOKEN_SECRET_CHARS:  # never echo the secret itself
+        raise SettingsError(
+            f"{ENV['token_secret']} is too short: {len(secret)} characters, at least {MIN_TOKEN_SECRET_CHARS} "
+            "(e.g. the output of `python -c 'import secrets; print(secrets.token_urlsafe(48))'`)"
+        )
     try:
         # Environment values are strings: msgspec converts them to each field's type.
         settings = msgspec.convert(values, Settings, strict=False)

@@ -16,7 +16,7 @@ from litestar.static_files import create_static_files_router
 
 from app import metrics
 from app.agents.controllers import AgentController
-from app.auth.controllers import ApiKeyController, MeController, SessionController
+from app.auth.controllers import ApiKeyController, MeController, SessionController, TokenController
 from app.auth.guards import provide_principal
 from app.auth.middleware import ApiKeyAuthMiddleware
 from app.auth.principal_cache import PrincipalCache
@@ -115,6 +115,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             SessionController,
             MeController,
             ApiKeyController,
+            TokenController,
             AgentController,
             ConversationController,
             GenerationController,
@@ -159,7 +160,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
             render_plugins=[JsonRenderPlugin()],
             components=Components(
                 security_schemes={
-                    "bearer": SecurityScheme(type="http", scheme="bearer", description="an API key"),
+                    "bearer": SecurityScheme(
+                        type="http", scheme="bearer", description="an API key, or an access token (POST /api/tokens)"
+                    ),
                     "cookie": SecurityScheme(
                         type="apiKey",
                         name=settings.cookie_name,

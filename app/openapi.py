@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import msgspec
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.openapi.spec import OpenAPI, Reference, Schema
+from litestar.openapi.spec import OpenAPI, OpenAPIType, Reference, Schema
 
 from app.errors import ErrorBody
 
@@ -51,7 +51,8 @@ def close_request_bodies(document: OpenAPI) -> None:
     """Say `additionalProperties: false` of each request body whose struct refuses unknown fields
     (an extra field is a 400 `invalid_request`): Litestar leaves it out, and client generators
     and fuzzers then send fields the server refuses. Response schemas stay open, so that clients
-    keep working when a response gains a field."""
+    keep working when a response gains a field. A body that may be left out (`T | None`) is
+    documented as not required."""
     structs = _structs()
     components = document.components.schemas if document.components and document.components.schemas else {}
     for item in (document.paths or {}).values():
@@ -60,9 +61,21 @@ def close_request_bodies(document: OpenAPI) -> None:
             if body is None or isinstance(body, Reference):
                 continue
             for media in (body.content or {}).values():
-                ref = media.schema.ref if isinstance(media.schema, Reference) else None
-                name = ref.rsplit("/", 1)[-1] if ref else None
-                struct = structs.get(name or "")
-                schema = components.get(name or "")
-                if struct is not None and isinstance(schema, Schema) and struct.__struct_config__.forbid_unknown_fields:
-                    schema.additional_properties = False
+                # `JSONBody[T | None] = None` is documented as `oneOf: [T, null]`: the body may be
+                # left out altogether (Litestar says `required` of every body).
+                options = (
+                    media.schema.one_of if isinstance(media.schema, Schema) and media.schema.one_of else [media.schema]
+                )
+                if any(isinstance(option, Schema) and option.type == OpenAPIType.NULL for option in options):
+                    body.required = False
+                for option in options:
+                    ref = option.ref if isinstance(option, Reference) else None
+                    name = ref.rsplit("/", 1)[-1] if ref else None
+                    struct = structs.get(name or "")
+                    schema = components.get(name or "")
+                    if (
+                        struct is not None
+                        and isinstance(schema, Schema)
+                        and struct.__struct_config__.forbid_unknown_fields
+                    ):
+                        schema.additional_properties = False

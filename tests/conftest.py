@@ -32,6 +32,10 @@ os.environ.setdefault("PICCOLO_CONF", "piccolo_conf")
 # The ASGI test clients send `Host: testserver`; real servers in tests are on 127.0.0.1
 # (allowed anyway). Tests of the Host check pass their own settings.
 os.environ["CHATSTREAM_ALLOWED_HOSTS"] = "testserver"
+# Access tokens (POST /api/tokens) are on, as in a deployment that uses them, for the app
+# under test and every server a test starts (a test of the disabled case sets it empty).
+TEST_TOKEN_SECRET = "test-token-secret-" + "0123456789abcdef" * 2
+os.environ["CHATSTREAM_TOKEN_SECRET"] = TEST_TOKEN_SECRET
 
 PICCOLO = str(Path(sys.executable).with_name("piccolo"))
 

@@ -13,12 +13,12 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, JSONBody
 from litestar.status_codes import HTTP_200_OK, HTTP_204_NO_CONTENT
 
-from app.auth import service
+from app.auth import access_tokens, service
 from app.auth.guards import admin_only
 from app.auth.principal import Principal
-from app.auth.schemas import ApiKeyCreate, ApiKeyCreated, ApiKeyOut, Me, SessionCreate
+from app.auth.schemas import AccessToken, ApiKeyCreate, ApiKeyCreated, ApiKeyOut, Me, SessionCreate, TokenCreate
 from app.config import get_settings
-from app.errors import Unauthorized
+from app.errors import ApiError, ErrorBody, Forbidden, Unauthorized
 from app.openapi import errors
 from app.streaming.core import StreamingCore
 
@@ -110,3 +110,59 @@ class ApiKeyController(Controller):
         """Revoke the key; its sessions end and every socket and stream using it closes."""
         await service.revoke_key(principal.company_id, key_id)
         await core.revoke_credentials(key_id)
+
+
+class TokensDisabled(ApiError):
+    status = 503
+    code = "tokens_disabled"
+
+
+class TokenController(Controller):
+    """Short-lived access tokens (app/auth/access_tokens.py): for apps that must not hold an
+    API key. The app's backend, which holds the key, asks for a token and hands it to the app."""
+
+    path = "/tokens"
+    tags = ["session"]
+
+    @post(
+        "/",
+        status_code=HTTP_200_OK,
+        summary="Trade the API key (or the session cookie) for a short-lived access token",
+        description=(
+            "Answers a signed token to send as `Authorization: Bearer <token>` (REST, SSE, WebSocket) "
+            "until `expiresAt`. It has the rights of the key that asked (same company, same role), no more; "
+            "revoking the key, or ending the session it came from, refuses it at once. The body is optional: "
+            "`ttl` asks for a shorter life than the server's `CHATSTREAM_TOKEN_TTL`. A token cannot be traded "
+            "for another (403 `token_not_allowed`); 503 `tokens_disabled` when the server has no "
+            "`CHATSTREAM_TOKEN_SECRET`."
+        ),
+        responses={
+            **errors(403),
+            503: ResponseSpec(
+                data_container=ErrorBody,
+                description="`tokens_disabled`: the server has no CHATSTREAM_TOKEN_SECRET and issues no tokens",
+                generate_examples=False,
+            ),
+        },
+    )
+    async def issue_token(
+        self, principal: NamedDependency[Principal], data: JSONBody[TokenCreate | None] = None
+    ) -> AccessToken:
+        settings = get_settings()
+        if not settings.token_secret:
+            raise TokensDisabled(
+                "this server issues no access tokens: its operator must set CHATSTREAM_TOKEN_SECRET "
+                "(the same on every server process)"
+            )
+        if principal.by_token:
+            raise Forbidden(
+                "an access token cannot be traded for another: ask with the API key (or the session)",
+                code="token_not_allowed",
+            )
+        ttl = settings.token_ttl if data is None or data.ttl is None else min(data.ttl, settings.token_ttl)
+        token, claims = access_tokens.issue(principal, settings.token_secret, ttl)
+        if claims.exp <= claims.iat:  # the session it comes from ends now
+            raise Unauthorized("the session has expired; sign in again", code="invalid_credentials")
+        return AccessToken(
+            token=token, token_type="Bearer", expires_at=claims.expires_at, expires_in=claims.exp - claims.iat
+        )

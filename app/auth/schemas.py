@@ -62,3 +62,20 @@ class ApiKeyCreated(ApiKeyOut):
     """A key just created: the only response that carries its `token`."""
 
     token: str
+
+
+class TokenCreate(msgspec.Struct, forbid_unknown_fields=True):
+    """Ask for an access token; `ttl` (seconds) shortens its life below the server's
+    `CHATSTREAM_TOKEN_TTL` (a longer one is cut to it)."""
+
+    ttl: Annotated[int, msgspec.Meta(ge=1, le=86400)] | None = None
+
+
+class AccessToken(msgspec.Struct, rename="camel"):
+    """A short-lived access token: send it as `Authorization: Bearer <token>` until `expiresAt`
+    (`expiresIn` seconds from now)."""
+
+    token: str
+    token_type: str
+    expires_at: datetime
+    expires_in: int

@@ -37,9 +37,19 @@ def _now() -> datetime:
 
 async def authenticate(token: str) -> Principal | None:
     """The principal for a valid, unrevoked API key; None otherwise."""
+    return await _key_principal(ApiKey.token_hash == hash_token(token))
+
+
+async def authenticate_key_id(key_id: UUID) -> Principal | None:
+    """The principal of the key with this id while it is not revoked (for an access token
+    naming it); None otherwise."""
+    return await _key_principal(ApiKey.id == key_id)
+
+
+async def _key_principal(where: Any) -> Principal | None:
     row = (
         await ApiKey.select(ApiKey.id, ApiKey.user_id, ApiKey.company, ApiKey.role, ApiKey.last_used_at)
-        .where(ApiKey.token_hash == hash_token(token), ApiKey.revoked_at.is_null())
+        .where(where, ApiKey.revoked_at.is_null())
         .first()
     )
     if row is None:
@@ -58,6 +68,16 @@ async def authenticate_session(token: str) -> Principal | None:
     expired and whose key is not revoked; None otherwise."""
     if not token.startswith(SESSION_TOKEN_PREFIX):
         return None
+    return await _session_principal(Session.token_hash == hash_token(token))
+
+
+async def authenticate_session_id(session_id: UUID) -> Principal | None:
+    """As :func:`authenticate_session`, for the session with this id (an access token traded
+    for a session names it)."""
+    return await _session_principal(Session.id == session_id)
+
+
+async def _session_principal(where: Any) -> Principal | None:
     key = Session.api_key
     row = (
         await Session.select(
@@ -71,7 +91,7 @@ async def authenticate_session(token: str) -> Principal | None:
             key.last_used_at.as_alias("key_last_used_at"),
         )
         .where(
-            Session.token_hash == hash_token(token),
+            where,
             Session.ended_at.is_null(),
             Session.expires_at > _now(),
             key.revoked_at.is_null(),

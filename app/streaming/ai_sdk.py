@@ -201,6 +201,9 @@ REVOKED = encode_chunks(
     [ErrorChunk(error_text="credentials_revoked: the credentials of this stream were revoked or expired")]
 )
 UNAVAILABLE = encode_chunks([ErrorChunk(error_text="broker_unavailable: the event stream was lost; resume the stream")])
+EXPIRED = encode_chunks(
+    [ErrorChunk(error_text="token_expired: the access token of this stream expired; resume with a new token")]
+)
 
 
 # -- the view --------------------------------------------------------------------------------
@@ -384,6 +387,7 @@ def ui_message_frames(
         encode,
         revoked=REVOKED,
         unavailable=UNAVAILABLE,
+        expired=EXPIRED,
         end=DONE_FRAME,
     )
 

@@ -81,8 +81,24 @@ class UnsubscribeConversations(_ClientFrame, tag="unsubscribe_conversations"):
     """Stop following the conversation list (acked also when not following it)."""
 
 
+class Refresh(_ClientFrame, tag="refresh"):
+    """Go on with a new access token (`POST /api/tokens`) on a socket opened with one, before
+    the old one expires: same key, session, company and role. Acked; the socket's expiry moves
+    to the new token's."""
+
+    token: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
+
+
 ClientFrame = (
-    Subscribe | Unsubscribe | Send | ToolResult | Cancel | Ping | SubscribeConversations | UnsubscribeConversations
+    Subscribe
+    | Unsubscribe
+    | Send
+    | ToolResult
+    | Cancel
+    | Ping
+    | SubscribeConversations
+    | UnsubscribeConversations
+    | Refresh
 )
 
 
@@ -111,6 +127,8 @@ FRAME_ERROR_CODES = (
     "broker_unavailable",
     "credentials_revoked",
     "server_restarting",
+    "invalid_token",
+    "token_expired",
 )
 FrameErrorCode = Annotated[str, msgspec.Meta(extra_json_schema={"enum": list(FRAME_ERROR_CODES)})]
 
@@ -164,6 +182,14 @@ class Hello(_ServerFrame, tag="hello"):
     ping_timeout: float
     limits: HelloLimits
     disconnect_grace: float
+
+
+class TokenExpiring(_ServerFrame, tag="token_expiring"):
+    """The access token of this socket expires at `expiresAt` (in `expiresIn` seconds): send
+    `refresh` with a new one before then, or the socket is closed (4401, `token_expired`)."""
+
+    expires_at: Timestamp
+    expires_in: float
 
 
 class MessageCreated(_ServerFrame, tag="message.created"):
@@ -221,6 +247,7 @@ ServerFrame = (
     | Ack
     | ErrorFrame
     | Pong
+    | TokenExpiring
     | MessageCreated
     | MessageEdited
     | ConversationUpdated

@@ -4,13 +4,15 @@ The response only reads: it follows the generation's log from the reader's curso
 and writes each batch of events at once. The generation belongs to the core, so a
 reader leaving (the response being cancelled) cannot break it; the core is told in
 `finally`, synchronously, and decides (disconnect grace) what that means. A reader whose
-key is revoked, or whose session ends, gets `event: revoked` and the response ends.
+key is revoked, or whose session ends, gets `event: revoked` and the response ends; one
+authenticated by an access token gets `event: expired` when the token expires, and ends.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from functools import lru_cache
 from typing import Annotated, Any
@@ -57,6 +59,14 @@ UNAVAILABLE = (
 REVOKED = (
     b"event: revoked\n"
     b'data: {"code":"credentials_revoked","message":"the credentials of this stream were revoked or expired"}\n\n'
+)
+
+# The reader's access token expired: say so and end (no `id:`); reconnect with a new token
+# and the last cursor (`Last-Event-ID`).
+EXPIRED = (
+    b"event: expired\n"
+    b'data: {"code":"token_expired","message":"the access token of this stream expired; '
+    b'reconnect with a new token and your last cursor"}\n\n'
 )
 
 
@@ -176,6 +186,12 @@ class _Revocation:
         self.writer = writer
         self.waiting = False
         self.revoked = False
+        self.expired = False  # it was the access token's expiry, not a revocation
+
+    def expire(self) -> None:
+        if not self.revoked:
+            self.expired = True
+            self()
 
     def __call__(self) -> None:
         self.revoked = True
@@ -200,16 +216,23 @@ async def reader_frames(
     *,
     revoked: bytes,
     unavailable: bytes,
+    expired: bytes,
     end: bytes = b"",
     writer: BodyWriter | None = None,
 ) -> AsyncIterator[bytes]:
     """A stream response's body, whatever its encoding: `:ok` at once, then every event after
     `after` (a backlog as one write, through `encode`), `: ping` when idle, and `end` after
     the terminal event; `revoked` when the principal's key is revoked or its session ends,
-    `unavailable` when the broker is lost. With `writer` (whose encoding is `encode`'s), the
-    producer writes the events of a caught-up reader itself; they are not yielded here."""
+    `expired` when its access token expires, `unavailable` when the broker is lost. With
+    `writer` (whose encoding is `encode`'s), the producer writes the events of a caught-up
+    reader itself; they are not yielded here."""
     attached = False
     revocation = _Revocation(writer)
+    expiry: asyncio.TimerHandle | None = None
+    if principal.token_expires_at is not None:
+        expiry = asyncio.get_running_loop().call_later(
+            principal.token_expires_at.timestamp() - time.time(), revocation.expire
+        )
     try:
         with core.credentials.holding(principal.key_id, principal.session_id, revocation):
             try:
@@ -232,12 +255,14 @@ async def reader_frames(
                         revocation.waiting = False
                     yield encode(batch) if batch else PING_COMMENT
                 if revocation.revoked:
-                    yield revoked
+                    yield expired if revocation.expired else revoked
             except BrokerUnavailable:
                 yield unavailable
             if end:
                 yield end
     finally:
+        if expiry is not None:
+            expiry.cancel()
         if attached:
             metrics.sse_stream_closed()
             core.detach(generation_id)
@@ -262,6 +287,7 @@ def sse_stream(
         _sse_batch,
         revoked=REVOKED,
         unavailable=UNAVAILABLE,
+        expired=EXPIRED,
         writer=writer,
     )
     return ReaderStream(body, writer=writer, media_type="text/event-stream", headers=SSE_HEADERS)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Sequence
@@ -30,7 +31,8 @@ from litestar.di import NamedDependency
 from litestar.exceptions import WebSocketDisconnect
 
 from app import metrics
-from app.auth.middleware import credentials, principal_for
+from app.auth.access_tokens import expiring_notice_lead, looks_like_access_token
+from app.auth.middleware import credentials, principal_for, token_principal
 from app.auth.principal import Principal
 from app.chat.conversations import load_conversation
 from app.chat.generations import get_generation, running_generation
@@ -38,7 +40,7 @@ from app.chat.messages import post_message
 from app.chat.schemas import MessageCreate, ToolResultCreate
 from app.chat.tool_results import post_tool_result
 from app.config import Settings, get_settings
-from app.errors import ApiError, Unauthorized
+from app.errors import ApiError, InvalidInput, Unauthorized
 from app.http_security import same_origin_request
 from app.streaming.broker import BrokerUnavailable, ConversationFeed, FeedOverflow, ListFeed
 from app.streaming.core import StreamingCore
@@ -58,9 +60,11 @@ from app.streaming.protocol import (
     OutgoingFrame,
     Ping,
     Pong,
+    Refresh,
     Send,
     Subscribe,
     SubscribeConversations,
+    TokenExpiring,
     ToolResult,
     Unsubscribe,
     UnsubscribeConversations,
@@ -207,6 +211,8 @@ class Session:
         self.violations = 0
         self.closing: asyncio.Future[SocketClosing] = asyncio.get_running_loop().create_future()
         self.ended = asyncio.Event()  # set once the socket is closed
+        # Set by a `refresh` (a socket opened with an access token): the token watch starts over.
+        self.token_refreshed = asyncio.Event()
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -228,11 +234,14 @@ class Session:
 
     async def _serve(self) -> None:
         reader = asyncio.create_task(self._read_loop())
+        token_watch = asyncio.create_task(self._watch_token()) if self.principal.by_token else None
         try:
             waiting: set[asyncio.Future[Any]] = {reader, self.closing}
             await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         finally:
             tasks = [reader, *self.subscriptions.values()]
+            if token_watch is not None:
+                tasks.append(token_watch)
             if self.draining is not None:
                 tasks.append(self.draining)
             if self.conversation_list is not None:
@@ -242,6 +251,56 @@ class Session:
             await asyncio.gather(*tasks, return_exceptions=True)
         if self.closing.done():
             await self._close(self.closing.result())
+
+    async def _watch_token(self) -> None:
+        """A socket opened with an access token: tell the client `token_expiring` a while before
+        the token expires (60 s, or half its life for a short one), and close the socket at the
+        expiry (`error` `token_expired`, 4401) unless a `refresh` brought a new token first."""
+        loop = asyncio.get_running_loop()
+        while True:
+            self.token_refreshed.clear()
+            expires_at = self.principal.token_expires_at
+            assert expires_at is not None
+            ends = loop.time() + (expires_at.timestamp() - time.time())
+            for deadline in (ends - expiring_notice_lead(self.principal), ends):
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        await self.token_refreshed.wait()
+                    break  # a new token: start over with its expiry
+                except TimeoutError:
+                    if deadline == ends:
+                        self.close_later(token_expired())
+                        return
+                    expires_in = round(max(0.0, ends - loop.time()), 3)
+                    await self.deliver([TokenExpiring(expires_at=expires_at, expires_in=expires_in)])
+
+    async def _refresh(self, frame: Refresh) -> None:
+        """Take the new access token of a `refresh`: valid, and for the same key, session,
+        company and role as the socket's (its rights and its revocation stay the same)."""
+        if not self.principal.by_token:
+            raise InvalidInput(
+                "this socket was opened with an API key or a session, not an access token: nothing to refresh"
+            )
+        if not looks_like_access_token(frame.token):
+            raise Unauthorized("refresh takes an access token (POST /api/tokens), not an API key", code="invalid_token")
+        try:
+            principal = await token_principal(self.socket.app.state.principal_cache, frame.token)
+        except Unauthorized as exc:
+            raise Unauthorized(exc.message, code="invalid_token", details={"reason": exc.code}) from None
+        old = self.principal
+        if (principal.key_id, principal.session_id, principal.company_id, principal.role) != (
+            old.key_id,
+            old.session_id,
+            old.company_id,
+            old.role,
+        ):
+            raise Unauthorized(
+                "the new token is for other credentials; a socket keeps its key (connect again for another)",
+                code="invalid_token",
+            )
+        self.principal = principal
+        self.token_refreshed.set()
+        await self.deliver([Ack(ref=frame.ref)])
 
     def close_later(self, closing: SocketClosing) -> None:
         """Ask the session to end (from any of its tasks)."""
@@ -419,6 +478,8 @@ class Session:
         elif isinstance(frame, UnsubscribeConversations):
             await self._end_list()
             await self.deliver([Ack(ref=frame.ref)])
+        elif isinstance(frame, Refresh):
+            await self._refresh(frame)
         else:
             assert isinstance(frame, Ping)
             await self.deliver([Pong(ref=frame.ref)])
@@ -544,6 +605,12 @@ def credentials_revoked() -> SocketClosing:
     message = "the credentials of this connection were revoked or expired; sign in or use another key"
     notice = ErrorFrame(code="credentials_revoked", message=message)
     return SocketClosing(CLOSE_UNAUTHORIZED, "credentials revoked", notice)
+
+
+def token_expired() -> SocketClosing:
+    """The close of a socket whose access token expired without a `refresh`."""
+    message = "the access token of this connection expired; connect again with a new token and resume with your cursors"
+    return SocketClosing(CLOSE_UNAUTHORIZED, "token expired", ErrorFrame(code="token_expired", message=message))
 
 
 def too_slow() -> SocketClosing:

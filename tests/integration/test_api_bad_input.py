@@ -231,6 +231,7 @@ BODY_ENDPOINTS: dict[str, tuple[str, str, str | None, dict[str, Any]]] = {
     "PATCH agent": ("PATCH", "/api/agents/{agent}", "admin", {"name": "ok"}),
     "POST keys": ("POST", "/api/keys", "admin", {"name": "ok"}),
     "POST session": ("POST", "/api/session", None, {"key": "cs_not_a_real_key"}),
+    "POST tokens": ("POST", "/api/tokens", "alice", {"ttl": 60}),
 }
 POST_MESSAGES = BODY_ENDPOINTS["POST messages"]
 
@@ -303,6 +304,12 @@ WRONG_TYPES = [
     ("POST keys", {"name": "k", "role": "root"}, "role"),
     ("POST keys", {"name": "k", "userId": "nope"}, "userId"),
     ("POST session", {"key": 5}, "key"),
+    ("POST tokens", {"ttl": "60"}, "ttl"),
+    ("POST tokens", {"ttl": 1.5}, "ttl"),
+    ("POST tokens", {"ttl": True}, "ttl"),
+    ("POST tokens", {"ttl": 0}, "ttl"),
+    ("POST tokens", {"ttl": -5}, "ttl"),
+    ("POST tokens", {"ttl": 86401}, "ttl"),
     # JSON is typed: no lenient conversion of numbers to booleans or of text to numbers.
     ("POST messages", {"content": "x", "reply": 0}, "reply"),
     ("POST messages", {"content": "x", "reply": "false"}, "reply"),
@@ -619,6 +626,33 @@ async def test_bad_authorization_header(
     async with unchanged(world):
         r = await send(client, world, method, path, None, json=body, headers={"Authorization": header})
         assert_error(r, 401, "invalid_credentials")
+
+
+BAD_ACCESS_TOKENS = {
+    "three dots of nothing": "Bearer ..",
+    "three words": "Bearer a.b.c",
+    "base64 but not a token": "Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.AAAA",
+    "unsigned": "Bearer eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0.",
+    "very long": "Bearer " + "a" * 3000 + "." + "b" * 3000 + ".c",
+}
+
+
+@pytest.mark.parametrize("header", BAD_ACCESS_TOKENS.values(), ids=BAD_ACCESS_TOKENS.keys())
+async def test_bad_access_token(client: httpx.AsyncClient, world: World, header: str) -> None:
+    """Something shaped like an access token that is not one of ours is 401 `invalid_token`,
+    for any route and for asking for a token."""
+    async with unchanged(world):
+        for method, path, body in (("GET", "/api/me", None), ("POST", "/api/tokens", {"ttl": 60})):
+            r = await send(client, world, method, path, None, json=body, headers={"Authorization": header})
+            assert_error(r, 401, "invalid_token")
+
+
+@pytest.mark.parametrize("body", [[], "ttl", 60, {"ttl": None, "extra": 1}], ids=["list", "string", "number", "extra"])
+async def test_token_request_that_is_not_an_object(client: httpx.AsyncClient, world: World, body: Any) -> None:
+    """POST /api/tokens takes no body or an object `{ttl}`; anything else is 400 `invalid_request`."""
+    async with unchanged(world):
+        r = await send(client, world, "POST", "/api/tokens", "alice", json=body)
+        assert_error(r, 400, "invalid_request")
 
 
 async def test_non_ascii_authorization_header(client: httpx.AsyncClient, world: World) -> None:

@@ -96,12 +96,30 @@ async def test_sign_out_documents_no_body_and_sends_none(server: LiveServer) -> 
     assert response.status_code == 204 and response.content == b""
 
 
+async def test_optional_request_bodies_are_not_required(server: LiveServer) -> None:
+    """It found POST /api/tokens answering 200 without a body the document said was required."""
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        paths = (await http.get("/schema/openapi.json")).json()["paths"]
+    assert paths["/api/tokens"]["post"]["requestBody"]["required"] is False
+    answer = "/api/conversations/{conversation_id}/messages/{message_id}/answer"
+    assert paths[answer]["post"]["requestBody"]["required"] is False
+    assert paths["/api/conversations"]["post"]["requestBody"]["required"] is True
+
+
 async def test_request_bodies_that_refuse_unknown_fields_say_so(server: LiveServer) -> None:
     """`additionalProperties: false` where an extra field is a 400; responses stay open (a client
     keeps working when a response gains a field); the AI SDK's body takes what the SDK adds."""
     async with httpx.AsyncClient(base_url=server.url) as http:
         schemas = (await http.get("/schema/openapi.json")).json()["components"]["schemas"]
-    for name in ("MessageCreate", "ConversationCreate", "AgentCreate", "ToolResultCreate", "SessionCreate"):
+    for name in (
+        "MessageCreate",
+        "ConversationCreate",
+        "AgentCreate",
+        "ToolResultCreate",
+        "SessionCreate",
+        "TokenCreate",
+        "AnswerAgain",
+    ):
         assert schemas[name]["additionalProperties"] is False, name
     assert "additionalProperties" not in schemas["ChatRequest"]
     assert "additionalProperties" not in schemas["ConversationOut"]

@@ -26,7 +26,10 @@ CLOSE_CODES: dict[int, str] = {
     1011: "keepalive timeout: the client did not answer a protocol ping in time",
     1012: "the server is restarting or stopping (running answers were cancelled first, reason `shutdown`)",
     1013: "try again later: too slow, broker unreachable, or too many sockets (after an `error` frame saying which)",
-    4401: "not authenticated, or the credentials were revoked (after an `error` `credentials_revoked`)",
+    4401: (
+        "not authenticated, or the credentials were revoked (after an `error` `credentials_revoked`), or the "
+        "access token expired without a `refresh` (after an `error` `token_expired`)"
+    ),
     4403: "cookie authentication from an origin that is not allowed",
     4500: "an unexpected server failure while setting up the socket",
 }
@@ -108,8 +111,8 @@ def asyncapi_document(schema: dict[str, Any]) -> dict[str, Any]:
                 "address": "/api/ws",
                 "title": "The chat socket",
                 "description": (
-                    "Authenticated on the upgrade request (`Authorization: Bearer <api key>`, or a browser's "
-                    "session cookie); refused credentials close the socket at once with 4401 or 4403. "
+                    "Authenticated on the upgrade request (`Authorization: Bearer <access token or api key>`, or a "
+                    "browser's session cookie); refused credentials close the socket at once with 4401 or 4403. "
                     "Close codes are listed in `x-close-codes`."
                 ),
                 "messages": channel_messages,
@@ -121,7 +124,7 @@ def asyncapi_document(schema: dict[str, Any]) -> dict[str, Any]:
                             "properties": {
                                 "Authorization": {
                                     "type": "string",
-                                    "description": "`Bearer <api key>` (native clients)",
+                                    "description": "`Bearer <access token>` (apps) or `Bearer <api key>`",
                                 },
                                 "Sec-WebSocket-Protocol": {
                                     "type": "string",
@@ -147,7 +150,10 @@ def asyncapi_document(schema: dict[str, Any]) -> dict[str, Any]:
                 "apiKey": {
                     "type": "http",
                     "scheme": "bearer",
-                    "description": "An API key in the upgrade request's Authorization header",
+                    "description": (
+                        "An access token (POST /api/tokens; a socket opened with one gets `token_expiring` and "
+                        "continues with `refresh`) or an API key, in the upgrade request's Authorization header"
+                    ),
                 }
             },
         },

@@ -76,6 +76,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Events kept per generation for resuming readers, and how long an ended log stays.
     log_retain: int = 1000
     log_ttl: float = 300.0
+    # Conversation events kept per conversation for subscribers coming back (`subscribe.since`),
+    # and for how long after the conversation's latest event.
+    conversation_log_retain: Annotated[int, msgspec.Meta(ge=1)] = 100
+    conversation_log_ttl: Annotated[float, msgspec.Meta(gt=0)] = 86400.0
     # WebSocket: protocol pings (dead peers are closed), limits per socket, and how long a
     # peer may leave its outgoing queue full before it is told and closed with 1013.
     ws_ping_interval: float = 20.0
@@ -157,6 +161,8 @@ ENV = {
     "sse_ping_interval": "CHATSTREAM_SSE_PING_INTERVAL",
     "log_retain": "CHATSTREAM_LOG_RETAIN",
     "log_ttl": "CHATSTREAM_LOG_TTL",
+    "conversation_log_retain": "CHATSTREAM_CONVERSATION_LOG_RETAIN",
+    "conversation_log_ttl": "CHATSTREAM_CONVERSATION_LOG_TTL",
     "ws_ping_interval": "CHATSTREAM_WS_PING_INTERVAL",
     "ws_ping_timeout": "CHATSTREAM_WS_PING_TIMEOUT",
     "ws_max_frame_bytes": "CHATSTREAM_WS_MAX_FRAME_BYTES",

@@ -80,11 +80,21 @@ def create_app(settings: Settings | None = None) -> Litestar:
         broker: Broker
         if settings.redis_url:
             broker = RedisBroker(
-                settings.redis_url, prefix=settings.redis_prefix, retain=settings.log_retain, log_ttl=settings.log_ttl
+                settings.redis_url,
+                prefix=settings.redis_prefix,
+                retain=settings.log_retain,
+                log_ttl=settings.log_ttl,
+                conversation_retain=settings.conversation_log_retain,
+                conversation_ttl=settings.conversation_log_ttl,
             )
             windows: Windows | None = RedisWindows(broker.commands, prefix=settings.redis_prefix)
         else:
-            broker = InProcessBroker(retain=settings.log_retain, log_ttl=settings.log_ttl)
+            broker = InProcessBroker(
+                retain=settings.log_retain,
+                log_ttl=settings.log_ttl,
+                conversation_retain=settings.conversation_log_retain,
+                conversation_ttl=settings.conversation_log_ttl,
+            )
             windows = None
         core = StreamingCore(
             broker,

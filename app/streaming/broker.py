@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from uuid import UUID
 
 from app.streaming.control import ControlMessage
+from app.streaming.conversation_log import ConversationLogs
 from app.streaming.direct import DirectReader
 from app.streaming.events import GenerationEvent
 from app.streaming.log import GenerationLog
@@ -271,8 +272,15 @@ class Broker(Protocol):
         """How many read the generation now."""
 
     async def publish(self, event: ConversationEvent, scope: Scope | None = None) -> None:
-        """Deliver a conversation event to every feed of its conversation and, with the
+        """Number a conversation event (its conversation's next `seq`), keep it in the
+        conversation's log, and deliver it to every feed of its conversation and, with the
         conversation's `scope`, what lists show of it to the lists that may show it."""
+
+    async def conversation_since(
+        self, conversation_id: UUID, since: int | None
+    ) -> tuple[int, list[ConversationEvent] | None]:
+        """The conversation's latest event `seq`, and its events after `since` (none asked: []);
+        None when some of them are no longer kept or `since` is ahead (the log was lost)."""
 
     def open_feed(self, conversation_id: UUID) -> ConversationFeed:
         """Start receiving a conversation's events."""
@@ -299,9 +307,17 @@ class InProcessBroker:
     name = "in-process"
     shared = False
 
-    def __init__(self, retain: int = 1000, log_ttl: float = 300.0) -> None:
+    def __init__(
+        self,
+        retain: int = 1000,
+        log_ttl: float = 300.0,
+        *,
+        conversation_retain: int = 100,
+        conversation_ttl: float = 86400.0,
+    ) -> None:
         self.retain = retain
         self.log_ttl = log_ttl
+        self._conversations = ConversationLogs(conversation_retain, conversation_ttl)
         self.node = f"local:{uuid.uuid4().hex}"
         self._control: Callable[[ControlMessage], None] | None = None
         self._logs: dict[UUID, GenerationLog] = {}
@@ -365,9 +381,15 @@ class InProcessBroker:
         return self._readers.get(generation_id, 0)
 
     async def publish(self, event: ConversationEvent, scope: Scope | None = None) -> None:
+        event = self._conversations.stamp(event)
         self._feeds.offer(event)
         if scope is not None:
             self._lists.offer(event, scope)
+
+    async def conversation_since(
+        self, conversation_id: UUID, since: int | None
+    ) -> tuple[int, list[ConversationEvent] | None]:
+        return self._conversations.since(conversation_id, since)
 
     def open_feed(self, conversation_id: UUID) -> ConversationFeed:
         return self._feeds.open(conversation_id)

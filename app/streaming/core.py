@@ -699,6 +699,13 @@ class StreamingCore:
     def close_feed(self, feed: ConversationFeed) -> None:
         self.broker.close_feed(feed)
 
+    async def conversation_since(
+        self, conversation_id: UUID, since: int | None
+    ) -> tuple[int, list[ConversationEvent] | None]:
+        """The conversation's latest event `seq`, and its events after `since` (None: some of
+        them are no longer kept; the client must reload the conversation)."""
+        return await self.broker.conversation_since(conversation_id, since)
+
     def open_list_feed(self, company_id: UUID, owner_id: UUID | None) -> ListFeed:
         """Start receiving the conversation list of `owner_id` in the company (None: every
         conversation of the company, an admin's list); close with :meth:`close_list_feed`."""

@@ -27,10 +27,12 @@ class _ClientFrame(msgspec.Struct, tag_field="type", rename="camel", kw_only=Tru
 
 
 class Subscribe(_ClientFrame, tag="subscribe"):
-    """Follow a conversation: its answers (from `after`, a cursor, when resuming) and its changes."""
+    """Follow a conversation: its answers (from `after`, a cursor, when resuming) and its
+    changes (those after `since`, the `conversationSeq` of the last conversation event the client has)."""
 
     conversation_id: UUID
     after: str | None = None
+    since: Annotated[int, msgspec.Meta(ge=0)] | None = None
 
 
 class Unsubscribe(_ClientFrame, tag="unsubscribe"):
@@ -143,6 +145,8 @@ class Ack(_ServerFrame, tag="ack"):
 
     ref: str | None = None
     conversation_id: UUID | None = None
+    # subscribe: the conversation's latest `conversationSeq` (its cursor, for a later `since`).
+    conversation_seq: int | None = None
     message: MessageOut | None = None
     generation: GenerationOut | None = None
     created: bool | None = None
@@ -192,25 +196,36 @@ class TokenExpiring(_ServerFrame, tag="token_expiring"):
     expires_in: float
 
 
+# `conversationSeq` of the conversation events: their number in the conversation (1, 2, 3 …, in
+# the order they happened), the conversation cursor a client resubscribes with (`subscribe.since`);
+# not the `seq` of generation events, which numbers one answer's events.
+# Stamped by the broker when the event is published; 0 (omitted) on list frames made from them.
+ConversationSeq = Annotated[int, msgspec.Meta(ge=0)]
+
+
 class MessageCreated(_ServerFrame, tag="message.created"):
     conversation_id: UUID
     message: MessageOut
+    conversation_seq: ConversationSeq = 0
 
 
 class MessageEdited(_ServerFrame, tag="message.edited"):
     conversation_id: UUID
     message: MessageOut
+    conversation_seq: ConversationSeq = 0
 
 
 class ConversationUpdated(_ServerFrame, tag="conversation.updated"):
     conversation_id: UUID
     conversation: ConversationOut
+    conversation_seq: ConversationSeq = 0
 
 
 class ConversationDeleted(_ServerFrame, tag="conversation.deleted"):
     """The conversation is gone; its subscription ends."""
 
     conversation_id: UUID
+    conversation_seq: ConversationSeq = 0
 
 
 class ConversationCreated(_ServerFrame, tag="conversation.created"):
@@ -218,6 +233,24 @@ class ConversationCreated(_ServerFrame, tag="conversation.created"):
 
     conversation_id: UUID
     conversation: ConversationOut
+    conversation_seq: ConversationSeq = 0
+
+
+class GenerationStarted(_ServerFrame, tag="generation.started"):
+    """An answer began in the conversation (its events follow, from `start`): subscribers
+    follow it; a client back from offline learns of it when the conversation is replayed."""
+
+    conversation_id: UUID
+    generation_id: UUID
+    conversation_seq: ConversationSeq = 0
+
+
+class ConversationReset(_ServerFrame, tag="conversation.reset"):
+    """The events after the `since` of a `subscribe` are no longer kept (or `since` is from
+    before a server restart): reload the conversation over HTTP, then go on from `conversationSeq`."""
+
+    conversation_id: UUID
+    conversation_seq: ConversationSeq
 
 
 class ConversationActivity(_ServerFrame, tag="conversation.activity"):
@@ -226,13 +259,6 @@ class ConversationActivity(_ServerFrame, tag="conversation.activity"):
 
     conversation_id: UUID
     last_message_at: Timestamp
-
-
-class GenerationStarted(msgspec.Struct, frozen=True):
-    """Internal, not sent: an answer began in the conversation; subscribers follow it."""
-
-    conversation_id: UUID
-    generation_id: UUID
 
 
 # What services publish on a conversation's channel.
@@ -254,6 +280,8 @@ ServerFrame = (
     | ConversationDeleted
     | ConversationCreated
     | ConversationActivity
+    | GenerationStarted
+    | ConversationReset
 )
 OutgoingFrame = ServerFrame | GenerationEvent
 
@@ -268,7 +296,9 @@ def list_frame(event: ConversationEvent) -> ListFrame | None:
     if isinstance(event, MessageCreated):
         return ConversationActivity(conversation_id=event.conversation_id, last_message_at=event.message.created_at)
     if isinstance(event, ConversationCreated | ConversationUpdated | ConversationDeleted):
-        return event
+        return (
+            msgspec.structs.replace(event, conversation_seq=0) if event.conversation_seq else event
+        )  # no cursor in a list
     return None
 
 

@@ -107,11 +107,42 @@ NODE_TTL = 3.0
 # (no read script, no wake-up, no restart of the XREAD).
 WATCH_LINGER = 5.0
 
-# Conversation events travel as `<origin broker id> <struct name> <JSON>`: the union mixes tagged and
-# untagged structs, so the name picks the decoder. One decoder per struct, made once.
+# Conversation events travel as `<origin broker id> <struct name> <seq> <JSON>` (the JSON without
+# its seq, which the publish script gives it); the name picks the decoder, one per struct, made once.
 _CONVERSATION_DECODERS: dict[str, msgspec.json.Decoder[Any]] = {
     cls.__name__: msgspec.json.Decoder(cls) for cls in get_args(ConversationEvent)
 }
+
+# A conversation's numbered events (docs/protocol.md, `since`): KEYS: its seq counter, its log (a
+# stream whose ids are `0-<seq>`). ARGV: channel, origin broker id, struct name, JSON, retain, ttl
+# ms. Numbers the event, keeps it (the log trimmed to `retain`, both keys expiring `ttl`
+# after the conversation's latest event), publishes it; returns its seq.
+_PUBLISH_CONVERSATION = """
+local seq = redis.call('INCR', KEYS[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[6])
+redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[5], '0-' .. seq, 'k', ARGV[3], 'b', ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[6])
+redis.call('PUBLISH', ARGV[1], ARGV[2] .. ' ' .. ARGV[3] .. ' ' .. seq .. ' ' .. ARGV[4])
+return seq
+"""
+
+# KEYS: as above. ARGV: since (-1: none). Returns {latest seq, 'ok' or 'reset', then struct name
+# and JSON of each event after `since`}: 'reset' when some are no longer kept or `since` is ahead.
+_CONVERSATION_SINCE = """
+local latest = tonumber(redis.call('GET', KEYS[1]) or '0')
+local since = tonumber(ARGV[1])
+if since < 0 or since == latest then return {latest, 'ok'} end
+if since > latest then return {latest, 'reset'} end
+local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
+if #first == 0 or tonumber(string.match(first[1][1], '%d+$')) > since + 1 then return {latest, 'reset'} end
+local reply = {latest, 'ok'}
+for _, entry in ipairs(redis.call('XRANGE', KEYS[2], '0-' .. (since + 1), '+')) do
+  table.insert(reply, string.match(entry[1], '%d+$'))
+  table.insert(reply, entry[2][2])
+  table.insert(reply, entry[2][4])
+end
+return reply
+"""
 
 # KEYS: meta, log, text, parts, readers. ARGV: seq, event JSON, token text ('' for other events),
 # terminal (1/0), retain, ttl ms, part event (1/0). The expiry of the generation's keys is pushed
@@ -313,12 +344,16 @@ class RedisBroker:
         retain: int = 1000,
         log_ttl: float = 300.0,
         pool_size: int = 16,
+        conversation_retain: int = 100,
+        conversation_ttl: float = 86400.0,
     ) -> None:
         if retain < 1:
             raise ValueError("retain must be at least 1")
         self.prefix = prefix
         self.retain = retain
         self.log_ttl = log_ttl
+        self.conversation_retain = conversation_retain
+        self.conversation_ttl_ms = int(conversation_ttl * 1000)
         # This broker's (this process's) id: its field in reader counts, part of its connections' names.
         self.id = uuid.uuid4().hex
         self._ttl_ms = max(int(log_ttl * 1000), 0)
@@ -369,6 +404,8 @@ class RedisBroker:
         self._append_script = self._redis.register_script(_APPEND)
         self._read_script = self._redis.register_script(_READ)
         self._count_script = self._redis.register_script(_COUNT)
+        self._publish_script = self._redis.register_script(_PUBLISH_CONVERSATION)
+        self._since_script = self._redis.register_script(_CONVERSATION_SINCE)
         self._watches: dict[UUID, _Watch] = {}
         self._parked_on: dict[DirectReader, _Watch] = {}  # parked readers, and the watch of each
         # The keys an append names, per generation appended to here (dropped when its log is closed).
@@ -826,14 +863,44 @@ class RedisBroker:
         """Deliver a conversation event to every feed of its conversation and, with its `scope`,
         to the conversation lists that may show it, in every process (the scope travels in the
         channel's name)."""
-        # This process's feeds get it at once, like the in-process broker's (the pub/sub loop skips it).
-        self._feeds.offer(event)
         channel = self._conversation_channels
         if scope is not None:
-            self._lists.offer(event, scope)
             channel = f"{channel}{scope.company_id}:{scope.owner_id}:"
-        payload = b" ".join([self.id.encode(), type(event).__name__.encode(), json_encoder.encode(event)])
-        await self._execute(_Command(("PUBLISH", f"{channel}{event.conversation_id}", payload)))
+        args = (
+            f"{channel}{event.conversation_id}",
+            self.id,
+            type(event).__name__,
+            json_encoder.encode(event),
+            self.conversation_retain,
+            self.conversation_ttl_ms,
+        )
+        [seq] = await self._execute(
+            _Command(args, self._publish_script, self._conversation_keys(event.conversation_id))
+        )
+        event = msgspec.structs.replace(event, conversation_seq=int(seq))
+        # This process's feeds get it here, like the in-process broker's (the pub/sub loop skips it).
+        self._feeds.offer(event)
+        if scope is not None:
+            self._lists.offer(event, scope)
+
+    async def conversation_since(
+        self, conversation_id: UUID, since: int | None
+    ) -> tuple[int, list[ConversationEvent] | None]:
+        """The conversation's latest `seq` and its events after `since` (see Broker)."""
+        keys = self._conversation_keys(conversation_id)
+        [reply] = await self._execute(_Command((-1 if since is None else since,), self._since_script, keys))
+        latest, state, rest = int(reply[0]), reply[1], reply[2:]
+        if state != b"ok":
+            return latest, None
+        events: list[ConversationEvent] = []
+        for seq, kind, body in zip(rest[::3], rest[1::3], rest[2::3], strict=True):
+            event = _CONVERSATION_DECODERS[kind.decode()].decode(body)
+            events.append(msgspec.structs.replace(event, conversation_seq=int(seq)))
+        return latest, events
+
+    def _conversation_keys(self, conversation_id: UUID) -> tuple[str, str]:
+        tag = f"{{{conversation_id}}}"  # one hash slot for both (Redis Cluster)
+        return f"{self.prefix}convseq:{tag}", f"{self.prefix}convlog:{tag}"
 
     def open_feed(self, conversation_id: UUID) -> ConversationFeed:
         """Start receiving a conversation's events (from any process). A feed opened while Redis is
@@ -919,10 +986,12 @@ class RedisBroker:
             listed = scope is not None and self._lists.wants(scope.company_id)
             if not (followed or listed):
                 return  # neither a feed of it nor a list of its company here: not even decoded
-            origin, kind, body = data.split(b" ", 2)
+            origin, kind, seq, body = data.split(b" ", 3)
             if origin == self.id.encode():
                 return  # published here: this process's feeds have it already
-            event = _CONVERSATION_DECODERS[kind.decode()].decode(body)
+            event = msgspec.structs.replace(
+                _CONVERSATION_DECODERS[kind.decode()].decode(body), conversation_seq=int(seq)
+            )
         except (ValueError, KeyError, IndexError, msgspec.DecodeError):
             logger.warning("redis broker: ignored a malformed message on %r", channel)
             return

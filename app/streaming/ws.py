@@ -53,6 +53,7 @@ from app.streaming.protocol import (
     Cancel,
     ClientFrame,
     ConversationDeleted,
+    ConversationReset,
     ErrorFrame,
     GenerationStarted,
     Hello,
@@ -500,12 +501,21 @@ class Session:
             )
             # resolve_stream looked up the running answer unless the cursor named another one.
             look_again = cursor is not None
+            # After the feed opened: an event is in the log read here, or in the feed, or both.
+            latest, missed = await self.core.conversation_since(cid, frame.since)
             await self._end_subscription(cid)  # a new subscribe replaces the old one, after it has stopped
-            await self.deliver([Ack(ref=frame.ref, conversation_id=cid)])
+            frames: list[OutgoingFrame] = [Ack(ref=frame.ref, conversation_id=cid, conversation_seq=latest)]
+            if missed is None:  # the client must reload, then go on from `latest`
+                frames.append(ConversationReset(conversation_id=cid, conversation_seq=latest))
+            else:
+                frames.extend(missed)
+            await self.deliver(frames)
         except BaseException:
             self.core.close_feed(feed)
             raise
-        self.subscriptions[cid] = asyncio.create_task(self._follow_conversation(cid, feed, first, look_again))
+        # Resuming: what the feed holds up to `latest` was just sent (from the log) or is older than the reset.
+        seen = latest if frame.since is not None else 0
+        self.subscriptions[cid] = asyncio.create_task(self._follow_conversation(cid, feed, first, look_again, seen))
 
     async def _end_subscription(self, conversation_id: UUID) -> None:
         """Stop following a conversation; returns once nothing more of it can be queued."""
@@ -524,11 +534,16 @@ class Session:
     # -- subscriptions -------------------------------------------------------------------
 
     async def _follow_conversation(
-        self, conversation_id: UUID, feed: ConversationFeed, first: tuple[UUID, int] | None, look_again: bool
+        self,
+        conversation_id: UUID,
+        feed: ConversationFeed,
+        first: tuple[UUID, int] | None,
+        look_again: bool,
+        seen: int,
     ) -> None:
-        """Forward the conversation's events (from `feed`, closed at the end) and follow its
-        answers: `first`, then whatever starts; with `look_again`, also the answer running now
-        (when `first` came from a cursor, a newer answer may run)."""
+        """Forward the conversation's events after `seen` (from `feed`, closed at the end) and
+        follow its answers: `first`, then whatever starts; with `look_again`, also the answer
+        running now (when `first` came from a cursor, a newer answer may run)."""
         answers: dict[UUID, asyncio.Task[None]] = {}
 
         def follow(generation_id: UUID, after: int) -> None:
@@ -543,9 +558,10 @@ class Session:
                 follow(running["id"], 0)
             while True:
                 event = await feed.get()
+                if event.conversation_seq and event.conversation_seq <= seen:
+                    continue  # sent already, from the conversation's log
                 if isinstance(event, GenerationStarted):
                     follow(event.generation_id, 0)
-                    continue
                 await self.deliver([event])
                 if isinstance(event, ConversationDeleted):
                     return

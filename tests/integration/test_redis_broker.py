@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
+import msgspec
 import pytest
 
 from app.streaming import redis_broker
@@ -109,6 +110,10 @@ async def test_reader_counts_are_shared_and_a_closed_process_counts_its_readers_
     assert await a.readers(g) == 0
 
 
+def numbered(event: GenerationStarted, seq: int) -> GenerationStarted:
+    return msgspec.structs.replace(event, conversation_seq=seq)
+
+
 async def test_a_feed_in_one_process_receives_events_published_in_another(scope: RedisScope) -> None:
     g, c, _ = new_ids()
     a, b = scope.broker(), scope.broker()
@@ -116,17 +121,19 @@ async def test_a_feed_in_one_process_receives_events_published_in_another(scope:
     feed_a = a.open_feed(c)
     await subscribed(scope, b)
     await subscribed(scope, a)
-    started, deleted = GenerationStarted(conversation_id=c, generation_id=g), ConversationDeleted(conversation_id=c)
+    # Numbered in the conversation, one count for every process.
+    started = GenerationStarted(conversation_id=c, generation_id=g)
+    deleted = ConversationDeleted(conversation_id=c, conversation_seq=2)
     await a.publish(started)
-    assert await asyncio.wait_for(feed_b.get(), 5) == started
-    await b.publish(deleted)
-    assert await asyncio.wait_for(feed_a.get(), 5) == started
+    assert await asyncio.wait_for(feed_b.get(), 5) == numbered(started, 1)
+    await b.publish(msgspec.structs.replace(deleted, conversation_seq=0))
+    assert await asyncio.wait_for(feed_a.get(), 5) == numbered(started, 1)
     assert await asyncio.wait_for(feed_a.get(), 5) == deleted
     assert await asyncio.wait_for(feed_b.get(), 5) == deleted
     # Each feed got each event once: a publisher's own feeds are served at once, not again from pub/sub.
     await a.publish(started)
-    assert await asyncio.wait_for(feed_b.get(), 5) == started
-    assert await asyncio.wait_for(feed_a.get(), 5) == started
+    assert await asyncio.wait_for(feed_b.get(), 5) == numbered(started, 3)
+    assert await asyncio.wait_for(feed_a.get(), 5) == numbered(started, 3)
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(feed_a.get(), 0.1)
     with pytest.raises(TimeoutError):
@@ -296,7 +303,8 @@ async def test_a_killed_feeds_connection_loses_open_feeds_then_resubscribes(scop
     await subscribed(scope, b)
     fresh = b.open_feed(c)
     await a.publish(GenerationStarted(conversation_id=c, generation_id=g))
-    assert await asyncio.wait_for(fresh.get(), 5) == GenerationStarted(conversation_id=c, generation_id=g)
+    got = await asyncio.wait_for(fresh.get(), 5)
+    assert got == GenerationStarted(conversation_id=c, generation_id=g, conversation_seq=got.conversation_seq) != 0
 
 
 def free_port() -> int:
@@ -374,7 +382,7 @@ async def test_an_outage_ends_waiting_reads_and_the_broker_works_again_once_redi
     await subscribed(scope, broker)
     fresh = broker.open_feed(c)
     await producer.publish(ConversationDeleted(conversation_id=c))
-    assert await asyncio.wait_for(fresh.get(), 10) == ConversationDeleted(conversation_id=c)
+    assert await asyncio.wait_for(fresh.get(), 10) == ConversationDeleted(conversation_id=c, conversation_seq=1)
 
 
 async def test_a_reader_waiting_on_a_log_that_expires_unseen_is_told_it_is_gone(

@@ -499,6 +499,36 @@ async def test_if_busy_holds_across_processes(cluster: Cluster, tenant: Tenant) 
 # -- 5. conversation events across processes ---------------------------------------------------
 
 
+async def test_a_socket_that_moves_to_another_process_gets_the_conversation_events_it_missed(
+    cluster: Cluster, tenant: Tenant
+) -> None:
+    """The conversation's numbering and log are in Redis: one count for every process, and a
+    socket back on another process resubscribes with `since` and gets exactly what it missed."""
+    a, b, _ = cluster.servers
+    cid = await conversation(tenant, a, pace=0)
+    socket = await open_ws(a, tenant)
+    try:
+        await socket.send(json.dumps({"type": "subscribe", "conversationId": cid, "ref": "s"}))
+        seen = (await ws_frame(socket))["conversationSeq"]
+    finally:
+        await socket.close()
+    async with httpx.AsyncClient(base_url=a.url, timeout=STEP, headers=tenant.headers("alice")) as http:
+        for content in ("one", "two"):
+            posted = await http.post(f"/api/conversations/{cid}/messages", json={"content": content, "reply": False})
+            assert posted.status_code == 201, posted.text
+    socket = await open_ws(b, tenant)
+    try:
+        await socket.send(json.dumps({"type": "subscribe", "conversationId": cid, "ref": "s", "since": seen}))
+        ack = await ws_frame(socket)
+        assert ack["type"] == "ack" and ack["conversationSeq"] == seen + 3  # two messages and the title
+        missed = [await ws_frame(socket) for _ in range(3)]
+        assert [f["conversationSeq"] for f in missed] == [seen + 1, seen + 2, seen + 3]
+        assert [f["type"] for f in missed] == ["message.created", "conversation.updated", "message.created"]
+        assert [missed[0]["message"]["content"], missed[2]["message"]["content"]] == ["one", "two"]
+    finally:
+        await socket.close()
+
+
 async def test_changes_made_on_a_reach_sockets_on_b(cluster: Cluster, tenant: Tenant) -> None:
     a, b, _ = cluster.servers
     cid = await conversation(tenant, a, pace=0)

@@ -222,6 +222,7 @@ class Socket:
         self.log: list[dict[str, Any]] = []
         self.raw: list[str | bytes] = []
         self.hello: dict[str, Any] | None = None
+        self.conversation_seqs: dict[str, int] = {}  # the latest conversationSeq of each conversation
         self._refs = itertools.count(1)
 
     def encode(self, frame: Any) -> str | bytes:
@@ -245,6 +246,11 @@ class Socket:
             assert isinstance(frame, dict) and isinstance(frame.get("type"), str), frame
             assert frame.get("code") != "internal_error", frame
             self.log.append(frame)
+            if "conversationSeq" in frame and frame["type"] not in ("ack", "conversation.reset"):
+                # A conversation's events come in order (the ack and a reset say where it stands).
+                last = self.conversation_seqs.get(frame["conversationId"], 0)
+                assert frame["conversationSeq"] > last, (last, frame)
+                self.conversation_seqs[frame["conversationId"]] = frame["conversationSeq"]
             if frame["type"] != "hello":
                 return frame
             assert len(self.log) == 1, f"hello is the first frame, not {self.log}"
@@ -562,7 +568,7 @@ async def test_bearer_and_cookie_authenticate_the_upgrade(
         async with open_socket(server, encoding, headers, origin=origin) as ws:
             await ws.assert_usable()
             ack = await ws.ack(subscribe(mine))
-            assert ack == {"type": "ack", "ref": ack["ref"], "conversationId": mine}
+            assert ack == {"type": "ack", "ref": ack["ref"], "conversationId": mine, "conversationSeq": 1}
             await ws.refused(subscribe(bobs), "not_found")
     async with open_socket(server, encoding, acme.headers("admin")) as ws:
         await ws.ack(subscribe(mine))
@@ -755,12 +761,19 @@ async def test_send_streams_the_answer_and_is_idempotent(
         assert generation["conversationId"] == conversation and generation["agentId"] == agent
 
         created = await ws.wait_for(message_created(message["id"]))
-        assert created == {"type": "message.created", "conversationId": conversation, "message": message}
+        assert created == {
+            "type": "message.created",
+            "conversationId": conversation,
+            "message": message,
+            "conversationSeq": created["conversationSeq"],
+        }
         titled = await ws.wait_for(lambda f: f["type"] == "conversation.updated")  # it had no title
         assert titled["conversation"]["title"] == "one two three"
         events = await ws.answer(generation["id"])
         assert_whole_answer(events, conversation)
         assert events[0]["replyToId"] == message["id"] and events[0]["agentId"] == agent
+        started = await ws.wait_for(lambda f: f["type"] == "generation.started")
+        assert started["generationId"] == generation["id"] and started["conversationSeq"] > created["conversationSeq"]
         done = events[-1]
         assert done["type"] == "done" and done["tokenCount"] == len(events) - 2 and done["finishReason"] == "stop"
         assert text_of(events) == content
@@ -862,14 +875,24 @@ async def test_rest_changes_reach_subscribers(
         posted = await post_message(http, acme, conversation, "posted over http", reply=False)
         message = posted["message"]
         created = await ws.wait_for(message_created(message["id"]))
-        assert created == {"type": "message.created", "conversationId": conversation, "message": message}
+        assert created == {
+            "type": "message.created",
+            "conversationId": conversation,
+            "message": message,
+            "conversationSeq": created["conversationSeq"],
+        }
 
         response = await http.put(
             f"/api/conversations/{conversation}/messages/{message['id']}", json={"content": "edited"}, headers=alice
         )
         assert response.status_code == 200, response.text
         edited = await ws.wait_for(lambda f: f["type"] == "message.edited")
-        assert edited == {"type": "message.edited", "conversationId": conversation, "message": response.json()}
+        assert edited == {
+            "type": "message.edited",
+            "conversationId": conversation,
+            "message": response.json(),
+            "conversationSeq": edited["conversationSeq"],  # after the title's (the Socket checks the order)
+        }
         assert edited["message"]["editedContent"] == "edited" and edited["message"]["content"] == "posted over http"
 
         response = await http.patch(f"/api/conversations/{conversation}", json={"title": "Renamed"}, headers=alice)
@@ -882,6 +905,7 @@ async def test_rest_changes_reach_subscribers(
             "type": "conversation.updated",
             "conversationId": conversation,
             "conversation": response.json(),
+            "conversationSeq": edited["conversationSeq"] + 1,  # the conversation's next event
         }
         assert updated["conversation"]["title"] == "Renamed"
 
@@ -890,7 +914,11 @@ async def test_rest_changes_reach_subscribers(
         response = await http.delete(f"/api/conversations/{conversation}", headers=alice)
         assert response.status_code == 204, response.text
         deleted = await ws.wait_for(lambda f: f["type"] == "conversation.deleted")
-        assert deleted == {"type": "conversation.deleted", "conversationId": conversation}
+        assert deleted == {
+            "type": "conversation.deleted",
+            "conversationId": conversation,
+            "conversationSeq": deleted["conversationSeq"],
+        }
         events = await ws.answer(generation)
         assert [e["type"] for e in events] == ["start", "cancelled"] and events[-1]["reason"] == "deleted"
         assert any(f is deleted for f in ws.after(events[-1])), "conversation.deleted came before `cancelled`"
@@ -898,6 +926,83 @@ async def test_rest_changes_reach_subscribers(
 
 
 # -- 4. resume -----------------------------------------------------------------------------------------------
+
+
+async def test_a_socket_back_from_offline_gets_the_conversation_events_it_missed(
+    server: LiveServer, http: httpx.AsyncClient, acme: Tenant, encoding: str
+) -> None:
+    """Rule: conversation events carry `conversationSeq`; a socket that resubscribes with
+    `since` = the last one it had gets the events it missed, in order and once (an answer
+    started meanwhile too: `generation.started`, then the answer itself), then live ones."""
+    agent = await make_agent(acme, 0.05)
+    conversation = await new_conversation(http, acme, agent)
+    alice = acme.headers("alice")
+    async with open_socket(server, encoding, alice) as ws:
+        ack = await ws.ack(subscribe(conversation))
+        posted = (await post_message(http, acme, conversation, "before the drop", reply=False))["message"]
+        await ws.wait_for(message_created(posted["id"]))
+        titled = await ws.wait_for(lambda f: f["type"] == "conversation.updated")  # named after that message
+        seen = titled["conversationSeq"]
+        assert seen == ack["conversationSeq"] + 2
+    # Offline: a message, an edit, a rename and an answer happen.
+    missed = await post_message(http, acme, conversation, "while away one two three")
+    edited = await http.put(
+        f"/api/conversations/{conversation}/messages/{posted['id']}", json={"content": "edited"}, headers=alice
+    )
+    assert edited.status_code == 200, edited.text
+    renamed = await http.patch(f"/api/conversations/{conversation}", json={"title": "Away"}, headers=alice)
+    assert renamed.status_code == 200, renamed.text
+    async with open_socket(server, encoding, alice) as ws:
+        back = await ws.ack({**subscribe(conversation), "since": seen})
+        latest = back["conversationSeq"]
+        replayed = [
+            await ws.wait_for(lambda f: "conversationSeq" in f and "ref" not in f) for _ in range(latest - seen)
+        ]
+        assert [f["conversationSeq"] for f in replayed] == list(range(seen + 1, latest + 1))
+        kinds = [f["type"] for f in replayed]
+        assert kinds[0] == "message.created" and replayed[0]["message"]["id"] == missed["message"]["id"]
+        assert "generation.started" in kinds and "message.edited" in kinds and kinds[-1] == "conversation.updated"
+        started = next(f for f in replayed if f["type"] == "generation.started")
+        assert started["generationId"] == missed["generation"]["id"]
+        # Live from here: the next event follows the replayed ones.
+        later = (await post_message(http, acme, conversation, "after the return", reply=False))["message"]
+        live = await ws.wait_for(message_created(later["id"]))
+        assert live["conversationSeq"] > latest
+        assert not [f for f in ws.pending if f.get("conversationSeq", latest + 1) <= seen], ws.pending
+
+
+async def test_a_cursor_too_old_or_ahead_is_told_to_reload(
+    http: httpx.AsyncClient, acme: Tenant, encoding: str
+) -> None:
+    """Rule: when the events after `since` are no longer all kept (or `since` is ahead of
+    the conversation: its log was lost), the ack is followed by `conversation.reset` with the
+    conversation's latest `conversationSeq`; the client reloads over HTTP and goes on from it."""
+    with LiveServer({"CHATSTREAM_CONVERSATION_LOG_RETAIN": "2"}) as small:
+        async with httpx.AsyncClient(base_url=small.url, timeout=STEP) as client:
+            conversation = await new_conversation(client, acme)
+            for i in range(4):
+                await post_message(client, acme, conversation, f"m{i}", reply=False)
+        async with open_socket(small, encoding, acme.headers("alice")) as ws:
+            latest = (await ws.ack(subscribe(conversation)))["conversationSeq"]
+            assert latest >= 4
+            for since in (latest - 2, latest - 1, latest):  # kept: replayed (none for `latest`)
+                ws.conversation_seqs.clear()  # each resubscription goes back in the numbering
+                await ws.ack({**subscribe(conversation), "since": since})
+                replayed = [
+                    await ws.wait_for(lambda f, since=since: f.get("conversationSeq", 0) > since)
+                    for _ in range(latest - since)
+                ]
+                assert [f["conversationSeq"] for f in replayed] == list(range(since + 1, latest + 1))
+            for since in (0, latest - 3, latest + 5):
+                ack = await ws.ack({**subscribe(conversation), "since": since})
+                reset = await ws.wait_for(lambda f: f["type"] == "conversation.reset")
+                assert reset == {
+                    "type": "conversation.reset",
+                    "conversationId": conversation,
+                    "conversationSeq": latest,
+                }
+                assert ws.after(ack)[:1] == [reset] or ws.pending == [], "the reset follows the ack at once"
+            await ws.assert_usable()
 
 
 async def test_resume_with_a_cursor_from_this_socket(
@@ -1440,7 +1545,7 @@ async def test_a_reader_that_cannot_keep_up_is_closed_and_resumes(
         observed = f"close={close}, notices={notices}"
 
         for conversation, generation in zip(state.conversations, state.generations, strict=True):
-            received = [f for f in state.slow.log if f.get("generationId") == generation]
+            received = [f for f in state.slow.log if f.get("generationId") == generation and "seq" in f]
             assert received and received[-1]["type"] not in TERMINAL, (observed, len(received))
             assert_contiguous(received, 1)
             async with open_socket(slow_server, encoding, acme.headers("alice")) as back:

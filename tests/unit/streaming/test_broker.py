@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import msgspec
 import pytest
 
 from app.streaming.broker import Broker, FeedOverflow, InProcessBroker
@@ -234,8 +235,11 @@ async def test_conversation_feed(make_broker: MakeBroker, ids: tuple[uuid.UUID, 
     other = broker.open_feed(uuid.uuid4())
     await broker.publish(GenerationStarted(conversation_id=c, generation_id=g))
     await broker.publish(ConversationDeleted(conversation_id=c))
-    assert await asyncio.wait_for(feed.get(), 5) == GenerationStarted(conversation_id=c, generation_id=g)
-    assert await asyncio.wait_for(feed.get(), 5) == ConversationDeleted(conversation_id=c)
+    # Numbered in the conversation as they are published.
+    assert await asyncio.wait_for(feed.get(), 5) == GenerationStarted(
+        conversation_id=c, generation_id=g, conversation_seq=1
+    )
+    assert await asyncio.wait_for(feed.get(), 5) == ConversationDeleted(conversation_id=c, conversation_seq=2)
     broker.close_feed(feed)
     await broker.publish(ConversationDeleted(conversation_id=c))
     with pytest.raises(TimeoutError):
@@ -330,3 +334,27 @@ async def test_snapshot_of_text_interleaved_with_parts_equals_the_in_process_log
     await broker.append(end)
     got = await broker.read(g, 3, 0)
     assert got is not None and got[0] == snapshot and got[1:] == [end]
+
+
+async def test_a_conversation_replays_what_came_after_a_cursor(make_broker: MakeBroker) -> None:
+    """`conversation_since`: the latest `conversationSeq` and the events after `since`, or
+    None when some are no longer kept (only `conversation_retain` are) or `since` is ahead."""
+    broker = make_broker(conversation_retain=3)
+    c, other = uuid.uuid4(), uuid.uuid4()
+    assert await broker.conversation_since(c, None) == (0, [])
+    assert await broker.conversation_since(c, 0) == (0, [])
+    events = [GenerationStarted(conversation_id=c, generation_id=uuid.uuid4()) for _ in range(4)]
+    for event in events:
+        await broker.publish(event)
+    await broker.publish(ConversationDeleted(conversation_id=other))  # its own numbering
+    numbered = [msgspec.structs.replace(e, conversation_seq=n) for n, e in enumerate(events, 1)]
+    assert await broker.conversation_since(c, None) == (4, [])
+    assert await broker.conversation_since(c, 4) == (4, [])
+    assert await broker.conversation_since(c, 2) == (4, numbered[2:])
+    assert await broker.conversation_since(c, 1) == (4, numbered[1:])  # the oldest kept is seq 2
+    assert await broker.conversation_since(c, 0) == (4, None)  # seq 1 is no longer kept: reload
+    assert await broker.conversation_since(c, 9) == (4, None)  # ahead: the log was lost (a restart)
+    assert await broker.conversation_since(other, 0) == (
+        1,
+        [ConversationDeleted(conversation_id=other, conversation_seq=1)],
+    )

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any, cast
 from uuid import UUID
 
+import msgspec
 import pytest
 
 from app.streaming.broker import Broker, FeedOverflow, InProcessBroker, ListFeed
@@ -206,12 +207,12 @@ async def test_a_conversation_feed_gets_no_creation_and_an_event_without_scope_r
     created, updated, *_ = life_of(c, acme.alice)
     await broker.publish(created, acme.scope(acme.alice))
     await broker.publish(updated)  # no scope: the conversation's subscribers only
-    assert await asyncio.wait_for(feed.get(), WAIT) == updated
-    assert await take(alice, 1) == [created]
+    assert await asyncio.wait_for(feed.get(), WAIT) == msgspec.structs.replace(updated, conversation_seq=2)
+    assert await take(alice, 1) == [created]  # a list's frames carry no conversationSeq
     barrier = ConversationDeleted(conversation_id=c)
     await broker.publish(barrier, acme.scope(acme.alice))
     assert await take(alice, 1) == [barrier]
-    assert await asyncio.wait_for(feed.get(), WAIT) == barrier
+    assert await asyncio.wait_for(feed.get(), WAIT) == msgspec.structs.replace(barrier, conversation_seq=3)
 
 
 async def test_a_closed_list_gets_nothing_and_others_of_the_same_owner_go_on(make_broker: MakeBroker) -> None:
@@ -285,7 +286,7 @@ async def test_the_scope_travels_in_the_channel_name_whose_last_part_is_the_conv
         assert channel.rpartition(":")[2] == str(c)
     finally:
         await pubsub.aclose()
-    assert await asyncio.wait_for(feed.get(), WAIT) == ConversationDeleted(conversation_id=c)
+    assert await asyncio.wait_for(feed.get(), WAIT) == ConversationDeleted(conversation_id=c, conversation_seq=1)
 
 
 async def test_a_lost_subscription_loses_the_lists_too(redis: RedisScope) -> None:

@@ -385,8 +385,10 @@ el.stop.addEventListener("click", async () => {
 
 export function onFrame(frame, request) {
   switch (frame.type) {
+    case "hello":
     case "ack":
     case "pong":
+    case "generation.started": // its `start` event follows
       return;
     case "error":
       if (frame.generationId) applyAnswerEvent(frame);

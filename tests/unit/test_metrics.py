@@ -185,6 +185,7 @@ def test_a_request_failing_on_the_database_is_counted() -> None:
 
     request = cast(Any, SimpleNamespace(method="GET", url=SimpleNamespace(path="/api/me")))
     before = value("chatstream_database_errors_total", where="http")
-    assert handle_unexpected(request, sqlite3.OperationalError("disk I/O error")).status_code == 500
+    # The database failing is an outage (503, retry later); a bug is a 500. Only the first is counted.
+    assert handle_unexpected(request, sqlite3.OperationalError("disk I/O error")).status_code == 503
     assert handle_unexpected(request, KeyError("a bug")).status_code == 500
     assert value("chatstream_database_errors_total", where="http") == before + 1

@@ -156,6 +156,8 @@ async def test_keep_alive_requests_and_long_responses_are_not_cut(timed: LiveSer
 
         url = timed.url.replace("http://", "ws://", 1) + "/api/ws"
         async with connect(url, additional_headers=acme.headers("alice")) as ws:
+            with anyio.fail_after(DEADLINE):
+                assert json.loads(await ws.recv())["type"] == "hello"  # the greeting first
             until = time.monotonic() + 3 * TIMEOUT
             while time.monotonic() < until:  # keep the socket busy across several timeouts
                 await ws.send(json.dumps({"type": "ping", "ref": "p"}))

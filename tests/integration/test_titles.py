@@ -122,7 +122,10 @@ async def test_the_first_message_names_the_conversation_and_subscribers_are_told
     now = await get_conversation(alice, created.id)
     assert now.title == "Dinner in Lisbon" and now.updated_at > created.updated_at
     assert isinstance(events[0], MessageCreated) and events[0].message.id == posted.message.id  # the message first
-    assert events[-1] == ConversationUpdated(conversation_id=created.id, conversation=now)
+    assert events[-1] == ConversationUpdated(
+        conversation_id=created.id, conversation=now, conversation_seq=events[-1].conversation_seq
+    )
+    assert events[0].conversation_seq < events[-1].conversation_seq  # numbered in that order
 
 
 async def test_a_title_is_never_replaced_by_a_message(streaming: StreamingCore) -> None:

@@ -79,7 +79,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Conversation events kept per conversation for subscribers coming back (`subscribe.since`),
     # and for how long after the conversation's latest event.
     conversation_log_retain: Annotated[int, msgspec.Meta(ge=1)] = 100
-    conversation_log_ttl: Annotated[float, msgspec.Meta(gt=0)] = 86400.0
+    conversation_log_ttl: Annotated[float, msgspec.Meta(gt=0)] = 3600.0
     # WebSocket: protocol pings (dead peers are closed), limits per socket, and how long a
     # peer may leave its outgoing queue full before it is told and closed with 1013.
     ws_ping_interval: float = 20.0

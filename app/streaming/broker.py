@@ -313,7 +313,7 @@ class InProcessBroker:
         log_ttl: float = 300.0,
         *,
         conversation_retain: int = 100,
-        conversation_ttl: float = 86400.0,
+        conversation_ttl: float = 3600.0,
     ) -> None:
         self.retain = retain
         self.log_ttl = log_ttl

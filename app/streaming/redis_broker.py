@@ -345,7 +345,7 @@ class RedisBroker:
         log_ttl: float = 300.0,
         pool_size: int = 16,
         conversation_retain: int = 100,
-        conversation_ttl: float = 86400.0,
+        conversation_ttl: float = 3600.0,
     ) -> None:
         if retain < 1:
             raise ValueError("retain must be at least 1")

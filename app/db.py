@@ -145,6 +145,9 @@ def insert_select_sql(table: type[Table], source: str) -> str:
     return f'INSERT INTO "{table._meta.tablename}" ({columns_of(table)}) SELECT {casts} FROM {source}'
 
 
+# Seconds a client is asked to wait when the database cannot be reached.
+OUTAGE_RETRY_AFTER = 5
+
 # Failures that mean the database cannot be reached or is not taking work now (an outage,
 # not a bug of ours): asyncpg's connection errors (class 08), a server shutting down or
 # refusing connections (class 57, 53300), a connection lost mid-query, and SQLite's

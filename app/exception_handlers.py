@@ -13,7 +13,7 @@ from litestar.types import ExceptionHandlersMap
 
 from app import metrics
 from app.config import get_settings
-from app.db import is_outage
+from app.db import OUTAGE_RETRY_AFTER, is_outage
 from app.errors import ApiError, ErrorBody
 from app.rate_limit import TooManyRequests
 from app.streaming.broker import BrokerUnavailable
@@ -130,10 +130,6 @@ def _validation_body(exc: ValidationException) -> ErrorBody:
     return ErrorBody(error=message, code="invalid_request", details=details or None)
 
 
-# Seconds a client is asked to wait when the database is down.
-DATABASE_RETRY_AFTER = 5
-
-
 def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
     """A bug of ours: log it with its traceback, answer without one. A database outage is not
     a bug: 503 with Retry-After (clients and load balancers retry), one log line."""
@@ -143,9 +139,9 @@ def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Respon
         body = ErrorBody(
             error="the server cannot reach its database; retry shortly",
             code="database_unavailable",
-            details={"retryAfter": DATABASE_RETRY_AFTER},
+            details={"retryAfter": OUTAGE_RETRY_AFTER},
         )
-        return _response(503, body, {"Retry-After": str(DATABASE_RETRY_AFTER)})
+        return _response(503, body, {"Retry-After": str(OUTAGE_RETRY_AFTER)})
     logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return _response(
         HTTP_500_INTERNAL_SERVER_ERROR,

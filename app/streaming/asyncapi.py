@@ -25,7 +25,10 @@ CLOSE_CODES: dict[int, str] = {
     1009: "a frame over 4 x CHATSTREAM_WS_MAX_FRAME_BYTES",
     1011: "keepalive timeout: the client did not answer a protocol ping in time",
     1012: "the server is restarting or stopping (running answers were cancelled first, reason `shutdown`)",
-    1013: "try again later: too slow, broker unreachable, or too many sockets (after an `error` frame saying which)",
+    1013: (
+        "try again later: too slow, broker or database unreachable, or too many sockets "
+        "(after an `error` frame saying which, with `retryAfter`)"
+    ),
     4401: (
         "not authenticated, or the credentials were revoked (after an `error` `credentials_revoked`), or the "
         "access token expired without a `refresh` (after an `error` `token_expired`)"

@@ -129,6 +129,7 @@ FRAME_ERROR_CODES = (
     "broker_unavailable",
     "credentials_revoked",
     "server_restarting",
+    "database_unavailable",
     "invalid_token",
     "token_expired",
 )

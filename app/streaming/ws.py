@@ -40,6 +40,7 @@ from app.chat.messages import post_message
 from app.chat.schemas import MessageCreate, ToolResultCreate
 from app.chat.tool_results import post_tool_result
 from app.config import Settings, get_settings
+from app.db import OUTAGE_RETRY_AFTER, is_outage
 from app.errors import ApiError, InvalidInput, Unauthorized
 from app.http_security import same_origin_request
 from app.streaming.broker import BrokerUnavailable, ConversationFeed, FeedOverflow, ListFeed
@@ -118,6 +119,11 @@ async def _authenticate(socket: WebSocket[Any, Any, Any], settings: Settings) ->
         return await principal_for(socket, token)
     except Unauthorized as exc:
         raise SocketClosing(CLOSE_UNAUTHORIZED, exc.message) from exc
+    except Exception as exc:
+        if not is_outage(exc):
+            raise
+        logger.warning("websocket refused: the database cannot be reached (%s)", type(exc).__name__)
+        raise SocketClosing(CLOSE_TRY_AGAIN_LATER, "database unavailable", database_unavailable(None)) from exc
 
 
 class Codec:
@@ -425,8 +431,12 @@ class Session:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            logger.exception("websocket frame %s failed", type(frame).__name__)
             metrics.database_error("websocket", exc)
+            if is_outage(exc):  # not a bug: the client retries later
+                logger.warning("websocket frame %s: the database cannot be reached", type(frame).__name__)
+                await self.deliver([database_unavailable(frame.ref)])
+                return
+            logger.exception("websocket frame %s failed", type(frame).__name__)
             await self.deliver([ErrorFrame(ref=frame.ref, code="internal_error", message="internal server error")])
 
     async def _violation(self, ref: str | None, code: str, message: str, details: object = None) -> None:
@@ -611,6 +621,12 @@ def broker_unavailable(ref: str | None) -> ErrorFrame:
     return ErrorFrame(ref=ref, code="broker_unavailable", message=message, details={"retryAfter": 2})
 
 
+def database_unavailable(ref: str | None) -> ErrorFrame:
+    """A frame could not be done, or a socket set up, because the database cannot be reached."""
+    message = "the server cannot reach its database; retry shortly"
+    return ErrorFrame(ref=ref, code="database_unavailable", message=message, details={"retryAfter": OUTAGE_RETRY_AFTER})
+
+
 def broker_lost() -> SocketClosing:
     """The close after the broker went down under a subscription (its events may be lost)."""
     return SocketClosing(CLOSE_TRY_AGAIN_LATER, "broker unavailable", broker_unavailable(None))
@@ -677,13 +693,16 @@ async def ws_endpoint(socket: WebSocket[Any, Any, Any], core: NamedDependency[St
     settings = get_settings()
     use_msgpack = MSGPACK_SUBPROTOCOL in socket.scope.get("subprotocols", [])
     await socket.accept(subprotocols=MSGPACK_SUBPROTOCOL if use_msgpack else None)
+    codec = Codec(use_msgpack)
     try:
         principal = await _authenticate(socket, settings)
     except SocketClosing as refused:
-        await socket.close(refused.code, refused.reason)
+        with contextlib.suppress(WebSocketDisconnect):
+            if refused.notice is not None:  # "come back later" says when
+                await codec.send(socket, refused.notice)
+            await socket.close(refused.code, refused.reason)
         return
     socket.scope["user"] = principal  # as the auth middleware does: the request's log line names its company
-    codec = Codec(use_msgpack)
     sockets = core.quotas.sockets
     full = sockets.acquire(principal.key_id, principal.company_id)
     if full is not None:  # past the key's or company's cap: say why, then "try again later"

@@ -128,9 +128,10 @@ class Backoff:
         self.attempts = 0
         self._since: float | None = None
 
-    def next_delay(self, *, soon: bool = False) -> float | None:
+    def next_delay(self, *, soon: bool = False, at_least: float = 0.0) -> float | None:
         """Seconds to wait before the next attempt, or None when the time is up.
-        `soon`: the server asked for a short random wait (close code 1013)."""
+        `soon`: the server asked for a short random wait (close code 1013); `at_least`: the
+        `retryAfter` the server gave before closing."""
         now = self.clock()
         if self._since is None:
             self._since = now
@@ -139,7 +140,7 @@ class Backoff:
             return None
         self.attempts += 1
         ceiling = 2.0 if soon else min(self.cap, self.base * 2 ** (self.attempts - 1))
-        delay = self.rng.uniform(0.5 if soon else 0.0, ceiling)
+        delay = max(self.rng.uniform(0.5 if soon else 0.0, ceiling), at_least)
         return min(delay, left)
 
     def reset(self) -> None:
@@ -210,6 +211,13 @@ class Api:
         return body
 
 
+def _retry_after(frame: dict[str, Any]) -> float:
+    """The seconds an `error` frame asks to wait (`details.retryAfter`), else 0."""
+    details = frame.get("details")
+    wait = details.get("retryAfter") if isinstance(details, dict) else None
+    return float(wait) if isinstance(wait, int | float) and not isinstance(wait, bool) else 0.0
+
+
 def websocket_url(url: str) -> str:
     """`http(s)://host/prefix` → `ws(s)://host/prefix/api/ws`."""
     parts = urlsplit(url.rstrip("/"))
@@ -244,6 +252,7 @@ class Link:
         self.msgpack = msgpack
         self.status = status
         self.backoff = Backoff(reconnect_timeout)
+        self.retry_after = 0.0  # seconds the server asked to wait before it closed (details.retryAfter)
         self.cursor: str | None = None
         self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.connected = asyncio.Event()
@@ -272,7 +281,8 @@ class Link:
                     self.connected.set()
                 lost = await reader
             self._refuse_to_retry(lost)
-            delay = self.backoff.next_delay(soon=lost.code == TRY_AGAIN_SOON)
+            delay = self.backoff.next_delay(soon=lost.code == TRY_AGAIN_SOON, at_least=self.retry_after)
+            self.retry_after = 0.0
             if delay is None:
                 raise ClientError(f"giving up: no connection to the server for {self.backoff.limit:g} s (last: {lost})")
             self.status(f"{lost}; reconnecting (attempt {self.backoff.attempts}, next in {delay:.1f} s)…")
@@ -331,6 +341,8 @@ class Link:
                 if not isinstance(frame, dict):
                     continue
                 ref = frame.get("ref")
+                if frame.get("type") == "error" and ref is None and "generationId" not in frame:
+                    self.retry_after = _retry_after(frame)  # a close follows: not sooner than this
                 waiter = self._pending.pop(ref, None) if isinstance(ref, str) else None
                 if waiter is not None:
                     if not waiter.done():

@@ -65,8 +65,12 @@ async def output_holds(live: LiveServer, check: Any) -> None:
             await anyio.sleep(0.02)
 
 
-async def read_to_end(http: httpx.AsyncClient, cid: str, headers: dict[str, str]) -> tuple[httpx.Response, list[Any]]:
-    """The conversation's stream read to its terminal event: (the response, its events)."""
+async def read_to_end(
+    http: httpx.AsyncClient, cid: str, gid: str, headers: dict[str, str]
+) -> tuple[httpx.Response, list[Any]]:
+    """The answer `gid` read from its start to its terminal event (with the cursor `<gid>.0`:
+    an answer that ended before the stream opened is read too): (the response, its events)."""
+    headers = {**headers, "Last-Event-ID": f"{gid}.0"}
     events: list[dict[str, Any]] = []
     with anyio.fail_after(STEP):
         async with aconnect_sse(http, "GET", f"/api/conversations/{cid}/stream", headers=headers) as source:
@@ -145,7 +149,7 @@ async def test_a_full_scenario_logs_json_lines_with_ids_and_no_secret_or_content
             )
             assert r.status_code == 201, r.text
             sse_message, sse_gid = r.json()["message"]["id"], r.json()["generation"]["id"]
-            response, events = await read_to_end(http, cid, {**browser, **rid("sse")})
+            response, events = await read_to_end(http, cid, sse_gid, {**browser, **rid("sse")})
             assert response.headers["x-request-id"] == sent_ids["sse"]
             assert events[-1]["type"] == "done" and text_of(events) == contents["sse"]
 
@@ -238,7 +242,7 @@ async def test_a_full_scenario_logs_json_lines_with_ids_and_no_secret_or_content
             )
             assert r.status_code == 201, r.text
             fail_gid = r.json()["generation"]["id"]
-            _, events = await read_to_end(http, fail_cid, browser)
+            _, events = await read_to_end(http, fail_cid, fail_gid, browser)
             assert events[-1]["type"] == "error", events
 
             r = await http.delete("/api/session", headers={**browser, **rid("signout")})

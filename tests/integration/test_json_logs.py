@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -24,12 +22,11 @@ import httpx
 import pytest
 import redis
 from httpx_sse import aconnect_sse
-from websockets.asyncio.client import ClientConnection, connect
 
 from app.config import get_settings
 from tests.factories import Tenant
 from tests.integration.live_server import LiveServer, free_port
-from tests.integration.wire_api import make_agent, text_of
+from tests.integration.wire_api import frame_where, make_agent, socket, text_of
 from tests.redis_support import REDIS_URL
 
 pytestmark = pytest.mark.anyio
@@ -83,27 +80,6 @@ async def read_to_end(
     return source.response, events
 
 
-@asynccontextmanager
-async def socket(live: LiveServer, headers: dict[str, str]) -> AsyncIterator[ClientConnection]:
-    url = live.url.replace("http://", "ws://", 1) + "/api/ws"
-    with anyio.fail_after(STEP):
-        conn = await connect(url, additional_headers=headers, origin=live.url, proxy=None, close_timeout=1)
-    try:
-        yield conn
-    finally:
-        with anyio.move_on_after(STEP):
-            await conn.close()
-
-
-async def frame_where(conn: ClientConnection, **fields: Any) -> dict[str, Any]:
-    """The next frame whose fields have these values (the ones before it are skipped)."""
-    with anyio.fail_after(STEP):
-        while True:
-            frame: dict[str, Any] = json.loads(await conn.recv())
-            if all(frame.get(k) == v for k, v in fields.items()):
-                return frame
-
-
 async def test_a_full_scenario_logs_json_lines_with_ids_and_no_secret_or_content(acme: Tenant) -> None:
     model_port = free_port()  # nobody listens: the `openai` agent's answer fails
     model_key = f"sk-model-{uuid.uuid4().hex}"
@@ -154,7 +130,7 @@ async def test_a_full_scenario_logs_json_lines_with_ids_and_no_secret_or_content
             assert events[-1]["type"] == "done" and text_of(events) == contents["sse"]
 
             # An answer started and streamed over the WebSocket.
-            async with socket(live, {"Cookie": f"{cookie_name}={session}", **rid("ws")}) as ws:
+            async with socket(live, {"Cookie": f"{cookie_name}={session}", **rid("ws")}, origin=live.url) as ws:
                 assert ws.response is not None and ws.response.headers["x-request-id"] == sent_ids["ws"]
                 await ws.send(json.dumps({"type": "subscribe", "conversationId": cid, "ref": "s"}))
                 await frame_where(ws, type="ack", ref="s")

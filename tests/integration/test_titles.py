@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from typing import Any
 
-import anyio
 import httpx
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
 
 from app.chat.conversations import create_conversation, get_conversation, update_conversation
 from app.chat.messages import post_message
@@ -28,6 +25,7 @@ from app.streaming.core import StreamingCore
 from app.streaming.protocol import ConversationUpdated, MessageCreated
 from tests.factories import Tenant, make_tenant
 from tests.integration.live_server import LiveServer
+from tests.integration.wire_api import frame_where, socket
 
 pytestmark = pytest.mark.anyio
 
@@ -210,33 +208,13 @@ def server() -> Iterator[LiveServer]:
         yield live
 
 
-@asynccontextmanager
-async def socket(live: LiveServer, tenant: Tenant) -> AsyncIterator[ClientConnection]:
-    url = live.url.replace("http://", "ws://", 1) + "/api/ws"
-    with anyio.fail_after(STEP):
-        conn = await connect(url, additional_headers=tenant.headers("alice"), proxy=None, close_timeout=1)
-    try:
-        yield conn
-    finally:
-        with anyio.move_on_after(STEP):
-            await conn.close()
-
-
-async def frame_where(conn: ClientConnection, **fields: Any) -> dict[str, Any]:
-    """The next frame whose fields have these values (the ones before it are skipped)."""
-    with anyio.fail_after(STEP):
-        while True:
-            frame: dict[str, Any] = json.loads(await conn.recv())
-            if all(frame.get(k) == v for k, v in fields.items()):
-                return frame
-
-
 async def test_a_subscriber_gets_the_new_title_of_a_message_sent_over_the_websocket(
     server: LiveServer, acme: Tenant
 ) -> None:
     async with httpx.AsyncClient(base_url=server.url, timeout=STEP) as http:
         cid = (await conversation(http, acme, agentId=str(acme.agent_id)))["id"]
-        async with socket(server, acme) as watcher, socket(server, acme) as sender:
+        alice = acme.headers("alice")
+        async with socket(server, alice) as watcher, socket(server, alice) as sender:
             await watcher.send(json.dumps({"type": "subscribe", "conversationId": cid, "ref": "s"}))
             await frame_where(watcher, type="ack", ref="s")
             frame = {"type": "send", "conversationId": cid, "content": LONG, "clientMessageId": "m1", "ref": "m"}

@@ -1,14 +1,23 @@
-"""Setting up through the HTTP API, for the tests that talk to a real server."""
+"""Setting up through the HTTP API, and a plain WebSocket, for the tests that talk to a real server."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 import httpx
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.typing import Origin
 
 from app.agents.schemas import AgentCreate
 from app.agents.service import create_agent
 from tests.factories import Tenant
+from tests.integration.live_server import LiveServer
+
+STEP = 10.0  # the longest a socket's open, close or wait for a frame may take
 
 
 async def make_agent(tenant: Tenant, pace: float) -> str:
@@ -58,3 +67,29 @@ def text_of(events: list[dict[str, Any]]) -> str:
         elif event["type"] == "token":
             text += event["text"]
     return text
+
+
+@asynccontextmanager
+async def socket(
+    live: LiveServer, headers: dict[str, str], origin: str | None = None
+) -> AsyncIterator[ClientConnection]:
+    """A JSON WebSocket to `live`'s `/api/ws` with these headers (and `Origin`), closed at the end."""
+    url = live.url.replace("http://", "ws://", 1) + "/api/ws"
+    with anyio.fail_after(STEP):
+        conn = await connect(
+            url, additional_headers=headers, origin=Origin(origin) if origin else None, proxy=None, close_timeout=1
+        )
+    try:
+        yield conn
+    finally:
+        with anyio.move_on_after(STEP):
+            await conn.close()
+
+
+async def frame_where(conn: ClientConnection, **fields: Any) -> dict[str, Any]:
+    """The next frame whose fields have these values (the ones before it are skipped)."""
+    with anyio.fail_after(STEP):
+        while True:
+            frame: dict[str, Any] = json.loads(await conn.recv())
+            if all(frame.get(k) == v for k, v in fields.items()):
+                return frame

@@ -28,7 +28,6 @@ import httpx
 import jwt
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
 
 from app.auth.access_tokens import AUDIENCE, ISSUER
 from tests.conftest import TEST_TOKEN_SECRET
@@ -37,6 +36,7 @@ from tests.integration.live_server import LiveServer
 from tests.integration.test_revocation import (
     bearer,
     cookie,
+    frames_until_closed,
     new_key,
     open_stream,
     refused_upgrade,
@@ -170,20 +170,6 @@ async def ping(ws: ClientConnection, ref: str) -> None:
     await ws.send(json.dumps({"type": "ping", "ref": ref}))
     pong = await frame_of_type(ws, "pong")
     assert pong["ref"] == ref, pong
-
-
-async def closed_with(ws: ClientConnection, within: float = STEP) -> list[dict[str, Any]]:
-    """Every frame (tokens of an answer left out) until the server closes the socket."""
-    frames: list[dict[str, Any]] = []
-    with anyio.fail_after(within):
-        try:
-            while True:
-                frame = json.loads(await ws.recv())
-                if frame["type"] != "token":
-                    frames.append(frame)
-        except ConnectionClosed:
-            pass
-    return frames
 
 
 def assert_clean(*servers: LiveServer) -> None:
@@ -369,7 +355,7 @@ async def test_a_socket_is_told_before_its_token_expires_and_refreshes_in_place(
 async def test_a_socket_whose_token_expires_unrefreshed_is_closed(server: LiveServer, tenant: Tenant) -> None:
     body = await token_of(server.url, tenant.headers("alice"), ttl=2)
     async with socket(server, bearer(body["token"])) as ws:
-        frames = await closed_with(ws)
+        frames = await frames_until_closed(ws, STEP)
     kinds = [frame["type"] for frame in frames]
     assert kinds == ["token_expiring", "error"], frames
     assert frames[-1]["code"] == "token_expired", frames
@@ -403,7 +389,7 @@ async def test_a_refresh_with_other_credentials_is_refused_and_changes_nothing(
             if reason is not None:
                 assert error["details"] == {"reason": reason}, error
         await ping(ws, "unchanged")
-        frames = await closed_with(ws)
+        frames = await frames_until_closed(ws, STEP)
     assert frames and frames[-1]["code"] == "token_expired", frames
     assert ws.close_code == 4401
 

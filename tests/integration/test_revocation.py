@@ -154,11 +154,10 @@ async def subscribed_socket(
         yield ws
 
 
-async def revoked_close(ws: ClientConnection) -> list[dict[str, Any]]:
-    """Read until the server closes; the frames after the last token. Asserts the close is
-    4401 after an `error` frame `credentials_revoked`, within CLOSE_WITHIN seconds."""
+async def frames_until_closed(ws: ClientConnection, within: float) -> list[dict[str, Any]]:
+    """Every frame (tokens of an answer left out) until the server closes the socket, within `within` s."""
     frames: list[dict[str, Any]] = []
-    with anyio.fail_after(CLOSE_WITHIN):
+    with anyio.fail_after(within):
         try:
             while True:
                 frame = json.loads(await ws.recv())
@@ -166,6 +165,13 @@ async def revoked_close(ws: ClientConnection) -> list[dict[str, Any]]:
                     frames.append(frame)
         except ConnectionClosed:
             pass
+    return frames
+
+
+async def revoked_close(ws: ClientConnection) -> list[dict[str, Any]]:
+    """Read until the server closes; the frames after the last token. Asserts the close is
+    4401 after an `error` frame `credentials_revoked`, within CLOSE_WITHIN seconds."""
+    frames = await frames_until_closed(ws, CLOSE_WITHIN)
     assert ws.close_code == 4401, (ws.close_code, ws.close_reason, frames)
     assert frames and frames[-1]["type"] == "error" and frames[-1]["code"] == "credentials_revoked", frames
     with pytest.raises(ConnectionClosed):  # nothing can be sent on it any more

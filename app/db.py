@@ -7,6 +7,7 @@ the stock `piccolo` CLI and the tests all pick the same database.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
 from functools import cache
 from typing import Any
 
@@ -163,13 +164,30 @@ _OUTAGES: tuple[type[BaseException], ...] = (
 )
 
 
+# Any failure of the database or of the connection to it, on either engine (bugs included).
+_DATABASE_ERRORS: tuple[type[BaseException], ...] = (
+    sqlite3.Error,
+    asyncpg.PostgresError,
+    asyncpg.exceptions.InterfaceError,
+    ConnectionError,
+)
+
+
+def _with_causes(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and a few of the exceptions that caused it (a query error wrapped by a caller)."""
+    error: BaseException | None = exc
+    for _ in range(4):
+        if error is None:
+            return
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def is_database_error(exc: BaseException) -> bool:
+    """True for a failure of the database or of the connection to it (also as the cause of `exc`)."""
+    return any(isinstance(error, _DATABASE_ERRORS) for error in _with_causes(exc))
+
+
 def is_outage(exc: BaseException) -> bool:
     """True when `exc` (or what caused it) says the database is down or unreachable."""
-    error: BaseException | None = exc
-    for _ in range(4):  # the exception and a few of its causes
-        if error is None:
-            return False
-        if isinstance(error, _OUTAGES):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
+    return any(isinstance(error, _OUTAGES) for error in _with_causes(exc))

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import sqlite3
 import tempfile
 import time
 from collections.abc import Iterator
@@ -38,6 +37,8 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+
+from app.db import is_database_error
 
 if TYPE_CHECKING:
     from app.streaming.observers import AnswerEnded, AnswerStarted
@@ -186,22 +187,8 @@ def broker_error(operation: BrokerOperation) -> None:
     _BROKER_ERRORS[operation].inc()
 
 
-def is_database_error(exc: BaseException) -> bool:
-    """True for a failure of the database or of the connection to it, on either engine (also
-    when it is the cause of `exc`)."""
-    from asyncpg import InterfaceError, PostgresError
-
-    seen = 0
-    error: BaseException | None = exc
-    while error is not None and seen < 4:
-        if isinstance(error, sqlite3.Error | PostgresError | InterfaceError | ConnectionError):
-            return True
-        error, seen = error.__cause__ or error.__context__, seen + 1
-    return False
-
-
 def database_error(where: DatabaseErrorSite, exc: BaseException) -> None:
-    """Count `exc` if it is a database failure (see :func:`is_database_error`)."""
+    """Count `exc` if it is a database failure (see :func:`app.db.is_database_error`)."""
     if is_database_error(exc):
         _DATABASE_ERRORS[where].inc()
 

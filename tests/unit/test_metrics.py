@@ -15,6 +15,7 @@ from prometheus_client import REGISTRY
 
 from app import metrics
 from app.config import SettingsError, settings_from_env
+from app.db import is_database_error
 from app.streaming.observers import AnswerEnded, AnswerStarted
 from app.tables import GenerationStatus
 
@@ -91,7 +92,7 @@ def test_readers_per_answer_is_the_peak_seen_while_it_ran() -> None:
     ],
 )
 def test_database_errors_are_told_apart(exc: BaseException, expected: bool) -> None:
-    assert metrics.is_database_error(exc) is expected
+    assert is_database_error(exc) is expected
 
 
 def test_a_database_error_behind_another_is_one() -> None:
@@ -101,7 +102,7 @@ def test_a_database_error_behind_another_is_one() -> None:
         except OSError as cause:
             raise RuntimeError("the query failed") from cause
     except RuntimeError as exc:
-        assert metrics.is_database_error(exc)
+        assert is_database_error(exc)
         before = value("chatstream_database_errors_total", where="http")
         metrics.database_error("http", exc)
         metrics.database_error("http", ValueError("not the database"))

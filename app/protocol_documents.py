@@ -12,17 +12,18 @@ from app.streaming.protocol_schema import ASYNCAPI_PATH, SCHEMA_PATH, documents
 
 
 @cache
-def _document(path: str) -> bytes:
-    return {p.name: text for p, text in documents().items()}[path].encode()
+def _documents() -> dict[str, bytes]:
+    """Both documents by file name, made once (on the first request for either)."""
+    return {path.name: text.encode() for path, text in documents().items()}
 
 
 @get("/schema/asyncapi.json", include_in_schema=False, sync_to_thread=False)
 def asyncapi_json() -> Response[bytes]:
     """The AsyncAPI document of `/api/ws`."""
-    return Response(_document(ASYNCAPI_PATH.name), media_type="application/json")
+    return Response(_documents()[ASYNCAPI_PATH.name], media_type="application/json")
 
 
 @get("/schema/protocol.json", include_in_schema=False, sync_to_thread=False)
 def protocol_json() -> Response[bytes]:
     """The JSON Schema of the frames of `/api/ws`."""
-    return Response(_document(SCHEMA_PATH.name), media_type="application/json")
+    return Response(_documents()[SCHEMA_PATH.name], media_type="application/json")

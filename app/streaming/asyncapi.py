@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from typing import Any, get_args
 
+import msgspec
+
 from app.streaming.events import GenerationEvent
 from app.streaming.protocol import MSGPACK_SUBPROTOCOL, PROTOCOL_VERSION, ClientFrame, ServerFrame
 
@@ -41,7 +43,7 @@ CLOSE_CODES: dict[int, str] = {
 UNIONS = {"receive": ClientFrame, "send": (ServerFrame, GenerationEvent)}
 
 
-def _members(union: Any) -> list[type]:
+def _members(union: Any) -> list[type[msgspec.Struct]]:
     return [member for part in (union if isinstance(union, tuple) else (union,)) for member in get_args(part)]
 
 
@@ -57,8 +59,8 @@ def _rewritten(node: Any) -> Any:
     return node
 
 
-def _message(cls: type, schemas: dict[str, Any]) -> dict[str, Any]:
-    tag = cls.__struct_config__.tag  # type: ignore[attr-defined]
+def _message(cls: type[msgspec.Struct], schemas: dict[str, Any]) -> dict[str, Any]:
+    tag = cls.__struct_config__.tag
     message: dict[str, Any] = {
         "name": tag,
         "title": f"{tag} ({cls.__name__})",

@@ -177,7 +177,22 @@ async def test_every_frame_of_a_full_scenario_matches_the_schema(server: LiveSer
     refused = [frame["type"] for frame in socket.sent if not check["clientFrame"].is_valid(frame)]
     assert refused == ["dance", "send"], socket.sent
     assert {
-        "hello", "ack", "pong", "error", "start", "token", "part.start", "part.delta", "part.end", "snapshot", "done",
-        "cancelled", "message.created", "message.edited", "conversation.created", "conversation.updated",
-        "conversation.deleted", "conversation.activity",
-    } <= seen, f"the scenario did not show {sorted(seen)}"  # fmt: skip
+        "hello",
+        "ack",
+        "pong",
+        "error",
+        "start",
+        "token",
+        "part.start",
+        "part.delta",
+        "part.end",
+        "snapshot",
+        "done",
+        "cancelled",
+        "message.created",
+        "message.edited",
+        "conversation.created",
+        "conversation.updated",
+        "conversation.deleted",
+        "conversation.activity",
+    } <= seen, f"the scenario did not show {sorted(seen)}"

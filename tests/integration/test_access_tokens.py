@@ -151,9 +151,9 @@ async def frame_of_type(ws: ClientConnection, kind: str, within: float = STEP) -
     """The next frame of type `kind` (others skipped; an `error` frame fails the test)."""
     with anyio.fail_after(within):
         while True:
-            frame = json.loads(await ws.recv())
+            frame: dict[str, Any] = json.loads(await ws.recv())
             if frame["type"] == kind:
-                return frame  # type: ignore[no-any-return]
+                return frame
             assert frame["type"] != "error", frame
 
 

@@ -8,9 +8,10 @@ import json
 import logging
 import sys
 import uuid
-from typing import Any
+from typing import Any, cast
 
 import pytest
+from litestar.types import Scope
 
 from app.config import SettingsError, settings_from_env
 from app.generation_log import GenerationLog
@@ -81,16 +82,17 @@ def test_other_request_ids_are_refused(value: str | bytes | None) -> None:
     assert valid_request_id(value) is None
 
 
-def scope(headers: list[tuple[bytes, bytes]], kind: str = "http") -> dict[str, Any]:
-    return {"type": kind, "method": "GET", "path": "/api/me", "query_string": b"key=secret", "headers": headers}
+def scope(headers: list[tuple[bytes, bytes]], kind: str = "http") -> Scope:
+    fields = {"type": kind, "method": "GET", "path": "/api/me", "query_string": b"key=secret", "headers": headers}
+    return cast("Scope", fields)
 
 
 def test_a_request_keeps_its_sane_id_and_gets_a_new_one_otherwise() -> None:
-    assert request_id_of(scope([(b"x-request-id", b"given-1")])) == "given-1"  # type: ignore[arg-type]
+    assert request_id_of(scope([(b"x-request-id", b"given-1")])) == "given-1"
     for headers in ([], [(b"x-request-id", b"bad id")], [(b"x-request-id", b"x" * 500)]):
-        made = request_id_of(scope(headers))  # type: ignore[arg-type]
+        made = request_id_of(scope(headers))
         assert len(made) == 32 and int(made, 16) >= 0
-    assert request_id_of(scope([])) != request_id_of(scope([]))  # type: ignore[arg-type]
+    assert request_id_of(scope([])) != request_id_of(scope([]))
 
 
 # -- the JSON line --------------------------------------------------------------------------------
@@ -230,7 +232,7 @@ async def test_an_http_response_gets_the_id_and_the_request_one_line(caplog: pyt
     request = scope([(b"x-request-id", b"given-7")])
     request["path"] = "/api/conversations/abc"
     with caplog.at_level(logging.INFO, logger="chatstream.access"):
-        await with_request_log(app)(request, nothing, sent)  # type: ignore[arg-type]
+        await with_request_log(app)(request, nothing, sent)
     assert seen == ["given-7"] and request_id_var.get() is None  # set for the request only
     assert (b"x-request-id", b"given-7") in sent.messages[0]["headers"]
     [line] = [r for r in caplog.records if r.name == "chatstream.access"]
@@ -250,10 +252,10 @@ async def test_a_websocket_handshake_gets_the_id(caplog: pytest.LogCaptureFixtur
 
     with caplog.at_level(logging.INFO, logger="chatstream.access"):
         sent = Sent()
-        await with_request_log(accepting)(scope([], "websocket"), nothing, sent)  # type: ignore[arg-type]
+        await with_request_log(accepting)(scope([], "websocket"), nothing, sent)
         headers = dict(sent.messages[0]["headers"])
         assert headers[b"x-other"] == b"1" and len(headers[b"x-request-id"]) == 32
-        await with_request_log(refusing)(scope([], "websocket"), nothing, Sent())  # type: ignore[arg-type]
+        await with_request_log(refusing)(scope([], "websocket"), nothing, Sent())
     statuses = [(r.__dict__["method"], r.__dict__["status"]) for r in caplog.records if r.name == "chatstream.access"]
     assert statuses == [("WEBSOCKET", 101), ("WEBSOCKET", 403)]
 
@@ -263,7 +265,7 @@ async def test_a_failing_app_is_logged_as_500_and_the_error_goes_on(caplog: pyte
         raise RuntimeError("bug")
 
     with caplog.at_level(logging.INFO, logger="chatstream.access"), pytest.raises(RuntimeError):
-        await with_request_log(broken)(scope([]), nothing, Sent())  # type: ignore[arg-type]
+        await with_request_log(broken)(scope([]), nothing, Sent())
     [line] = [r for r in caplog.records if r.name == "chatstream.access"]
     assert line.__dict__["status"] == 500 and line.levelno == logging.WARNING
 

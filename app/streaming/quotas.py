@@ -73,9 +73,9 @@ class Quotas:
     def __init__(self, settings: Settings | None = None, windows: Windows | None = None) -> None:
         settings = settings or Settings()
         # Where the rates are counted: this process, or Redis (shared by every process).
-        self.windows = windows or LocalWindows()
-        self.messages = RateLimit("messages", settings.messages_per_minute, self.windows)
-        self.frames = RateLimit("frames", settings.ws_frames_per_minute, self.windows)
+        windows = windows or LocalWindows()
+        self.messages = RateLimit("messages", settings.messages_per_minute, windows)
+        self.frames = RateLimit("frames", settings.ws_frames_per_minute, windows)
         self.sockets = Quota(
             "open WebSocket connections", settings.max_sockets_per_key, settings.max_sockets_per_company
         )
